@@ -1,0 +1,21 @@
+"""The ``lsdm-aug`` command line: one Typer group per file, joined here.
+
+Heavy imports (torch, pylidc) happen inside the commands, so ``lsdm-aug --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from lsdm_aug.cli import prepare
+from lsdm_aug.cli.preview import preview
+
+app = typer.Typer(name="lsdm-aug", help="Lung-nodule data for segmentation and detection training, with LSDM.",
+                  no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False)
+app.add_typer(prepare.app, name="prepare")
+app.command("preview")(preview)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,160 @@
+"""The 8-label semantic map of a CT slice (LSDM thesis, section 4.3); the same code for phantom and real CT.
+
+Labels:
+
+====  ======================================  =================================
+0     background                              air outside the body, anything else
+1     body                                    HU in [-400, 0)
+2     soft tissue                             HU in [0, 200)
+3     high-dense tissue                       HU in [200, 800] (and above)
+4     lung                                    K-means + morphology + marching squares
+5     nodule, malignancy < 3
+6     nodule, malignancy = 3
+7     nodule, malignancy > 3
+====  ======================================  =================================
+
+The lung is not a threshold: K-means on the intensities of the central region splits low from
+high density, erosion and dilation remove vessels and noise, connected low-density regions that
+touch the border or are larger than a maximum area (the air around the patient) are dropped, and
+marching squares (:func:`skimage.measure.find_contours`) traces each kept region's outline, which
+is filled to give the lung field with its vessels.
+
+Example:
+    >>> import numpy as np
+    >>> from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig
+    >>> ct = ChestPhantom(PhantomConfig(size=128)).slice(0, seed=0)
+    >>> semantic_map = semantic_map_from_hu(ct.hu, ct.nodule_mask, [n["malignancy"] for n in ct.nodules])
+    >>> sorted(np.unique(semantic_map).tolist())[:5]
+    [0, 1, 2, 3, 4]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import IntEnum
+
+import numpy as np
+from scipy import ndimage
+from skimage.draw import polygon as fill_polygon
+from skimage.measure import find_contours
+from sklearn.cluster import KMeans
+
+__all__ = ["SemanticLabel", "NUM_LABELS", "lung_mask_from_hu", "semantic_map_from_hu", "malignancy_label"]
+
+
+class SemanticLabel(IntEnum):
+    """Values of the semantic map."""
+
+    BACKGROUND = 0
+    BODY = 1
+    SOFT_TISSUE = 2
+    HIGH_DENSE = 3
+    LUNG = 4
+    NODULE_BENIGN = 5
+    NODULE_INDETERMINATE = 6
+    NODULE_MALIGNANT = 7
+
+
+NUM_LABELS = len(SemanticLabel)
+BODY_HU = (-400.0, 0.0)
+SOFT_TISSUE_HU = (0.0, 200.0)
+HIGH_DENSE_HU = (200.0, 800.0)
+
+
+def malignancy_label(malignancy: float) -> int:
+    """Semantic label of a nodule: 5 if malignancy < 3, 6 if = 3, 7 if > 3 (a median of ratings is allowed)."""
+    if not np.isfinite(malignancy) or not 1 <= malignancy <= 5:
+        raise ValueError(f"malignancy must be in 1..5, got {malignancy!r}")
+    if malignancy < 3:
+        return int(SemanticLabel.NODULE_BENIGN)
+    return int(SemanticLabel.NODULE_INDETERMINATE if malignancy == 3 else SemanticLabel.NODULE_MALIGNANT)
+
+
+def _kmeans_threshold(hu: np.ndarray, seed: int = 0) -> float:
+    """Midpoint of the two K-means centres of the central region's intensities."""
+    h, w = hu.shape
+    centre = hu[h // 5: h - h // 5, w // 5: w - w // 5].reshape(-1, 1)
+    centre = np.clip(centre, -1024, 800)
+    if centre.size > 20000:
+        centre = centre[np.random.default_rng(seed).choice(centre.size, 20000, replace=False)]
+    kmeans = KMeans(n_clusters=2, n_init=3, random_state=seed).fit(centre)
+    return float(np.mean(kmeans.cluster_centers_))
+
+
+def _disk(radius_px: float) -> np.ndarray:
+    """Disk-shaped structuring element (at least 3 x 3)."""
+    r = max(1, int(round(radius_px)))
+    rows, cols = np.ogrid[-r:r + 1, -r:r + 1]
+    return rows**2 + cols**2 <= radius_px**2 + 0.5 if radius_px >= 1 else np.ones((3, 3), bool)
+
+
+def lung_mask_from_hu(hu: np.ndarray, spacing_mm: float = 0.7, min_area_mm2: float = 400.0,
+                      max_area_fraction: float = 0.5, closing_mm: float = 5.0) -> np.ndarray:
+    """Lung fields of an axial CT slice (HU), vessels included.
+
+    Args:
+        hu: (H, W) slice in Hounsfield units.
+        spacing_mm: pixel spacing, to size the morphology and the minimum lung area.
+        min_area_mm2: low-density regions smaller than this (trachea, bowel gas) are not lung.
+        max_area_fraction: regions larger than this fraction of the slice are background air.
+        closing_mm: radius of the closing that bridges vessels at the lung edge.
+
+    Returns:
+        Boolean mask of the lung fields.
+    """
+    hu = np.asarray(hu, dtype=np.float32)
+    if hu.ndim != 2:
+        raise ValueError(f"expected a 2D slice, got shape {hu.shape}")
+    low = ndimage.gaussian_filter(hu, 0.5) < _kmeans_threshold(hu)
+    if spacing_mm <= 1.0:  # erosion + dilation: drop noise specks (coarser pixels have none to drop)
+        low = ndimage.binary_opening(low, _disk(1.0 / spacing_mm))
+    # dilation + erosion: bridge the vessels that cut into the lung edge (they are lung field)
+    low = ndimage.binary_closing(np.pad(low, 8), _disk(closing_mm / spacing_mm))[8:-8, 8:-8]
+    labels, count = ndimage.label(low)
+    if count == 0:
+        return np.zeros(hu.shape, bool)
+    areas = ndimage.sum(low, labels, range(1, count + 1))
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    min_area_px = min_area_mm2 / spacing_mm**2
+    keep = [i + 1 for i, area in enumerate(areas)
+            if i + 1 not in border and min_area_px <= area <= max_area_fraction * hu.size]
+    lung = np.zeros(hu.shape, bool)
+    for label in keep:
+        region = np.pad(labels == label, 1).astype(np.float32)
+        for contour in find_contours(region, 0.5):  # marching squares; filling every contour fills the holes
+            rows, cols = fill_polygon(contour[:, 0] - 1, contour[:, 1] - 1, shape=hu.shape)
+            lung[rows, cols] = True
+    return lung
+
+
+def semantic_map_from_hu(hu: np.ndarray, nodule_mask: np.ndarray | None = None,
+                         malignancies: Sequence[float] = (), spacing_mm: float = 0.7,
+                         lung_mask: np.ndarray | None = None) -> np.ndarray:
+    """The 8-label semantic map of an axial CT slice.
+
+    Args:
+        hu: (H, W) slice in Hounsfield units.
+        nodule_mask: (H, W) 0 outside nodules, ``k`` inside the nodule whose malignancy is
+            ``malignancies[k - 1]``.
+        malignancies: malignancy rating (1..5, median allowed) of each nodule in ``nodule_mask``.
+        spacing_mm: pixel spacing.
+        lung_mask: precomputed lung fields; computed with :func:`lung_mask_from_hu` when ``None``.
+
+    Returns:
+        (H, W) uint8 map with labels 0..7 (see :class:`SemanticLabel`).
+    """
+    hu = np.asarray(hu, dtype=np.float32)
+    semantic_map = np.zeros(hu.shape, np.uint8)
+    semantic_map[(hu >= BODY_HU[0]) & (hu < BODY_HU[1])] = SemanticLabel.BODY
+    semantic_map[(hu >= SOFT_TISSUE_HU[0]) & (hu < SOFT_TISSUE_HU[1])] = SemanticLabel.SOFT_TISSUE
+    semantic_map[hu >= HIGH_DENSE_HU[0]] = SemanticLabel.HIGH_DENSE
+    lung = lung_mask_from_hu(hu, spacing_mm) if lung_mask is None else np.asarray(lung_mask, bool)
+    semantic_map[lung] = SemanticLabel.LUNG
+    if nodule_mask is not None:
+        nodule_mask = np.asarray(nodule_mask)
+        present = np.unique(nodule_mask[nodule_mask > 0])
+        if len(present) and present.max() > len(malignancies):
+            raise ValueError(f"nodule_mask has nodule {int(present.max())} but only {len(malignancies)} malignancies given")
+        for k in present:
+            semantic_map[nodule_mask == k] = malignancy_label(malignancies[int(k) - 1])
+    return semantic_map
