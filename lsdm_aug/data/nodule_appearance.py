@@ -122,5 +122,7 @@ def render_nodule(mask: np.ndarray, spacing_mm: float, texture: float, calcifica
     sigma_px = MARGIN_SIGMA_MM[margin_level] / spacing_mm
     alpha = ndimage.gaussian_filter(mask.astype(np.float32), sigma_px) if sigma_px > 0.05 else mask.astype(np.float32)
     alpha = np.clip(np.maximum(alpha, 0.85 * mask), 0.0, 1.0)  # the labelled outline stays dense
-    hu = np.where(mask, hu, np.where(solid.any(), SOLID_HU, GROUND_GLASS_HU)).astype(np.float32)
+    # The blurred rim outside the outline continues the nodule's outer layer: ground glass unless wholly solid.
+    rim_hu = SOLID_HU if TEXTURE_SOLID_FRACTION[texture_level] >= 1 else GROUND_GLASS_HU
+    hu = np.where(mask, hu, rim_hu).astype(np.float32)
     return hu, alpha.astype(np.float32)

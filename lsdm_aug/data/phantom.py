@@ -262,7 +262,10 @@ class ChestPhantom:
         a, b = np.maximum(a, 1e-3), np.maximum(b, 1e-3)
         level = (u / a) ** 2 + (v / b) ** 2 - 1.0
         gradient = 2.0 * np.sqrt((u / a**2) ** 2 + (v / b**2) ** 2) + 1e-6
-        return np.clip(0.5 - level / gradient / spacing, 0.0, 1.0).astype(np.float32)
+        cover = np.clip(0.5 - level / gradient / spacing, 0.0, 1.0)
+        # A shape thinner than a pixel covers only part of it, even at its centre (partial volume).
+        cover *= min(1.0, 2 * float(np.min(a)) / spacing) * min(1.0, 2 * float(np.min(b)) / spacing)
+        return cover.astype(np.float32)
 
     @classmethod
     def _paint_local(cls, hu, within, x, y, ellipse: tuple, value: float) -> None:

@@ -38,6 +38,7 @@ from scipy import ndimage
 from skimage.draw import polygon as fill_polygon
 from skimage.measure import find_contours
 from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
 
 __all__ = ["SemanticLabel", "NUM_LABELS", "lung_mask_from_hu", "semantic_map_from_hu", "malignancy_label"]
 
@@ -77,7 +78,8 @@ def _kmeans_threshold(hu: np.ndarray, seed: int = 0) -> float:
     centre = np.clip(centre, -1024, 800)
     if centre.size > 20000:
         centre = centre[np.random.default_rng(seed).choice(centre.size, 20000, replace=False)]
-    kmeans = KMeans(n_clusters=2, n_init=3, random_state=seed).fit(centre)
+    with threadpool_limits(limits=1, user_api="openmp"):  # threads only slow a 1-D two-cluster fit down
+        kmeans = KMeans(n_clusters=2, n_init=3, random_state=seed).fit(centre)
     return float(np.mean(kmeans.cluster_centers_))
 
 
@@ -88,8 +90,15 @@ def _disk(radius_px: float) -> np.ndarray:
     return rows**2 + cols**2 <= radius_px**2 + 0.5 if radius_px >= 1 else np.ones((3, 3), bool)
 
 
+def _closing(mask: np.ndarray, radius_px: float) -> np.ndarray:
+    """Binary closing with a disk, padded so that regions near the border are not cut."""
+    pad = int(np.ceil(radius_px)) + 1
+    return ndimage.binary_closing(np.pad(mask, pad), _disk(radius_px))[pad:-pad, pad:-pad]
+
+
 def lung_mask_from_hu(hu: np.ndarray, spacing_mm: float = 0.7, min_area_mm2: float = 400.0,
-                      max_area_fraction: float = 0.5, closing_mm: float = 5.0) -> np.ndarray:
+                      max_area_fraction: float = 0.5, closing_mm: float = 5.0,
+                      bridge_mm: float = 1.5) -> np.ndarray:
     """Lung fields of an axial CT slice (HU), vessels included.
 
     Args:
@@ -97,7 +106,8 @@ def lung_mask_from_hu(hu: np.ndarray, spacing_mm: float = 0.7, min_area_mm2: flo
         spacing_mm: pixel spacing, to size the morphology and the minimum lung area.
         min_area_mm2: low-density regions smaller than this (trachea, bowel gas) are not lung.
         max_area_fraction: regions larger than this fraction of the slice are background air.
-        closing_mm: radius of the closing that bridges vessels at the lung edge.
+        closing_mm: radius of the closing that bridges vessels at the lung edge (kept regions only).
+        bridge_mm: radius of the first, small closing that rejoins lung pieces cut by thin vessels.
 
     Returns:
         Boolean mask of the lung fields.
@@ -108,22 +118,20 @@ def lung_mask_from_hu(hu: np.ndarray, spacing_mm: float = 0.7, min_area_mm2: flo
     low = ndimage.gaussian_filter(hu, 0.5) < _kmeans_threshold(hu)
     if spacing_mm <= 1.0:  # erosion + dilation: drop noise specks (coarser pixels have none to drop)
         low = ndimage.binary_opening(low, _disk(1.0 / spacing_mm))
-    # dilation + erosion: bridge the vessels that cut into the lung edge (they are lung field)
-    low = ndimage.binary_closing(np.pad(low, 8), _disk(closing_mm / spacing_mm))[8:-8, 8:-8]
-    labels, count = ndimage.label(low)
-    if count == 0:
-        return np.zeros(hu.shape, bool)
+    # a small closing joins lung pieces that thin vessels cut apart, without reaching the trachea
+    labels, count = ndimage.label(_closing(low, bridge_mm / spacing_mm))
     areas = ndimage.sum(low, labels, range(1, count + 1))
-    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    border = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])).tolist())
     min_area_px = min_area_mm2 / spacing_mm**2
-    keep = [i + 1 for i, area in enumerate(areas)
+    keep = [i + 1 for i, area in enumerate(areas)  # drop the air around the patient and small air (trachea, gas)
             if i + 1 not in border and min_area_px <= area <= max_area_fraction * hu.size]
+    # dilation + erosion of the kept regions only: bridge the vessels that cut into the lung edge
+    closed = _closing(np.isin(labels, keep), closing_mm / spacing_mm)
     lung = np.zeros(hu.shape, bool)
-    for label in keep:
-        region = np.pad(labels == label, 1).astype(np.float32)
-        for contour in find_contours(region, 0.5):  # marching squares; filling every contour fills the holes
-            rows, cols = fill_polygon(contour[:, 0] - 1, contour[:, 1] - 1, shape=hu.shape)
-            lung[rows, cols] = True
+    region = np.pad(closed, 1).astype(np.float32)
+    for contour in find_contours(region, 0.5):  # marching squares; filling every contour fills the holes
+        rows, cols = fill_polygon(contour[:, 0] - 1, contour[:, 1] - 1, shape=hu.shape)
+        lung[rows, cols] = True
     return lung
 
 
