@@ -1,0 +1,144 @@
+"""Data-layer figures: phantom vs LIDC rating distributions, lung Dice of the semantic map, phantom speed.
+
+Run:  python benchmarks/data_layer.py --out reports/data_layer
+Writes data_layer.md, data_layer.json and nodule_gallery.png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lsdm_aug.data.lidc import load_nodule_table
+from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig, prepare_phantom, rating_histogram
+from lsdm_aug.data.semantic import lung_mask_from_hu
+
+RATINGS = ("malignancy", "texture", "calcification", "spiculation", "lobulation", "margin")
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+def rating_distributions(count: int, seed: int) -> dict:
+    """Shares per rounded level: database (nodules with a consensus mask) vs phantom vs balanced phantom."""
+    phantom = ChestPhantom(PhantomConfig(size=128, nodule_free_fraction=0.0))
+    balanced = ChestPhantom(PhantomConfig(size=128, nodule_free_fraction=0.0, balance=("malignancy",)))
+    rng = np.random.default_rng(seed)
+    drawn = pd.DataFrame([phantom.sample_nodule(rng) for _ in range(count)])
+    drawn_balanced = pd.DataFrame([balanced.sample_nodule(rng) for _ in range(count)])
+    placed = [n for ct in phantom.slices(min(count, 600), seed=seed) for n in ct.nodules]
+    out = {}
+    for rating in RATINGS:
+        table = pd.DataFrame({"database": rating_histogram(phantom.nodule_table, rating),
+                              "phantom_drawn": rating_histogram(drawn, rating),
+                              "phantom_placed": rating_histogram(placed, rating),
+                              "phantom_balanced_malignancy": rating_histogram(drawn_balanced, rating)}).fillna(0.0)
+        out[rating] = {str(level): row.round(3).to_dict() for level, row in table.iterrows()}
+    out["placed_nodules"] = len(placed)
+    return out
+
+
+def lung_dice(sizes: dict[int, int], seed: int) -> dict:
+    result = {}
+    for size, count in sizes.items():
+        phantom = ChestPhantom(PhantomConfig(size=size))
+        scores = [dice(lung_mask_from_hu(ct.hu, ct.spacing_mm), ct.lung_mask) for ct in phantom.slices(count, seed=seed)]
+        result[str(size)] = {"slices": count, "mean": round(float(np.mean(scores)), 4),
+                             "min": round(float(np.min(scores)), 4), "p05": round(float(np.percentile(scores, 5)), 4)}
+    return result
+
+
+def speed(count: int, seed: int) -> dict:
+    phantom = ChestPhantom(PhantomConfig(size=128))
+    start = time.perf_counter()
+    for _ in phantom.slices(count, seed=seed):
+        pass
+    draw = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        prepare_phantom(Path(folder) / "ds", count, PhantomConfig(size=128), seed=seed)
+        prepare = time.perf_counter() - start
+    return {"slices": count, "size": 128, "draw_s_per_1000": round(draw / count * 1000, 1),
+            "prepare_s_per_1000": round(prepare / count * 1000, 1)}
+
+
+def nodule_gallery(path: Path, seed: int) -> None:
+    """Close-ups at 512 px: calcified benign nodules next to spiculated solid malignant ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = load_nodule_table()
+    table = table[(table.consensus_voxels > 30) & (table.n_readers >= 3)]
+    groups = {
+        "calcified, benign": table[(table.calcification <= 3) & (table.malignancy <= 2)],
+        "spiculated solid, malignant": table[(table.spiculation >= 4) & (table.texture >= 4.5) & (table.malignancy >= 4)],
+        "ground-glass": table[table.texture <= 1.5],
+        "part-solid": table[table.texture.between(2.5, 3.5)],
+    }
+    figure, axes = plt.subplots(len(groups), 5, figsize=(12, 2.6 * len(groups)))
+    for (name, rows), axis_row in zip(groups.items(), axes):
+        phantom = ChestPhantom(PhantomConfig(size=512, nodule_free_fraction=0.0), nodule_table=rows)
+        for k, axis in enumerate(axis_row):
+            ct = phantom.slice(k * phantom.config.slices_per_patient + 3, seed=seed)
+            n = ct.nodules[0]
+            r, c, half = int(n["centre_row"]), int(n["centre_col"]), int(24 / ct.spacing_mm)
+            axis.imshow(ct.hu[max(r - half, 0):r + half, max(c - half, 0):c + half], cmap="gray", vmin=-1000, vmax=400)
+            axis.set_title(f"mal {n['malignancy']:g} tex {n['texture']:g} calc {n['calcification']:g}\n"
+                           f"spic {n['spiculation']:g} lob {n['lobulation']:g} marg {n['margin']:g}", fontsize=7)
+            axis.axis("off")
+        axis_row[0].text(-0.1, 0.5, name, transform=axis_row[0].transAxes, rotation=90, va="center", ha="right")
+    figure.suptitle("phantom nodules at 512 px, 48 mm close-ups, window [-1000, 400] HU")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Data layer", "", "Made by `python benchmarks/data_layer.py --out reports/data_layer`.", ""]
+    lines += ["## Lung Dice of the semantic map on phantom slices", "", "| size | slices | mean | 5th pct | min |",
+              "| --- | --- | --- | --- | --- |"]
+    for size, d in report["lung_dice"].items():
+        lines.append(f"| {size} | {d['slices']} | {d['mean']:.3f} | {d['p05']:.3f} | {d['min']:.3f} |")
+    s = report["speed"]
+    lines += ["", "## Speed (2 cores)", "", f"- drawing phantom slices at {s['size']} px: {s['draw_s_per_1000']} s per 1 000",
+              f"- `prepare_phantom` (slices + semantic maps + atomic writes): {s['prepare_s_per_1000']} s per 1 000", ""]
+    lines += ["## Rating distributions (share per rounded level)", "",
+              f"database = LIDC nodules with a consensus mask; drawn = phantom's draw; placed = nodules placed in "
+              f"{report['ratings']['placed_nodules']} phantom slices; balanced = `balance=('malignancy',)`.", ""]
+    for rating in RATINGS:
+        lines += [f"### {rating}", "", "| level | database | phantom drawn | phantom placed | balanced (malignancy) |",
+                  "| --- | --- | --- | --- | --- |"]
+        for level, row in report["ratings"][rating].items():
+            lines.append(f"| {level} | {row['database']:.3f} | {row['phantom_drawn']:.3f} | {row['phantom_placed']:.3f} | "
+                         f"{row['phantom_balanced_malignancy']:.3f} |")
+        lines.append("")
+    lines += ["![nodule gallery](nodule_gallery.png)", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("reports/data_layer"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"lung_dice": lung_dice({64: 200, 128: 200, 256: 100, 512: 20}, args.seed),
+              "speed": speed(1000, args.seed),
+              "ratings": rating_distributions(3000, args.seed)}
+    nodule_gallery(args.out / "nodule_gallery.png", args.seed)
+    (args.out / "data_layer.json").write_text(json.dumps(report, indent=1))
+    (args.out / "data_layer.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
