@@ -1,0 +1,3 @@
+from lsdm_aug.cli import main
+
+main()

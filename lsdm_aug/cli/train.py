@@ -1,0 +1,41 @@
+"""``lsdm-aug train autoencoder|diffusion|classifiers``: one command per stage, resumable, torchrun-ready.
+
+Several processes: ``torchrun --nproc_per_node 2 -m lsdm_aug.cli train autoencoder ...`` (gloo on CPU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lsdm_aug.cli.errors import fail, user_errors
+
+app = typer.Typer(help="Train one LSDM stage from a recipe on a prepared dataset (resumes from --out).",
+                  no_args_is_help=True)
+
+Recipe = Annotated[str, typer.Option(help="Recipe name (phantom-smoke, phantom-128, lidc-512) or YAML path.")]
+Data = Annotated[Path, typer.Option(help="Prepared dataset folder (lsdm-aug prepare ...).")]
+Out = Annotated[Path, typer.Option(help="Model folder: weights, configs and resumable state.")]
+Device = Annotated[str, typer.Option(help="Device, e.g. cpu or cuda:0 (default: CUDA when present).")]
+Seed = Annotated[int, typer.Option(help="Seed of initialisation and sampling.")]
+
+
+def _check(data: Path, out: Path) -> None:
+    if not (data / "dataset.json").is_file():
+        fail(f"--data {str(data)!r} is not a prepared dataset (no dataset.json)")
+    if out.exists() and not out.is_dir():
+        fail(f"--out {str(out)!r} is a file, not a folder")
+
+
+@app.command("autoencoder")
+def autoencoder(recipe: Recipe, data: Data, out: Out, device: Device = "", seed: Seed = 0) -> None:
+    """Train the KL autoencoder (L1 + patch-adversarial + KL) on random crops, validated on whole slices."""
+    _check(data, out)
+    from lsdm_aug.config import load_recipe
+    from lsdm_aug.training.autoencoder import train_autoencoder
+
+    with user_errors():
+        metrics = train_autoencoder(load_recipe(recipe), data, out, device or None, seed)
+    typer.echo(f"autoencoder in {out}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))

@@ -1,0 +1,218 @@
+"""Dataclasses for each LSDM component and stage, and :func:`load_recipe` for the YAML recipes.
+
+A recipe names the image size and holds one section per component; unknown keys and wrong types
+are errors that name the key and the allowed values, so a typo never trains the wrong model.
+
+Example:
+    >>> recipe = load_recipe("phantom-smoke")
+    >>> recipe.autoencoder.latent_channels
+    3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "AutoencoderConfig",
+    "DiffusionConfig",
+    "ClassifierConfig",
+    "AutoencoderTraining",
+    "DiffusionTraining",
+    "ClassifierTraining",
+    "Recipe",
+    "load_recipe",
+    "RecipeError",
+    "RECIPES_DIR",
+]
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+FEATURES = ("malignancy", "lobulation", "spiculation", "texture")
+
+
+class RecipeError(ValueError):
+    """A recipe key or value is not allowed; the message names it."""
+
+
+@dataclass
+class AutoencoderConfig:
+    """KL autoencoder (MONAI ``AutoencoderKL``): downsampling 2^(levels-1), ``latent_channels`` channels.
+
+    Example:
+        >>> AutoencoderConfig(channels=(32, 64, 64)).downsampling
+        4
+    """
+
+    channels: tuple[int, ...] = (32, 64, 64)
+    num_res_blocks: int = 1
+    latent_channels: int = 3
+    norm_num_groups: int = 16
+    attention: bool = False
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+    def validate(self) -> None:
+        if any(c % self.norm_num_groups for c in self.channels):
+            raise RecipeError(f"autoencoder.channels {self.channels} must be multiples of norm_num_groups "
+                              f"{self.norm_num_groups}")
+
+
+@dataclass
+class DiffusionConfig:
+    """Latent semantic diffusion U-Net (MONAI ``SPADEDiffusionModelUNet``) and its noise schedule."""
+
+    channels: tuple[int, ...] = (32, 64, 64)
+    num_res_blocks: int = 1
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    num_head_channels: int = 32
+    norm_num_groups: int = 16
+    spade_intermediate_channels: int = 32
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear_beta"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+
+    def validate(self) -> None:
+        if len(self.attention_levels) != len(self.channels):
+            raise RecipeError(f"diffusion.attention_levels needs one entry per level of channels {self.channels}, "
+                              f"got {self.attention_levels}")
+        if self.beta_schedule not in ("linear_beta", "scaled_linear_beta"):
+            raise RecipeError(f"diffusion.beta_schedule must be 'linear_beta' or 'scaled_linear_beta', "
+                              f"got {self.beta_schedule!r}")
+
+
+@dataclass
+class ClassifierConfig:
+    """Feature classifiers fed ``Crop(Decoder(z_t))`` (MONAI ``DiffusionModelEncoder``)."""
+
+    features: tuple[str, ...] = FEATURES
+    channels: tuple[int, ...] = (16, 32, 32)
+    num_res_blocks: int = 1
+    norm_num_groups: int = 8
+    crop_px: int = 32
+
+    def validate(self) -> None:
+        unknown = [f for f in self.features if f not in FEATURES]
+        if unknown:
+            raise RecipeError(f"classifiers.features must be among {FEATURES}, got {unknown}")
+
+
+@dataclass
+class AutoencoderTraining:
+    steps: int = 6000
+    batch_size: int = 16
+    crop_px: int = 64
+    learning_rate: float = 5e-4
+    kl_weight: float = 1e-6
+    adversarial_weight: float = 0.01
+    adversarial_start: int = 2000
+    perceptual_weight: float = 0.0
+    perceptual_weights_path: str | None = None
+    validate_every: int = 500
+
+
+@dataclass
+class DiffusionTraining:
+    steps: int = 8000
+    batch_size: int = 16
+    learning_rate: float = 2e-4
+    ema_decay: float = 0.999
+    validate_every: int = 1000
+
+
+@dataclass
+class ClassifierTraining:
+    steps: int = 2000
+    batch_size: int = 32
+    learning_rate: float = 3e-4
+    ema_decay: float = 0.9999
+    max_timestep: int = 1000
+    validate_every: int = 500
+
+
+@dataclass
+class Recipe:
+    """A whole LSDM setting: image size, the three components and how each stage trains."""
+
+    name: str = "custom"
+    image_size: int = 128
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    classifiers: ClassifierConfig = field(default_factory=ClassifierConfig)
+    train_autoencoder: AutoencoderTraining = field(default_factory=AutoencoderTraining)
+    train_diffusion: DiffusionTraining = field(default_factory=DiffusionTraining)
+    train_classifiers: ClassifierTraining = field(default_factory=ClassifierTraining)
+
+    def validate(self) -> Recipe:
+        if self.image_size % self.autoencoder.downsampling:
+            raise RecipeError(f"image_size {self.image_size} must be a multiple of the autoencoder's downsampling "
+                              f"{self.autoencoder.downsampling}")
+        for part in (self.autoencoder, self.diffusion, self.classifiers):
+            part.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{key} must be a list, got {value!r}")
+        item_type = typing.get_args(annotation)[0]
+        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None:
+            return None
+        return _coerce(value, [a for a in typing.get_args(annotation) if a is not type(None)][0], key)
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, str, bool) and not isinstance(value, annotation) or (
+            annotation is int and isinstance(value, bool)):
+        raise RecipeError(f"{key} must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any] | None, prefix: str) -> Any:
+    values = values or {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"{prefix} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise RecipeError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]}; allowed: {', '.join(allowed)}")
+    return cls(**{k: _coerce(v, hints[k], f"{prefix + '.' if prefix else ''}{k}") for k, v in values.items()})
+
+
+def recipe_from_dict(values: dict[str, Any]) -> Recipe:
+    """Build and validate a :class:`Recipe` from a (YAML-loaded) mapping."""
+    return _build(Recipe, values, "").validate()
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Load a recipe by name (``phantom-smoke``, ``phantom-128``, ``lidc-512``) or from a YAML file.
+
+    Raises:
+        RecipeError: unknown name, missing file, unknown key or wrong type (the message names it).
+    """
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        raise RecipeError(f"recipe {str(name_or_path)!r} not found; built-in recipes: {', '.join(known)}")
+    values = yaml.safe_load(path.read_text()) or {}
+    values.setdefault("name", path.stem)
+    return recipe_from_dict(values)

@@ -1,0 +1,166 @@
+"""Checkpoints as safetensors with a JSON config beside each: loading never unpickles.
+
+``save_weights(path, module, config)`` writes ``path`` (``.safetensors``) and ``path`` with
+``.json`` (the component's config and any extra fields such as the latent scale factor). A training
+state adds the optimizer: its tensors go into the safetensors file under ``optimizer.*`` and its
+structure into the JSON.
+
+Example:
+    >>> import torch
+    >>> layer = torch.nn.Linear(2, 2)
+    >>> save_weights("/tmp/layer.safetensors", layer, {"kind": "linear"})
+    >>> load_weights("/tmp/layer.safetensors", torch.nn.Linear(2, 2))["kind"]
+    'linear'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+__all__ = ["CheckpointError", "save_weights", "load_weights", "read_config", "save_training_state",
+           "load_training_state", "config_path"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not fit the model; the message names the file and the mismatch."""
+
+
+def config_path(weights_path: str | Path) -> Path:
+    return Path(weights_path).with_suffix(".json")
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; weights are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return getattr(module, "module", module)  # DistributedDataParallel
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic(config_path(path), lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, default=str)))
+
+
+def save_weights(path: str | Path, module: torch.nn.Module, config: dict[str, Any]) -> None:
+    """Write ``module``'s weights (safetensors) and ``config`` (JSON beside them), each atomically."""
+    _save(Path(path), dict(_unwrap(module).state_dict()), config)
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The JSON config beside a weights file."""
+    json_path = config_path(path)
+    if not json_path.is_file():
+        raise CheckpointError(f"checkpoint config {str(json_path)!r} is missing")
+    try:
+        return json.loads(json_path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"checkpoint config {str(json_path)!r} is not valid JSON: {error}") from error
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} is missing")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a safetensors file: {error}") from error
+
+
+def _load_state(path: Path, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    target = _unwrap(module)
+    expected = target.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit {type(target).__name__}: "
+                              f"{len(missing)} missing keys (e.g. {missing[:2]}), "
+                              f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})")
+    for key, value in tensors.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(f"checkpoint {str(path)!r} does not fit {type(target).__name__}: {key} has shape "
+                                  f"{tuple(value.shape)}, the model expects {tuple(expected[key].shape)}")
+    target.load_state_dict(tensors)
+
+
+def load_weights(path: str | Path, module: torch.nn.Module) -> dict[str, Any]:
+    """Load weights into ``module`` (shapes and keys checked) and return the config beside them."""
+    path = Path(path)
+    config = read_config(path)
+    _load_state(path, module, _read_tensors(path))
+    return config
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for param_id, values in state["state"].items():
+        for name, value in values.items():
+            key = f"{param_id}.{name}"
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{key}"] = value
+            else:
+                scalars[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        param_id, name = key.removeprefix("optimizer.").split(".", 1)
+        state.setdefault(int(param_id), {})[name] = value
+    for key, value in structure["scalars"].items():
+        param_id, name = key.split(".", 1)
+        state.setdefault(int(param_id), {})[name] = value
+    return {"state": state, "param_groups": structure["param_groups"]}
+
+
+def save_training_state(path: str | Path, modules: dict[str, torch.nn.Module],
+                        optimizers: dict[str, torch.optim.Optimizer], meta: dict[str, Any]) -> None:
+    """Everything needed to resume: every module's weights, every optimizer, and ``meta`` (step, config, RNG)."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure: dict[str, Any] = {"meta": meta, "optimizers": {}}
+    for name, module in modules.items():
+        tensors.update({f"{name}/{k}": v for k, v in _unwrap(module).state_dict().items()})
+    for name, optimizer in optimizers.items():
+        flat, info = _flatten_optimizer(optimizer)
+        tensors.update({f"{name}/{k}": v for k, v in flat.items()})
+        structure["optimizers"][name] = info
+    _save(Path(path), tensors, structure)
+
+
+def load_training_state(path: str | Path, modules: dict[str, torch.nn.Module],
+                        optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
+    """Restore what :func:`save_training_state` wrote and return its ``meta``."""
+    path = Path(path)
+    structure = read_config(path)
+    tensors = _read_tensors(path)
+    for name, module in modules.items():
+        prefix = f"{name}/"
+        _load_state(path, module, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)
+                                   and not k[len(prefix):].startswith("optimizer.")})
+    for name, optimizer in optimizers.items():
+        prefix = f"{name}/"
+        flat = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix + "optimizer.")}
+        if name not in structure.get("optimizers", {}):
+            raise CheckpointError(f"checkpoint {str(path)!r} has no optimizer {name!r}")
+        optimizer.load_state_dict(_unflatten_optimizer(flat, structure["optimizers"][name]))
+    return structure["meta"]

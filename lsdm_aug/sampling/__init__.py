@@ -1,0 +1,1 @@
+"""Sampling: noise schedules, classifier guidance, and the one reverse-diffusion loop."""

@@ -1,0 +1,84 @@
+"""The one reverse-diffusion loop of lsdm-aug: DDPM or DDIM, optional guidance, optional known region.
+
+MONAI's ``DiffusionInferer.sample`` runs under ``no_grad`` and has no masked in-painting, so the
+loop lives here. Per step it predicts the noise, turns the guidance score into an adjusted noise
+(``eps - sqrt(1 - alpha_bar_t) * score``, which for DDPM adds ``~ sigma_t^2 * score`` to the mean and
+works unchanged for DDIM), steps the MONAI scheduler, and, when a known region is given, replaces
+that region with the original latent noised to the next timestep (RePaint), so the generated part
+stays consistent with what surrounds it. One ``torch.Generator`` drives every random draw.
+
+Example:
+    >>> from lsdm_aug.sampling.schedulers import build_scheduler
+    >>> latents = sample_latents(unet, build_scheduler(config, "ddim", 50), condition,
+    ...                          shape=(1, 3, 32, 32), generator=torch.Generator().manual_seed(0))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from monai.networks.schedulers import Scheduler
+
+from lsdm_aug.models.unet import SemanticCondition, predict_noise
+
+__all__ = ["KnownRegion", "sample_latents"]
+
+
+@dataclass
+class KnownRegion:
+    """What must stay: the clean (scaled) latent and a mask, 1 where the latent is known."""
+
+    latent: torch.Tensor
+    mask: torch.Tensor
+
+    def at(self, scheduler: Scheduler, timestep: int | None, generator: torch.Generator | None) -> torch.Tensor:
+        """The known latent noised to ``timestep`` (clean when ``None``, i.e. after the last step)."""
+        if timestep is None:
+            return self.latent
+        noise = torch.randn(self.latent.shape, generator=generator, device="cpu").to(self.latent)
+        timesteps = torch.full((len(self.latent),), int(timestep), dtype=torch.long, device=self.latent.device)
+        return scheduler.add_noise(self.latent, noise, timesteps)
+
+
+@torch.no_grad()
+def sample_latents(unet: torch.nn.Module, scheduler: Scheduler, condition: SemanticCondition,
+                   shape: tuple[int, ...] | None = None, generator: torch.Generator | None = None,
+                   initial_noise: torch.Tensor | None = None,
+                   guidance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                   known: KnownRegion | None = None,
+                   on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Run the reverse process from noise to a clean (scaled) latent.
+
+    Args:
+        unet: the latent semantic diffusion U-Net.
+        scheduler: a MONAI DDPM or DDIM scheduler with its timesteps set.
+        condition: encoded map and one-hot map for every sample of the batch.
+        shape: latent shape (B, C, h, w); or give ``initial_noise``.
+        generator: CPU generator for every random draw (initial noise, DDPM noise, RePaint noise).
+        initial_noise: z_T, when the caller draws it.
+        guidance: ``score = guidance(z_t, t)``, e.g. :class:`~lsdm_aug.sampling.guidance.ClassifierGuidance`.
+        known: region to keep (RePaint-style re-noising at every step).
+        on_step: called with (step index, number of steps), e.g. to advance a progress bar.
+    """
+    device = condition.latent.device
+    if initial_noise is None:
+        if shape is None:
+            raise ValueError("give the latent shape or the initial noise")
+        initial_noise = torch.randn(shape, generator=generator, device="cpu")
+    latent = initial_noise.to(device)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    for index, timestep in enumerate(timesteps):
+        batch_timesteps = torch.full((len(latent),), timestep, dtype=torch.long, device=device)
+        noise = predict_noise(unet, latent, batch_timesteps, condition)
+        if guidance is not None:
+            noise = noise - torch.sqrt(1.0 - alphas_cumprod[timestep]) * guidance(latent, batch_timesteps)
+        latent, _ = scheduler.step(noise, timestep, latent, generator=generator)
+        if known is not None:
+            following = timesteps[index + 1] if index + 1 < len(timesteps) else None
+            latent = known.mask * known.at(scheduler, following, generator) + (1 - known.mask) * latent
+        if on_step is not None:
+            on_step(index + 1, len(timesteps))
+    return latent
