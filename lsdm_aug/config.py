@@ -116,6 +116,7 @@ class AutoencoderTraining:
     adversarial_start: int = 2000
     perceptual_weight: float = 0.0
     perceptual_weights_path: str | None = None
+    perceptual_depth: int = 50
     validate_every: int = 500
 
 

@@ -39,3 +39,27 @@ def autoencoder(recipe: Recipe, data: Data, out: Out, device: Device = "", seed:
     with user_errors():
         metrics = train_autoencoder(load_recipe(recipe), data, out, device or None, seed)
     typer.echo(f"autoencoder in {out}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+
+@app.command("diffusion")
+def diffusion(recipe: Recipe, data: Data, out: Out, device: Device = "", seed: Seed = 0) -> None:
+    """Train the SPADE latent diffusion U-Net (needs the autoencoder in --out)."""
+    _check(data, out)
+    from lsdm_aug.config import load_recipe
+    from lsdm_aug.training.diffusion import train_diffusion
+
+    with user_errors():
+        metrics = train_diffusion(load_recipe(recipe), data, out, device or None, seed)
+    typer.echo(f"diffusion U-Net in {out}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+
+@app.command("classifiers")
+def classifiers(recipe: Recipe, data: Data, out: Out, device: Device = "", seed: Seed = 0) -> None:
+    """Train the malignancy / lobulation / spiculation / texture classifiers on decoded noisy crops (needs the autoencoder)."""
+    _check(data, out)
+    from lsdm_aug.config import load_recipe
+    from lsdm_aug.training.classifiers import train_classifiers
+
+    with user_errors():
+        metrics = train_classifiers(load_recipe(recipe), data, out, device or None, seed)
+    typer.echo(f"classifiers in {out}: " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items()))

@@ -43,7 +43,7 @@ from lsdm_aug.data.semantic import malignancy_label, semantic_map_from_hu
 from lsdm_aug.progress import track_progress
 
 __all__ = ["PhantomConfig", "PhantomSlice", "ChestPhantom", "SUPPORTED_SIZES", "rating_histogram", "phantom_case",
-           "prepare_phantom"]
+           "prepare_phantom", "free_site"]
 
 SUPPORTED_SIZES = (64, 128, 256, 512)
 AIR_HU = -1000.0
@@ -423,7 +423,7 @@ class ChestPhantom:
             outline = self.mask_bank.centre_slice(row.nodule_id, spacing)
             if rng.random() < 0.5:
                 outline = outline[:, ::-1]
-            site = self._free_site(free, outline, spacing, rng)
+            site = free_site(free, outline, spacing, rng)
             if site is None:
                 continue
             top, left = site
@@ -439,19 +439,6 @@ class ChestPhantom:
                           centre_col=float(cols.mean()), diameter_mm=float(row.diameter_mm), area_px=int(placed.sum()))
             nodules.append(record)
         return nodules
-
-    @staticmethod
-    def _free_site(free: np.ndarray, outline: np.ndarray, spacing: float, rng) -> tuple[int, int] | None:
-        """Top-left corner where ``outline`` (with a 1 mm rim) lies wholly inside ``free``."""
-        rim = max(1, round(1.0 / spacing))
-        footprint = np.pad(outline, rim)
-        footprint = ndimage.binary_dilation(footprint, iterations=rim)
-        blocked = fftconvolve((~free).astype(np.float32), footprint[::-1, ::-1].astype(np.float32), mode="valid")
-        ok = np.argwhere(blocked < 0.5)
-        if len(ok) == 0:
-            return None
-        top, left = ok[rng.integers(len(ok))]
-        return int(top + rim), int(left + rim)
 
     @staticmethod
     def _draw_nodule(hu, placed, row, spacing, rng) -> None:
@@ -471,6 +458,19 @@ class ChestPhantom:
         noise = ndimage.gaussian_filter(rng.standard_normal(hu.shape), max(0.6, 0.5 / spacing))
         noise *= an.noise_hu / max(noise.std(), 1e-6)
         return np.round(blurred + noise).astype(np.float32)
+
+
+def free_site(free: np.ndarray, outline: np.ndarray, spacing: float, rng: np.random.Generator) -> tuple[int, int] | None:
+    """Top-left corner where ``outline`` (with a 1 mm rim) lies wholly inside ``free``."""
+    rim = max(1, round(1.0 / spacing))
+    footprint = np.pad(outline, rim)
+    footprint = ndimage.binary_dilation(footprint, iterations=rim)
+    blocked = fftconvolve((~free).astype(np.float32), footprint[::-1, ::-1].astype(np.float32), mode="valid")
+    ok = np.argwhere(blocked < 0.5)
+    if len(ok) == 0:
+        return None
+    top, left = ok[rng.integers(len(ok))]
+    return int(top + rim), int(left + rim)
 
 
 def _paint(hu: np.ndarray, cover: np.ndarray, value) -> None:

@@ -21,8 +21,9 @@ from monai.losses import PatchAdversarialLoss
 from monai.metrics import PSNRMetric, SSIMMetric
 from scipy import ndimage
 
-from lsdm_aug.config import Recipe
+from lsdm_aug.config import AutoencoderTraining, Recipe, RecipeError
 from lsdm_aug.models.autoencoder import build_autoencoder, build_discriminator, latent_scale_factor
+from lsdm_aug.models.perceptual import PerceptualDistance
 from lsdm_aug.models.checkpoint import load_training_state, save_training_state, save_weights
 from lsdm_aug.progress import make_progress
 from lsdm_aug.training.common import DistributedContext, load_split_arrays, random_crops
@@ -60,6 +61,16 @@ def reconstruction_metrics(autoencoder: torch.nn.Module, images: torch.Tensor, b
             "blur_ssim": float(blur_ssim.aggregate()), "blur_psnr_db": float(blur_psnr.aggregate())}
 
 
+def _perceptual(settings: AutoencoderTraining, device: torch.device) -> PerceptualDistance | None:
+    """The optional perceptual term: only from local weights, never downloaded."""
+    if settings.perceptual_weight <= 0:
+        return None
+    if not settings.perceptual_weights_path:
+        raise RecipeError("train_autoencoder.perceptual_weight > 0 needs train_autoencoder.perceptual_weights_path "
+                          "(a local ResNet weight file; nothing is downloaded)")
+    return PerceptualDistance(settings.perceptual_weights_path, settings.perceptual_depth).to(device)
+
+
 def train_autoencoder(recipe: Recipe, data_dir: str | Path, out_dir: str | Path, device: str | None = None,
                       seed: int = 0, progress: bool = True, max_validation: int = 64) -> dict[str, Any]:
     """Train (or resume) the autoencoder of ``recipe`` on a prepared dataset; returns the final metrics.
@@ -86,6 +97,7 @@ def train_autoencoder(recipe: Recipe, data_dir: str | Path, out_dir: str | Path,
         start, history = int(meta["step"]), list(meta["history"])
     model, critic = context.wrap(autoencoder), context.wrap(discriminator)
     adversarial = PatchAdversarialLoss(criterion="least_squares")
+    perceptual = _perceptual(settings, context.device)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + context.rank * 7919 + start)  # resumes draw anew
     started = time.perf_counter()
     with make_progress() as bar:
@@ -94,6 +106,8 @@ def train_autoencoder(recipe: Recipe, data_dir: str | Path, out_dir: str | Path,
             batch = random_crops(train, settings.crop_px, settings.batch_size, generator).to(context.device)
             reconstruction, z_mu, z_sigma = model(batch)
             loss = (reconstruction - batch).abs().mean() + settings.kl_weight * kl_divergence(z_mu, z_sigma)
+            if perceptual is not None:
+                loss = loss + settings.perceptual_weight * perceptual(reconstruction, batch).mean()
             use_adversarial = step >= settings.adversarial_start and settings.adversarial_weight > 0
             if use_adversarial:
                 fake = critic(reconstruction.contiguous())[-1]
