@@ -29,37 +29,32 @@ def _check(data: Path, out: Path) -> None:
         fail(f"--out {str(out)!r} is a file, not a folder")
 
 
+def _train(stage: str, recipe: str, data: Path, out: Path, device: str, seed: int) -> None:
+    """Run one stage's training function (imported here so that --help stays instant)."""
+    _check(data, out)
+    import importlib
+
+    from lsdm_aug.config import load_recipe
+
+    train = getattr(importlib.import_module(f"lsdm_aug.training.{stage}"), f"train_{stage}")
+    with user_errors():
+        metrics = train(load_recipe(recipe), data, out, device or None, seed)
+    typer.echo(f"{stage} in {out}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+
 @app.command("autoencoder")
 def autoencoder(recipe: Recipe, data: Data, out: Out, device: Device = "", seed: Seed = 0) -> None:
     """Train the KL autoencoder (L1 + patch-adversarial + KL) on random crops, validated on whole slices."""
-    _check(data, out)
-    from lsdm_aug.config import load_recipe
-    from lsdm_aug.training.autoencoder import train_autoencoder
-
-    with user_errors():
-        metrics = train_autoencoder(load_recipe(recipe), data, out, device or None, seed)
-    typer.echo(f"autoencoder in {out}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    _train("autoencoder", recipe, data, out, device, seed)
 
 
 @app.command("diffusion")
 def diffusion(recipe: Recipe, data: Data, out: Out, device: Device = "", seed: Seed = 0) -> None:
     """Train the SPADE latent diffusion U-Net (needs the autoencoder in --out)."""
-    _check(data, out)
-    from lsdm_aug.config import load_recipe
-    from lsdm_aug.training.diffusion import train_diffusion
-
-    with user_errors():
-        metrics = train_diffusion(load_recipe(recipe), data, out, device or None, seed)
-    typer.echo(f"diffusion U-Net in {out}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    _train("diffusion", recipe, data, out, device, seed)
 
 
 @app.command("classifiers")
 def classifiers(recipe: Recipe, data: Data, out: Out, device: Device = "", seed: Seed = 0) -> None:
     """Train the malignancy / lobulation / spiculation / texture classifiers on decoded noisy crops (needs the autoencoder)."""
-    _check(data, out)
-    from lsdm_aug.config import load_recipe
-    from lsdm_aug.training.classifiers import train_classifiers
-
-    with user_errors():
-        metrics = train_classifiers(load_recipe(recipe), data, out, device or None, seed)
-    typer.echo(f"classifiers in {out}: " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items()))
+    _train("classifiers", recipe, data, out, device, seed)
