@@ -1,0 +1,285 @@
+"""The framework-free core of every NoduleSynth transform: draw parameters, then apply them.
+
+MONAI, TorchIO and nnU-Net wrappers hold one :class:`NoduleSynthesis` and only adapt tensors and
+metadata. ``draw`` is the random part (features, source outline, site, seed) and returns
+:class:`NoduleParameters`; ``apply`` is deterministic given them, so a recorded draw replays
+exactly. Images are NumPy arrays, 2D (H, W) or 3D (H, W, D) with axial slices along the last axis.
+
+Only pixels inside the insertion footprint change (bit-identical elsewhere, in the input's own
+intensity units); the label gets exactly the inserted nodule mask with ``label_value``.
+
+Example:
+    >>> synthesis = NoduleSynthesis(malignancy=5, model="models/phantom-128")  # doctest: +SKIP
+    >>> params = synthesis.draw(image_hu, label, np.random.RandomState(0), spacing_mm=(2.8, 2.8))  # doctest: +SKIP
+    >>> image_hu, label, info = synthesis.apply(image_hu, label, params, spacing_mm=(2.8, 2.8))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from lsdm_aug.config import FEATURES
+from lsdm_aug.data.lidc import NoduleMaskBank, load_nodule_table, resample_mask
+from lsdm_aug.data.phantom import free_site
+from lsdm_aug.data.prepared import hu_to_unit, unit_to_hu
+from lsdm_aug.data.semantic import SemanticLabel, semantic_map_from_hu
+
+__all__ = ["NoduleSynthesis", "NoduleParameters", "parse_feature", "MODES", "load_pipeline"]
+
+MODES = ("insert", "replace", "remove")
+SAMPLINGS = ("balanced", "dataset")
+INTENSITIES = ("hu", "normalized")
+
+
+def parse_feature(name: str, value: Any) -> int | tuple[int, int] | str | None:
+    """Check one feature argument: an int 1..5, a (low, high) range in 1..5, "balanced", "dataset" or None."""
+    if value is None or value in SAMPLINGS:
+        return value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 1 <= value <= 5:
+        return int(value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
+            isinstance(v, (int, np.integer)) and 1 <= v <= 5 for v in value) and value[0] <= value[1]:
+        return int(value[0]), int(value[1])
+    raise ValueError(f"{name} must be an int 1..5, a (low, high) range within 1..5, 'balanced' or 'dataset'; "
+                     f"got {value!r}")
+
+
+@functools.cache
+def load_pipeline(model: str, device: str | None):
+    """One pipeline per (model, device) and process (DataLoader workers each load their own)."""
+    from lsdm_aug.pipeline import LSDMPipeline
+
+    return LSDMPipeline.from_pretrained(model, device=device)
+
+
+@dataclass(frozen=True)
+class NoduleParameters:
+    """What one call drew; enough to replay it exactly.
+
+    Attributes:
+        mode: insert, replace or remove.
+        features: requested feature values (1..5) by name.
+        nodule_id: LIDC nodule whose consensus outline is used (insert).
+        centre: (row, col) of the site in the slice (insert), or of the nodule acted on.
+        slices: axial slice indices edited (3D), empty for 2D.
+        seed: seeds the diffusion.
+        size_mm: requested diameter, if any.
+        skipped: why nothing was done (no lung, no nodule to replace), else empty.
+    """
+
+    mode: str
+    features: dict[str, float] = field(default_factory=dict)
+    nodule_id: str = ""
+    centre: tuple[float, float] = (0.0, 0.0)
+    slices: tuple[int, ...] = ()
+    seed: int = 0
+    size_mm: float | None = None
+    skipped: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class NoduleSynthesis:
+    """Insert, replace or remove lung nodules with controlled features (the shared core).
+
+    Args:
+        mode: "insert", "replace" or "remove".
+        malignancy, lobulation, spiculation, texture: each an int 1..5, a (low, high) range,
+            "balanced" (uniform over 1..5) or "dataset" (as in LIDC); None leaves it unrequested.
+        size_mm: diameter of inserted nodules (a LIDC outline rescaled), or None for the outline's own size.
+        location: None for a random site inside the lung, or (row, col[, slice]) in pixels.
+        guidance_scale: classifier guidance scale s.
+        steps: DDIM steps.
+        label_value: value written into the label on the inserted nodule.
+        intensity: "hu" if the image holds Hounsfield units, "normalized" if it holds (HU - hu_mean) / hu_std.
+        hu_mean, hu_std: the normalisation, for intensity="normalized".
+        device: torch device of the diffusion (default: CUDA when present).
+        model: "default" or a model folder.
+    """
+
+    def __init__(self, mode: str = "insert", malignancy: Any = "balanced", lobulation: Any = None,
+                 spiculation: Any = None, texture: Any = None, size_mm: float | None = None,
+                 location: Sequence[int] | None = None, guidance_scale: float = 1.0, steps: int = 25,
+                 label_value: int = 1, intensity: str = "hu", hu_mean: float = 0.0, hu_std: float = 1.0,
+                 device: str | None = None, model: str = "default") -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if intensity not in INTENSITIES:
+            raise ValueError(f"intensity must be one of {INTENSITIES}, got {intensity!r}")
+        if size_mm is not None and not 2.0 <= float(size_mm) <= 60.0:
+            raise ValueError(f"size_mm must be in 2..60 mm, got {size_mm!r}")
+        if location is not None and len(location) not in (2, 3):
+            raise ValueError(f"location must be (row, col) or (row, col, slice), got {location!r}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
+        if not 1 <= int(steps) <= 1000:
+            raise ValueError(f"steps must be in 1..1000, got {steps!r}")
+        if hu_std <= 0:
+            raise ValueError(f"hu_std must be > 0, got {hu_std!r}")
+        self.mode, self.size_mm, self.location = mode, size_mm, None if location is None else tuple(location)
+        self.features = {name: parse_feature(name, value) for name, value in
+                         zip(FEATURES, (malignancy, lobulation, spiculation, texture))}
+        self.guidance_scale, self.steps, self.label_value = float(guidance_scale), int(steps), int(label_value)
+        self.intensity, self.hu_mean, self.hu_std = intensity, float(hu_mean), float(hu_std)
+        self.device, self.model = device, str(model)
+
+    # ---- intensities ------------------------------------------------------------------------------------------
+    def to_hu(self, image: np.ndarray) -> np.ndarray:
+        image = np.asarray(image, np.float32)
+        return image if self.intensity == "hu" else image * self.hu_std + self.hu_mean
+
+    def from_hu(self, hu: np.ndarray) -> np.ndarray:
+        return hu if self.intensity == "hu" else (hu - self.hu_mean) / self.hu_std
+
+    # ---- drawing -------------------------------------------------------------------------------------------
+    def _draw_features(self, rng: np.random.RandomState, table) -> dict[str, float]:
+        source = table.iloc[rng.randint(len(table))]
+        drawn = {}
+        for name, spec in self.features.items():
+            if spec is None:
+                continue
+            if isinstance(spec, int):
+                drawn[name] = float(spec)
+            elif isinstance(spec, tuple):
+                drawn[name] = float(rng.randint(spec[0], spec[1] + 1))
+            elif spec == "balanced":
+                drawn[name] = float(rng.randint(1, 6))
+            else:  # "dataset": the ratings of a random LIDC nodule
+                drawn[name] = float(np.clip(np.floor(source[name] + 0.5), 1, 5))
+        return drawn
+
+    def _draw_outline(self, rng: np.random.RandomState, features: dict[str, float]) -> str:
+        """A real LIDC nodule, of the requested malignancy level when one is requested."""
+        table = _nodule_table()
+        if "malignancy" in features:
+            levels = np.clip(np.floor(table.malignancy.to_numpy() + 0.5), 1, 5)
+            table = table[levels == features["malignancy"]]
+        return str(table.nodule_id.iloc[rng.randint(len(table))])
+
+    def draw(self, image: np.ndarray, label: np.ndarray | None, rng: np.random.RandomState,
+             spacing_mm: Sequence[float]) -> NoduleParameters:
+        """Draw the parameters of one call (no model is run)."""
+        hu = self.to_hu(image)
+        table = _nodule_table()
+        features = self._draw_features(rng, table) if self.mode != "remove" else {}
+        seed = int(rng.randint(2**31 - 1))
+        if self.mode in ("replace", "remove"):
+            return self._draw_existing(label, features, seed)
+        nodule_id = self._draw_outline(rng, features)
+        outline = _outline(nodule_id, spacing_mm, hu.ndim, self.size_mm)
+        slice_axis_len = hu.shape[2] if hu.ndim == 3 else 1
+        if self.location is not None:
+            centre_slice = self.location[2] if len(self.location) == 3 else slice_axis_len // 2
+            centre = (float(self.location[0]), float(self.location[1]))
+        else:
+            centre_slice = _lung_slice(hu, rng, spacing_mm) if hu.ndim == 3 else 0
+            if centre_slice is None:
+                return NoduleParameters(self.mode, features, nodule_id, seed=seed, skipped="no lung tissue")
+            hu_2d = hu[..., centre_slice] if hu.ndim == 3 else hu
+            lung = semantic_map_from_hu(hu_2d, spacing_mm=float(spacing_mm[0])) == SemanticLabel.LUNG
+            site = free_site(lung, outline.max(axis=2), float(spacing_mm[0]), np.random.default_rng(rng.randint(2**31)))
+            if site is None:
+                return NoduleParameters(self.mode, features, nodule_id, seed=seed, skipped="no lung tissue")
+            centre = (site[0] + outline.shape[0] / 2, site[1] + outline.shape[1] / 2)
+        depth = outline.shape[2] if hu.ndim == 3 else 1
+        first = int(centre_slice) - depth // 2
+        slices = tuple(k for k in range(first, first + depth) if 0 <= k < slice_axis_len) if hu.ndim == 3 else ()
+        return NoduleParameters(self.mode, features, nodule_id, centre, slices, seed, self.size_mm)
+
+    def _draw_existing(self, label: np.ndarray | None, features: dict[str, float], seed: int) -> NoduleParameters:
+        if label is None or not np.any(label > 0):
+            return NoduleParameters(self.mode, features, seed=seed, skipped="no nodule in the label to act on")
+        components, count = ndimage.label(np.asarray(label) > 0)
+        sizes = ndimage.sum(components > 0, components, range(1, count + 1))
+        largest = components == (1 + int(np.argmax(sizes)))
+        points = np.argwhere(largest)
+        centre = tuple(float(c) for c in points[:, :2].mean(axis=0))
+        slices = tuple(sorted(set(points[:, 2].tolist()))) if largest.ndim == 3 else ()
+        return NoduleParameters(self.mode, features, centre=centre, slices=slices, seed=seed)
+
+    # ---- applying -------------------------------------------------------------------------------------------
+    def apply(self, image: np.ndarray, label: np.ndarray | None, params: NoduleParameters,
+              spacing_mm: Sequence[float]) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+        """Apply drawn parameters; returns the new image, the new label and what was done."""
+        info = params.to_dict()
+        if params.skipped:
+            return image, label, info
+        pipe = load_pipeline(self.model, self.device)
+        image = np.asarray(image)
+        out = image.copy()
+        new_label = None if label is None else np.asarray(label).copy()
+        hu = self.to_hu(image)
+        slices = params.slices if image.ndim == 3 else (None,)
+        outline_3d = _outline(params.nodule_id, spacing_mm, image.ndim, params.size_mm) if params.mode == "insert" else None
+        changed = 0
+        for position, k in enumerate(slices):
+            hu_2d = hu if k is None else hu[..., k]
+            label_2d = None if new_label is None else (new_label if k is None else new_label[..., k])
+            semantic = semantic_map_from_hu(hu_2d, spacing_mm=float(spacing_mm[0]))
+            if label_2d is not None:
+                semantic[(label_2d > 0) & (semantic != SemanticLabel.BACKGROUND)] = SemanticLabel.NODULE_INDETERMINATE
+            unit = hu_to_unit(hu_2d)
+            if params.mode == "insert":
+                layer = outline_3d[:, :, min(position, outline_3d.shape[2] - 1)]
+                if not layer.any():
+                    continue
+                result = pipe.insert(unit, semantic, layer, params.centre, params.features, steps=self.steps,
+                                     guidance_scale=self.guidance_scale, seed=params.seed)
+                region = result.nodule_mask > 0
+            else:
+                region = (label_2d > 0) if label_2d is not None else np.zeros_like(unit, bool)
+                if not region.any():
+                    continue
+                if params.mode == "replace":
+                    result = pipe.replace(unit, semantic, region, params.features, steps=self.steps,
+                                          guidance_scale=self.guidance_scale, seed=params.seed)
+                else:
+                    result = pipe.remove(unit, semantic, region, steps=self.steps, seed=params.seed)
+            footprint = result.footprint
+            new_hu = unit_to_hu(result.image)
+            target = out if k is None else out[..., k]
+            target[footprint] = self.from_hu(new_hu)[footprint].astype(out.dtype)
+            changed += int(footprint.sum())
+            if label_2d is not None:
+                if params.mode == "remove":
+                    label_2d[region] = 0
+                else:
+                    label_2d[region] = self.label_value
+        info["changed_pixels"] = changed
+        return out, new_label, info
+
+
+@functools.cache
+def _nodule_table():
+    table = load_nodule_table()
+    return table[table.consensus_voxels > 0].reset_index(drop=True)
+
+
+def _outline(nodule_id: str, spacing_mm: Sequence[float], ndim: int, size_mm: float | None) -> np.ndarray:
+    """A nodule's consensus mask at the image's spacing, (H, W, D); for 2D images its centre slice, (H, W, 1)."""
+    bank = NoduleMaskBank.default()
+    index = bank.nodule_ids.index(nodule_id)
+    zoom = 1.0
+    if size_mm is not None:
+        zoom = size_mm / max(float(_nodule_table().set_index("nodule_id").diameter_mm[nodule_id]), 1e-3)
+    in_plane = float(bank.pixel_spacing_mm[index]) * zoom
+    if ndim == 2:
+        return resample_mask(bank.centre_slice(nodule_id), in_plane, [float(s) for s in spacing_mm[:2]])[:, :, None]
+    native = (in_plane, in_plane, float(bank.slice_spacing_mm[index]) * zoom)
+    return resample_mask(bank.mask_3d(nodule_id), native, [float(s) for s in spacing_mm[:3]])
+
+
+def _lung_slice(hu: np.ndarray, rng: np.random.RandomState, spacing_mm: Sequence[float]) -> int | None:
+    """A random axial slice with enough low-density lung (fast HU test; the semantic map decides the site)."""
+    lung_like = ((hu > -950) & (hu < -600)).reshape(-1, hu.shape[2]).mean(axis=0)
+    candidates = np.flatnonzero(lung_like > 0.05)
+    if len(candidates) == 0:
+        return None
+    return int(candidates[rng.randint(len(candidates))])

@@ -1,0 +1,155 @@
+"""MONAI transforms: ``NoduleSynth`` (array) and ``NoduleSynthd`` (dictionary) insert, replace or remove nodules.
+
+The array transform does the work; the dictionary transform holds one array transform, draws once
+and applies it to the image key and the label key. Parameters drawn by each call are appended to
+the image's ``MetaTensor.meta["nodule_synth"]`` (and the label's), so a run can be audited and
+replayed. ``self.R`` is the transform's own RandomState; ``set_random_state(seed)`` returns ``self``.
+
+Example:
+    >>> from lsdm_aug import NoduleSynthd
+    >>> synth = NoduleSynthd(keys="image", label_key="label", prob=0.5, malignancy=(4, 5))  # doctest: +SKIP
+    >>> sample = synth({"image": image_hu, "label": label})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, RandomizableTransform
+from monai.utils import TransformBackends, convert_to_dst_type
+
+from lsdm_aug.transforms.core import NoduleParameters, NoduleSynthesis
+
+__all__ = ["NoduleSynth", "NoduleSynthd", "NoduleSynthD", "NoduleSynthDict", "META_KEY"]
+
+META_KEY = "nodule_synth"
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _spacing(img: Any, default: Sequence[float] | None, spatial_dims: int) -> tuple[float, ...]:
+    if default is not None:
+        return tuple(float(s) for s in default)
+    if isinstance(img, MetaTensor):
+        return tuple(float(s) for s in img.pixdim[:spatial_dims])
+    raise ValueError("pixel spacing unknown: give spacing_mm or a MetaTensor with an affine")
+
+
+class NoduleSynth(RandomizableTransform):
+    """Insert, replace or remove a lung nodule with controlled features in a CT slice or volume.
+
+    Args:
+        prob: probability of acting.
+        spacing_mm: pixel spacing; read from a MetaTensor's affine when ``None``.
+        All other arguments: see :class:`~lsdm_aug.transforms.core.NoduleSynthesis` (``mode``,
+        ``malignancy``, ``lobulation``, ``spiculation``, ``texture``, ``size_mm``, ``location``,
+        ``guidance_scale``, ``steps``, ``label_value``, ``intensity``, ``hu_mean``, ``hu_std``,
+        ``device``, ``model``).
+
+    The image is channel-first, (1, H, W) or (1, H, W, D) with axial slices last. Called with a
+    label, returns ``(image, label)``; else the image. Images without lung tissue come back unchanged,
+    with the reason recorded.
+
+    Example:
+        >>> synth = NoduleSynth(malignancy=5, spiculation=(4, 5)).set_random_state(0)  # doctest: +SKIP
+        >>> image, label = synth(image_hu, label)  # doctest: +SKIP
+        >>> image.meta["nodule_synth"][-1]["features"]  # doctest: +SKIP
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(self, prob: float = 1.0, spacing_mm: Sequence[float] | None = None, **synthesis: Any) -> None:
+        RandomizableTransform.__init__(self, prob)
+        self.synthesis = NoduleSynthesis(**synthesis)
+        self.spacing_mm = spacing_mm
+        self.parameters: NoduleParameters | None = None
+
+    def randomize(self, img: Any, label: Any = None) -> None:
+        """Draw whether to act and, if so, the nodule's parameters."""
+        super().randomize(None)
+        self.parameters = None
+        if not self._do_transform:
+            return
+        image = _numpy(img)[0]
+        self.parameters = self.synthesis.draw(image, None if label is None else _numpy(label)[0], self.R,
+                                              _spacing(img, self.spacing_mm, image.ndim))
+
+    def __call__(self, img: Any, label: Any = None, randomize: bool = True) -> Any:
+        if randomize:
+            self.randomize(img, label)
+        if self.parameters is None:
+            return img if label is None else (img, label)
+        image = _numpy(img)
+        out, new_label, info = self.synthesis.apply(image[0], None if label is None else _numpy(label)[0],
+                                                    self.parameters, _spacing(img, self.spacing_mm, image.ndim - 1))
+        result = convert_to_dst_type(out[None], img)[0]
+        _record(result, info)
+        if label is None:
+            return result
+        label_out = convert_to_dst_type(new_label[None], label)[0]
+        _record(label_out, info)
+        return result, label_out
+
+
+def _record(x: Any, info: dict) -> None:
+    if isinstance(x, MetaTensor):
+        x.meta[META_KEY] = [*x.meta.get(META_KEY, []), info]
+
+
+class NoduleSynthd(RandomizableTransform, MapTransform):
+    """Dictionary version of :class:`NoduleSynth`: one draw, applied to the image key and the label key.
+
+    Args:
+        keys: the image key (one key).
+        label_key: the label key, updated with the inserted mask (None: no label).
+        prob: probability of acting.
+        allow_missing_keys: skip silently when the image key is missing.
+        **kwargs: as :class:`NoduleSynth`.
+
+    Example:
+        >>> NoduleSynthd(keys="image", label_key="label", malignancy="balanced")  # doctest: +SKIP
+    """
+
+    backend = NoduleSynth.backend
+
+    def __init__(self, keys: KeysCollection, label_key: str | None = "label", prob: float = 1.0,
+                 allow_missing_keys: bool = False, **kwargs: Any) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        if len(self.keys) != 1:
+            raise ValueError(f"NoduleSynthd acts on one image key, got {self.keys}")
+        self.label_key = label_key
+        self.synth = NoduleSynth(prob=1.0, **kwargs)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> NoduleSynthd:
+        super().set_random_state(seed, state)
+        self.synth.set_random_state(seed, state)
+        return self
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        key = self.keys[0]
+        if key not in d:
+            if self.allow_missing_keys:
+                return d
+            raise KeyError(f"key {key!r} is not in the data (keys: {list(d)})")
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        label = d.get(self.label_key) if self.label_key else None
+        self.synth.randomize(d[key], label)
+        if label is None:
+            d[key] = self.synth(d[key], randomize=False)
+        else:
+            d[key], d[self.label_key] = self.synth(d[key], label, randomize=False)
+        return d
+
+
+NoduleSynthD = NoduleSynthDict = NoduleSynthd
