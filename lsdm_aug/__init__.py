@@ -17,6 +17,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "NoduleSynth": "lsdm_aug.transforms.monai",
+    "NoduleSynthd": "lsdm_aug.transforms.monai",
+    "NoduleSynthD": "lsdm_aug.transforms.monai",
+    "NoduleSynthDict": "lsdm_aug.transforms.monai",
+    "LSDMPipeline": "lsdm_aug.pipeline",
+    "load_recipe": "lsdm_aug.config",
     "ChestPhantom": "lsdm_aug.data.phantom",
     "PhantomConfig": "lsdm_aug.data.phantom",
     "prepare_phantom": "lsdm_aug.data.phantom",

@@ -1,6 +1,6 @@
 """The framework-free core of every NoduleSynth transform: draw parameters, then apply them.
 
-MONAI, TorchIO and nnU-Net wrappers hold one :class:`NoduleSynthesis` and only adapt tensors and
+MONAI, TorchIO and nnU-Net wrappers hold one :class:`NoduleSynthesizer` and only adapt tensors and
 metadata. ``draw`` is the random part (features, source outline, site, seed) and returns
 :class:`NoduleParameters`; ``apply`` is deterministic given them, so a recorded draw replays
 exactly. Images are NumPy arrays, 2D (H, W) or 3D (H, W, D) with axial slices along the last axis.
@@ -9,7 +9,7 @@ Only pixels inside the insertion footprint change (bit-identical elsewhere, in t
 intensity units); the label gets exactly the inserted nodule mask with ``label_value``.
 
 Example:
-    >>> synthesis = NoduleSynthesis(malignancy=5, model="models/phantom-128")  # doctest: +SKIP
+    >>> synthesis = NoduleSynthesizer(malignancy=5, model="models/phantom-128")  # doctest: +SKIP
     >>> params = synthesis.draw(image_hu, label, np.random.RandomState(0), spacing_mm=(2.8, 2.8))  # doctest: +SKIP
     >>> image_hu, label, info = synthesis.apply(image_hu, label, params, spacing_mm=(2.8, 2.8))  # doctest: +SKIP
 """
@@ -30,7 +30,7 @@ from lsdm_aug.data.phantom import free_site
 from lsdm_aug.data.prepared import hu_to_unit, unit_to_hu
 from lsdm_aug.data.semantic import SemanticLabel, semantic_map_from_hu
 
-__all__ = ["NoduleSynthesis", "NoduleParameters", "parse_feature", "MODES", "load_pipeline"]
+__all__ = ["NoduleSynthesizer", "NoduleParameters", "parse_feature", "MODES", "load_pipeline"]
 
 MODES = ("insert", "replace", "remove")
 SAMPLINGS = ("balanced", "dataset")
@@ -86,7 +86,7 @@ class NoduleParameters:
         return asdict(self)
 
 
-class NoduleSynthesis:
+class NoduleSynthesizer:
     """Insert, replace or remove lung nodules with controlled features (the shared core).
 
     Args:

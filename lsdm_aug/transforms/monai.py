@@ -23,7 +23,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import TransformBackends, convert_to_dst_type
 
-from lsdm_aug.transforms.core import NoduleParameters, NoduleSynthesis
+from lsdm_aug.transforms.core import NoduleParameters, NoduleSynthesizer
 
 __all__ = ["NoduleSynth", "NoduleSynthd", "NoduleSynthD", "NoduleSynthDict", "META_KEY"]
 
@@ -48,7 +48,7 @@ class NoduleSynth(RandomizableTransform):
     Args:
         prob: probability of acting.
         spacing_mm: pixel spacing; read from a MetaTensor's affine when ``None``.
-        All other arguments: see :class:`~lsdm_aug.transforms.core.NoduleSynthesis` (``mode``,
+        All other arguments: see :class:`~lsdm_aug.transforms.core.NoduleSynthesizer` (``mode``,
         ``malignancy``, ``lobulation``, ``spiculation``, ``texture``, ``size_mm``, ``location``,
         ``guidance_scale``, ``steps``, ``label_value``, ``intensity``, ``hu_mean``, ``hu_std``,
         ``device``, ``model``).
@@ -67,7 +67,7 @@ class NoduleSynth(RandomizableTransform):
 
     def __init__(self, prob: float = 1.0, spacing_mm: Sequence[float] | None = None, **synthesis: Any) -> None:
         RandomizableTransform.__init__(self, prob)
-        self.synthesis = NoduleSynthesis(**synthesis)
+        self.synthesis = NoduleSynthesizer(**synthesis)
         self.spacing_mm = spacing_mm
         self.parameters: NoduleParameters | None = None
 

@@ -1,0 +1,119 @@
+"""TorchIO transforms: ``RandomNoduleSynth`` draws the parameters and calls the fixed ``NoduleSynthesis``.
+
+As with ``RandomGamma`` -> ``Gamma``, the random transform only draws; the fixed one lists its
+parameters in ``args_names``, so the subject's history records every draw and
+``subject.get_composed_history()`` replays a run exactly.
+
+TorchIO images are (C, W, H, D); the CT is channel 0, axial slices along D (D = 1 for 2D).
+
+Example:
+    >>> import torchio as tio
+    >>> transform = tio.Compose([RandomNoduleSynth(malignancy=(4, 5), p=0.5)])  # doctest: +SKIP
+    >>> transformed = transform(subject)  # doctest: +SKIP
+    >>> transformed.get_composed_history()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torchio as tio
+from torchio.transforms.augmentation import RandomTransform
+
+from lsdm_aug.transforms.core import NoduleParameters, NoduleSynthesizer
+
+__all__ = ["RandomNoduleSynth", "NoduleSynthesis"]
+
+_SYNTHESIZER_ARGS = ("guidance_scale", "steps", "label_value", "intensity", "hu_mean", "hu_std", "device", "model")
+_PARAMETER_ARGS = ("mode", "features", "nodule_id", "centre", "slices", "seed", "size_mm", "skipped")
+
+
+def _arrays(subject: tio.Subject, image_name: str, label_name: str | None):
+    if image_name not in subject:
+        raise KeyError(f"subject has no image {image_name!r} (images: {list(subject.get_images_dict(intensity_only=False))})")
+    image = subject[image_name]
+    array = image.data[0].numpy()
+    label = subject[label_name] if label_name and label_name in subject else None
+    label_array = None if label is None else label.data[0].numpy()
+    if array.shape[2] == 1:  # 2D
+        array = array[:, :, 0]
+        label_array = None if label_array is None else label_array[:, :, 0]
+    return image, array, label, label_array
+
+
+class NoduleSynthesis(tio.Transform):
+    """Apply given nodule parameters (as drawn by :class:`RandomNoduleSynth`) to a subject.
+
+    Args:
+        image_name, label_name: the subject's CT image and (optional) label map.
+        mode, features, nodule_id, centre, slices, seed, size_mm, skipped: the drawn
+            :class:`~lsdm_aug.transforms.core.NoduleParameters`.
+        guidance_scale, steps, label_value, intensity, hu_mean, hu_std, device, model: as
+            :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`.
+
+    Example:
+        >>> NoduleSynthesis(mode="insert", features={"malignancy": 5.0}, nodule_id="LIDC-IDRI-0078-s1-n00",
+        ...                 centre=(40.0, 30.0), seed=3)  # doctest: +SKIP
+    """
+
+    def __init__(self, image_name: str = "image", label_name: str | None = "label", mode: str = "insert",
+                 features: dict[str, float] | None = None, nodule_id: str = "", centre: tuple[float, float] = (0.0, 0.0),
+                 slices: tuple[int, ...] = (), seed: int = 0, size_mm: float | None = None, skipped: str = "",
+                 guidance_scale: float = 1.0, steps: int = 25, label_value: int = 1, intensity: str = "hu",
+                 hu_mean: float = 0.0, hu_std: float = 1.0, device: str | None = None, model: str = "default",
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.image_name, self.label_name = image_name, label_name
+        self.mode, self.features, self.nodule_id = mode, dict(features or {}), nodule_id
+        self.centre, self.slices, self.seed = tuple(centre), tuple(slices), int(seed)
+        self.size_mm, self.skipped = size_mm, skipped
+        self.guidance_scale, self.steps, self.label_value = guidance_scale, steps, label_value
+        self.intensity, self.hu_mean, self.hu_std, self.device, self.model = intensity, hu_mean, hu_std, device, model
+        self.synthesizer = NoduleSynthesizer(mode=mode, malignancy=None, **{k: getattr(self, k) for k in _SYNTHESIZER_ARGS})
+        self.args_names = ["image_name", "label_name", *_PARAMETER_ARGS, *_SYNTHESIZER_ARGS]
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        image, array, label, label_array = _arrays(subject, self.image_name, self.label_name)
+        params = NoduleParameters(**{k: getattr(self, k) for k in _PARAMETER_ARGS})
+        spacing = image.spacing if array.ndim == 3 else image.spacing[:2]
+        out, new_label, _ = self.synthesizer.apply(array, label_array, params, spacing)
+        image.set_data(torch.as_tensor(np.asarray(out).reshape(image.data.shape[1:])[None], dtype=image.data.dtype))
+        if label is not None and new_label is not None:
+            label.set_data(torch.as_tensor(np.asarray(new_label).reshape(label.data.shape[1:])[None], dtype=label.data.dtype))
+        return subject
+
+
+class RandomNoduleSynth(RandomTransform):
+    """Randomly insert, replace or remove a lung nodule with controlled features.
+
+    Args:
+        image_name, label_name: the subject's CT image and (optional) label map.
+        mode, malignancy, lobulation, spiculation, texture, size_mm, location, guidance_scale, steps,
+            label_value, intensity, hu_mean, hu_std, device, model: as
+            :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`.
+        **kwargs: TorchIO's ``Transform`` arguments (``p``, ``copy``, ...).
+
+    Example:
+        >>> transform = RandomNoduleSynth(malignancy="balanced", texture=5, p=0.3)  # doctest: +SKIP
+    """
+
+    def __init__(self, image_name: str = "image", label_name: str | None = "label", mode: str = "insert",
+                 malignancy: Any = "balanced", lobulation: Any = None, spiculation: Any = None, texture: Any = None,
+                 size_mm: float | None = None, location: tuple[int, ...] | None = None, guidance_scale: float = 1.0,
+                 steps: int = 25, label_value: int = 1, intensity: str = "hu", hu_mean: float = 0.0,
+                 hu_std: float = 1.0, device: str | None = None, model: str = "default", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.image_name, self.label_name = image_name, label_name
+        self.synthesizer = NoduleSynthesizer(mode, malignancy, lobulation, spiculation, texture, size_mm, location,
+                                             guidance_scale, steps, label_value, intensity, hu_mean, hu_std, device, model)
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        image, array, _, label_array = _arrays(subject, self.image_name, self.label_name)
+        rng = np.random.RandomState(int(torch.randint(2**31 - 1, (1,)).item()))  # TorchIO draws with torch's RNG
+        spacing = image.spacing if array.ndim == 3 else image.spacing[:2]
+        params = self.synthesizer.draw(array, label_array, rng, spacing)
+        fixed = NoduleSynthesis(self.image_name, self.label_name, **params.to_dict(),
+                                **{k: getattr(self.synthesizer, k) for k in _SYNTHESIZER_ARGS}, **self._get_base_args())
+        return fixed(subject)
