@@ -2,8 +2,8 @@
 
 The array transform does the work; the dictionary transform holds one array transform, draws once
 and applies it to the image key and the label key. Parameters drawn by each call are appended to
-the image's ``MetaTensor.meta["nodule_synth"]`` (and the label's), so a run can be audited and
-replayed. ``self.R`` is the transform's own RandomState; ``set_random_state(seed)`` returns ``self``.
+the image's ``MetaTensor.meta["nodule_synth"]`` (and the label's) as JSON text, which collates in
+any batch; :func:`synthesis_records` reads them back. ``self.R`` is the transform's own RandomState; ``set_random_state(seed)`` returns ``self``.
 
 Example:
     >>> from lsdm_aug import NoduleSynthd
@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ from monai.utils import TransformBackends, convert_to_dst_type
 
 from lsdm_aug.transforms.core import NoduleParameters, NoduleSynthesizer
 
-__all__ = ["NoduleSynth", "NoduleSynthd", "NoduleSynthD", "NoduleSynthDict", "META_KEY"]
+__all__ = ["NoduleSynth", "NoduleSynthd", "NoduleSynthD", "NoduleSynthDict", "META_KEY", "synthesis_records"]
 
 META_KEY = "nodule_synth"
 
@@ -60,7 +61,7 @@ class NoduleSynth(RandomizableTransform):
     Example:
         >>> synth = NoduleSynth(malignancy=5, spiculation=(4, 5)).set_random_state(0)  # doctest: +SKIP
         >>> image, label = synth(image_hu, label)  # doctest: +SKIP
-        >>> image.meta["nodule_synth"][-1]["features"]  # doctest: +SKIP
+        >>> synthesis_records(image)[-1]["features"]  # doctest: +SKIP
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
@@ -99,8 +100,19 @@ class NoduleSynth(RandomizableTransform):
 
 
 def _record(x: Any, info: dict) -> None:
+    """Append the draw to the MetaTensor's metadata as JSON text (any batch of it collates)."""
     if isinstance(x, MetaTensor):
-        x.meta[META_KEY] = [*x.meta.get(META_KEY, []), info]
+        x.meta[META_KEY] = [*x.meta.get(META_KEY, []), json.dumps(info)]
+
+
+def synthesis_records(x: Any) -> list[dict]:
+    """The draws recorded on a (non-collated) MetaTensor, oldest first.
+
+    Example:
+        >>> synthesis_records(image)[-1]["features"]  # doctest: +SKIP
+        {'malignancy': 5.0}
+    """
+    return [json.loads(r) for r in x.meta.get(META_KEY, [])] if isinstance(x, MetaTensor) else []
 
 
 class NoduleSynthd(RandomizableTransform, MapTransform):

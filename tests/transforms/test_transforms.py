@@ -10,7 +10,7 @@ from monai.data import MetaTensor
 
 from lsdm_aug.data.prepared import PreparedDataset, unit_to_hu
 from lsdm_aug.transforms.core import NoduleSynthesizer, parse_feature
-from lsdm_aug.transforms.monai import NoduleSynth, NoduleSynthd, NoduleSynthD, NoduleSynthDict
+from lsdm_aug.transforms.monai import NoduleSynth, NoduleSynthd, NoduleSynthD, NoduleSynthDict, synthesis_records
 from lsdm_aug.transforms.torchio import NoduleSynthesis, RandomNoduleSynth
 
 
@@ -47,9 +47,10 @@ def test_monai_insert_changes_only_the_footprint_and_records_the_draw(slice_hu, 
     image, label = _meta(hu, spacing), _meta(np.zeros_like(hu), spacing)
     synth = NoduleSynth(malignancy=5, texture=(4, 5), model=str(smoke_models), steps=3, label_value=2).set_random_state(0)
     out, out_label = synth(image, label)
-    record = out.meta["nodule_synth"][-1]
+    record = synthesis_records(out)[-1]
+    record["centre"] = tuple(record["centre"])
     assert record["features"]["malignancy"] == 5.0 and record["features"]["texture"] in (4.0, 5.0)
-    assert out_label.meta["nodule_synth"][-1] == record
+    assert synthesis_records(out_label)[-1] == record
     changed = (out != image)[0].numpy()
     assert changed.any()
     assert set(np.unique(out_label.numpy())) == {0.0, 2.0}
@@ -77,14 +78,14 @@ def test_monai_dictionary_version_and_aliases(slice_hu, smoke_models):
                        steps=3).set_random_state(4)(data)
     inserted = out["label"][0].numpy() > 0
     assert inserted.any()
-    assert out["image"].meta["nodule_synth"][-1]["features"]["malignancy"] in (1.0, 2.0)
+    assert synthesis_records(out["image"])[-1]["features"]["malignancy"] in (1.0, 2.0)
 
 
 def test_monai_no_lung_is_left_unchanged_with_a_reason(smoke_models):
     soft_tissue = _meta(np.full((64, 64), 40.0, np.float32), 5.5)
     out = NoduleSynth(malignancy=3, model=str(smoke_models), steps=2).set_random_state(0)(soft_tissue)
     assert torch.equal(out, soft_tissue)
-    assert out.meta["nodule_synth"][-1]["skipped"] == "no lung tissue"
+    assert synthesis_records(out)[-1]["skipped"] == "no lung tissue"
 
 
 def test_monai_3d_volume_gets_the_nodule_on_consecutive_slices(slice_hu, smoke_models):
@@ -92,7 +93,7 @@ def test_monai_3d_volume_gets_the_nodule_on_consecutive_slices(slice_hu, smoke_m
     volume = _meta(np.stack([hu] * 8, axis=-1), spacing, z=2.5)
     label = _meta(np.zeros((64, 64, 8), np.float32), spacing, z=2.5)
     out, out_label = NoduleSynth(malignancy=4, model=str(smoke_models), steps=2).set_random_state(3)(volume, label)
-    slices = out.meta["nodule_synth"][-1]["slices"]
+    slices = synthesis_records(out)[-1]["slices"]
     assert len(slices) >= 1 and list(slices) == list(range(slices[0], slices[0] + len(slices)))
     labelled = np.flatnonzero(out_label[0].numpy().reshape(-1, 8).any(axis=0))
     assert set(labelled) <= set(slices) and len(labelled) >= 1
@@ -127,3 +128,24 @@ def test_torchio_history_replays_the_same_result(slice_hu, smoke_models):
     assert torch.equal(replayed.label.data, transformed.label.data)
     changed = transformed.image.data != subject.image.data
     assert changed.any() and changed.sum() < 0.2 * changed.numel()
+
+
+def test_monai_dataloader_with_two_workers_draws_differently_and_reproducibly(slice_hu, smoke_models):
+    import json
+
+    from monai.data import DataLoader, Dataset
+    from monai.utils import set_determinism
+
+    hu, spacing = slice_hu
+    items = [{"image": _meta(hu, spacing), "label": _meta(np.zeros_like(hu), spacing)} for _ in range(4)]
+
+    def seeds() -> list[int]:
+        set_determinism(0)
+        transform = NoduleSynthd(keys="image", label_key="label", malignancy="balanced", model=str(smoke_models), steps=2)
+        loader = DataLoader(Dataset(items, transform), batch_size=2, num_workers=2)
+        return [json.loads(r)["seed"] for batch in loader for r in batch["image"].meta["nodule_synth"][-1]]
+
+    first = seeds()
+    assert len(set(first)) == 4  # every sample its own draw, across both workers
+    assert seeds() == first  # and the same again under set_determinism
+    set_determinism(None)
