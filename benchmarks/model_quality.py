@@ -188,7 +188,7 @@ def main() -> None:
     pipe = LSDMPipeline.from_pretrained(args.model)
     test = PreparedDataset(args.data, split="test")
     evaluator, evaluator_report = NoduleEvaluator.train(args.data, crop_px=pipe.recipe.image_size // 4, seed=args.seed)
-    report = {"model": pipe.model_id, "evaluator": evaluator_report,
+    report = {"command": command, "model": pipe.model_id, "evaluator": evaluator_report,
               "autoencoder": autoencoder_quality(pipe, test, 200),
               "map_respect": map_respect(pipe, test, args.count, args.steps, args.seed),
               "control": control(pipe, evaluator, test, args.count, [float(s) for s in args.scales.split(",")],

@@ -9,12 +9,14 @@ import typer
 
 from lsdm_aug.cli import prepare, train
 from lsdm_aug.cli.preview import preview
+from lsdm_aug.cli.synthesize import synthesize
 
 app = typer.Typer(name="lsdm-aug", help="Lung-nodule data for segmentation and detection training, with LSDM.",
                   no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False)
 app.add_typer(prepare.app, name="prepare")
 app.add_typer(train.app, name="train")
 app.command("preview")(preview)
+app.command("synthesize")(synthesize)
 
 
 def main() -> None:
