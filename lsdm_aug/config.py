@@ -177,7 +177,14 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value is None:
             return None
         return _coerce(value, [a for a in typing.get_args(annotation) if a is not type(None)][0], key)
-    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text
+            try:
+                return float(value)
+            except ValueError:
+                raise RecipeError(f"{key} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key} must be a number, got {value!r}")
         return float(value)
     if annotation in (int, str, bool) and not isinstance(value, annotation) or (
             annotation is int and isinstance(value, bool)):

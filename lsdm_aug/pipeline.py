@@ -202,17 +202,24 @@ class LSDMPipeline:
         return np.stack(images).astype(np.float32)
 
     # ---- local edits ------------------------------------------------------------------------------------------
-    def _window(self, centre: tuple[float, float], shape: tuple[int, int]) -> LatentBox:
-        size = min(self.recipe.image_size // (2 * self.factor), shape[0] // self.factor, shape[1] // self.factor)
-        size = max(size, self.recipe.classifiers.crop_px // self.factor)
-        return LatentBox.around(centre[0], centre[1], size, (shape[0] // self.factor, shape[1] // self.factor),
-                                self.factor)
+    def _window(self, region: np.ndarray, margin_px: float) -> LatentBox:
+        """The latent window to regenerate: half the training image size, grown to hold the region and its feather."""
+        rows, cols = np.nonzero(region)
+        extent = max(np.ptp(rows), np.ptp(cols)) + 1 + 2 * (margin_px + 2 * self.factor)
+        latent_shape = (region.shape[0] // self.factor, region.shape[1] // self.factor)
+        size = max(self.recipe.image_size // (2 * self.factor), self.recipe.classifiers.crop_px // self.factor,
+                   int(np.ceil(extent / self.factor)))
+        multiple = 2 ** (len(self.recipe.diffusion.channels) - 1)  # the U-Net halves the window at each level
+        size = int(np.ceil(size / multiple)) * multiple
+        if size > min(latent_shape):
+            raise ValueError(f"a nodule spanning {int(extent)} px with its margin does not fit a "
+                             f"{region.shape[0]} x {region.shape[1]} image")
+        return LatentBox.around(rows.mean(), cols.mean(), size, latent_shape, self.factor)
 
     def _edit(self, image: np.ndarray, semantic_map: np.ndarray, region: np.ndarray, features: dict[str, float],
               steps: int, guidance_scale: float, seed: int, sampler: str, feather_px: float) -> tuple[np.ndarray, np.ndarray]:
         """Regenerate ``region`` (bool, image pixels) of ``image`` under the (already edited) ``semantic_map``."""
-        rows, cols = np.nonzero(region)
-        box = self._window((rows.mean(), cols.mean()), image.shape)
+        box = self._window(region, feather_px)
         f = self.factor
         pixel_rows, pixel_cols = slice(box.top * f, (box.top + box.size) * f), slice(box.left * f, (box.left + box.size) * f)
         images = self._tensor(image[pixel_rows, pixel_cols])
@@ -232,7 +239,7 @@ class LSDMPipeline:
         alpha = np.clip(ndimage.gaussian_filter(footprint.astype(np.float32), feather_px / 2), 0, 1)
         alpha[~footprint] = 0.0  # outside the footprint nothing changes, bit for bit
         alpha[region] = 1.0
-        out = image.astype(np.float32, copy=True)
+        out = image.astype(np.result_type(image.dtype, np.float32), copy=True)
         window_alpha = alpha[pixel_rows, pixel_cols]
         blended = window_alpha * window + (1 - window_alpha) * out[pixel_rows, pixel_cols]
         out[pixel_rows, pixel_cols] = np.where(window_alpha > 0, blended, out[pixel_rows, pixel_cols])
@@ -247,7 +254,7 @@ class LSDMPipeline:
         the nodule is generated there and steered towards ``features``.
         """
         features = validate_features(features)
-        image, semantic_map = np.asarray(image, np.float32), np.asarray(semantic_map)
+        image, semantic_map = np.asarray(image), np.asarray(semantic_map)
         if image.shape != semantic_map.shape or image.ndim != 2:
             raise ValueError(f"image and semantic map must be 2D of one shape, got {image.shape} and {semantic_map.shape}")
         region = _place(np.asarray(nodule_outline, bool), centre, image.shape)
@@ -268,7 +275,7 @@ class LSDMPipeline:
             raise ValueError("nodule_mask is empty: nothing to replace")
         edited_map = np.asarray(semantic_map).copy()
         edited_map[region] = malignancy_label(features.get("malignancy", 3.0))
-        out, footprint = self._edit(np.asarray(image, np.float32), edited_map, region, features,
+        out, footprint = self._edit(np.asarray(image), edited_map, region, features,
                                     kwargs.get("steps", 50), kwargs.get("guidance_scale", 1.0), kwargs.get("seed", 0),
                                     kwargs.get("sampler", "ddim"), kwargs.get("feather_px", 2.0))
         return EditResult(out, edited_map, region.astype(np.uint8), footprint,
@@ -281,7 +288,7 @@ class LSDMPipeline:
             raise ValueError("nodule_mask is empty: nothing to remove")
         edited_map = np.asarray(semantic_map).copy()
         edited_map[region] = SemanticLabel.LUNG
-        out, footprint = self._edit(np.asarray(image, np.float32), edited_map, region, {}, kwargs.get("steps", 50), 0.0,
+        out, footprint = self._edit(np.asarray(image), edited_map, region, {}, kwargs.get("steps", 50), 0.0,
                                     kwargs.get("seed", 0), kwargs.get("sampler", "ddim"), kwargs.get("feather_px", 2.0))
         return EditResult(out, edited_map, np.zeros_like(region, np.uint8), footprint,
                           {"mode": "remove", "area_px": int(region.sum()), "model": self.model_id})

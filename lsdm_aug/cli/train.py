@@ -39,7 +39,8 @@ def _train(stage: str, recipe: str, data: Path, out: Path, device: str, seed: in
     train = getattr(importlib.import_module(f"lsdm_aug.training.{stage}"), f"train_{stage}")
     with user_errors():
         metrics = train(load_recipe(recipe), data, out, device or None, seed)
-    typer.echo(f"{stage} in {out}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    if metrics:  # only the main process reports
+        typer.echo(f"{stage} in {out}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
 
 @app.command("autoencoder")

@@ -38,7 +38,7 @@ def build_scheduler(config: DiffusionConfig, sampler: str = "ddim", steps: int |
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    steps = steps or config.num_train_timesteps
+    steps = config.num_train_timesteps if steps is None else steps
     if not 1 <= steps <= config.num_train_timesteps:
         raise ValueError(f"steps must be in 1..{config.num_train_timesteps}, got {steps!r}")
     scheduler = (DDPMScheduler if sampler == "ddpm" else DDIMScheduler)(**_schedule_args(config))

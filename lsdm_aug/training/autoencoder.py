@@ -42,23 +42,25 @@ def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruction_metrics(autoencoder: torch.nn.Module, images: torch.Tensor, batch_size: int = 32) -> dict[str, float]:
-    """SSIM and PSNR of reconstructions of ``images`` (N, 1, H, W) in [-1, 1], and of a 1 px Gaussian blur."""
+    """SSIM and PSNR of reconstructions of ``images`` (N, 1, H, W) in [-1, 1], and of a 1 px Gaussian blur.
+
+    Per-sample values are averaged here rather than with the metrics' ``aggregate()``, which gathers across
+    processes: validation runs on rank 0 only, so a gather there would wait forever for the other ranks.
+    """
     autoencoder = getattr(autoencoder, "module", autoencoder)
     autoencoder.eval()
     ssim, psnr = SSIMMetric(spatial_dims=2, data_range=2.0), PSNRMetric(max_val=2.0)
-    blur_ssim, blur_psnr = SSIMMetric(spatial_dims=2, data_range=2.0), PSNRMetric(max_val=2.0)
+    values: dict[str, list[torch.Tensor]] = {"ssim": [], "psnr_db": [], "blur_ssim": [], "blur_psnr_db": []}
     device = next(autoencoder.parameters()).device
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size].to(device)
         reconstruction = autoencoder.reconstruct(batch).clamp(-1, 1)
-        ssim(reconstruction, batch)
-        psnr(reconstruction, batch)
         blurred = torch.from_numpy(ndimage.gaussian_filter(batch.cpu().numpy(), (0, 0, 1, 1))).to(device)
-        blur_ssim(blurred, batch)
-        blur_psnr(blurred, batch)
+        for prefix, candidate in (("", reconstruction), ("blur_", blurred)):
+            values[f"{prefix}ssim"].append(ssim(candidate, batch).flatten())
+            values[f"{prefix}psnr_db"].append(psnr(candidate, batch).flatten())
     autoencoder.train()
-    return {"ssim": float(ssim.aggregate()), "psnr_db": float(psnr.aggregate()),
-            "blur_ssim": float(blur_ssim.aggregate()), "blur_psnr_db": float(blur_psnr.aggregate())}
+    return {name: float(torch.cat(parts).mean()) for name, parts in values.items()}
 
 
 def _perceptual(settings: AutoencoderTraining, device: torch.device) -> PerceptualDistance | None:

@@ -1,0 +1,67 @@
+"""NoduleSynth for nnU-Net v2: a batchgeneratorsv2 transform working on nnU-Net's normalized patches.
+
+nnU-Net runs its augmentation per sample in CPU worker processes on tensors shaped (C, X, Y[, Z]) that
+are already normalized (CT: clipped to the foreground 0.5/99.5 percentiles, then z-scored with the
+plans' ``foreground_intensity_properties_per_channel``). The transform maps channel 0 back to HU with
+that mean and standard deviation, inserts a nodule, and maps the changed pixels back; the segmentation
+gets the nodule label. ``get_parameters`` draws (the random part), ``apply`` only applies.
+
+Example:
+    >>> transform = NoduleSynthTransform(spacing_mm=(0.7, 0.7), hu_mean=-300.0, hu_std=400.0, prob=0.3)  # doctest: +SKIP
+    >>> sample = transform(image=image, segmentation=segmentation)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+
+from lsdm_aug.transforms.core import NoduleParameters, NoduleSynthesizer
+
+__all__ = ["NoduleSynthTransform"]
+
+
+class NoduleSynthTransform(BasicTransform):
+    """Insert (or replace / remove) a nodule in an nnU-Net training sample.
+
+    Args:
+        spacing_mm: the configuration's spacing (nnU-Net axis order).
+        hu_mean, hu_std: the CT channel's foreground mean and std from the plans.
+        prob: probability per sample.
+        label_value: segmentation value of the inserted nodule.
+        **synthesis: :class:`~lsdm_aug.transforms.core.NoduleSynthesizer` arguments (mode, features,
+            guidance_scale, steps, model, device ...).
+    """
+
+    def __init__(self, spacing_mm: Sequence[float], hu_mean: float, hu_std: float, prob: float = 0.3,
+                 label_value: int = 1, **synthesis: Any) -> None:
+        super().__init__()
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must be in [0, 1], got {prob!r}")
+        self.spacing_mm, self.prob = tuple(float(s) for s in spacing_mm), float(prob)
+        self.synthesizer = NoduleSynthesizer(intensity="normalized", hu_mean=hu_mean, hu_std=hu_std,
+                                             label_value=label_value, **synthesis)
+
+    def get_parameters(self, **data_dict: Any) -> dict[str, Any]:
+        rng = np.random.RandomState(np.random.randint(2**31 - 1))  # nnU-Net seeds NumPy per worker
+        if rng.uniform() >= self.prob:
+            return {"nodule": None}
+        image = data_dict["image"][0].numpy()
+        segmentation = data_dict["segmentation"][0].numpy() if data_dict.get("segmentation") is not None else None
+        return {"nodule": self.synthesizer.draw(image, segmentation, rng, self.spacing_mm)}
+
+    def apply(self, data_dict: dict, nodule: NoduleParameters | None = None, **params: Any) -> dict:
+        if nodule is None or nodule.skipped:
+            return data_dict
+        image = data_dict["image"]
+        segmentation = data_dict.get("segmentation")
+        out, new_segmentation, _ = self.synthesizer.apply(
+            image[0].numpy(), None if segmentation is None else segmentation[0].numpy(), nodule, self.spacing_mm)
+        image[0] = torch.from_numpy(np.asarray(out, dtype=np.float32)).to(image.dtype)
+        if segmentation is not None:
+            segmentation[0] = torch.from_numpy(np.asarray(new_segmentation)).to(segmentation.dtype)
+        return data_dict

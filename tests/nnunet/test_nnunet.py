@@ -1,0 +1,97 @@
+"""nnU-Net v2: the batchgeneratorsv2 NoduleSynth transform and the nnUNetTrainerNoduleSynth trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lsdm_aug.data.prepared import PreparedDataset, unit_to_hu
+from lsdm_aug.transforms.nnunet import NoduleSynthTransform
+
+HU_MEAN, HU_STD = -350.0, 420.0
+
+
+@pytest.fixture(scope="module")
+def normalized_sample(phantom_dataset):
+    dataset = PreparedDataset(phantom_dataset)
+    case = dataset[dataset.cases[dataset.cases.n_nodules == 0].case_id.iloc[0]]
+    image = (unit_to_hu(case["image"]) - HU_MEAN) / HU_STD
+    return torch.from_numpy(image)[None].float(), torch.zeros(1, *image.shape, dtype=torch.int16), case["spacing_mm"]
+
+
+def test_transform_inserts_in_normalized_units_and_labels_the_nodule(normalized_sample, smoke_models):
+    image, segmentation, spacing = normalized_sample
+    np.random.seed(0)
+    transform = NoduleSynthTransform((spacing, spacing), HU_MEAN, HU_STD, prob=1.0, model=str(smoke_models), steps=2,
+                                     malignancy=5, label_value=1)
+    out = transform(image=image.clone(), segmentation=segmentation.clone())
+    inserted = out["segmentation"][0] > 0
+    changed = out["image"][0] != image[0]
+    assert inserted.any() and changed.any()
+    assert changed.sum() < 0.2 * changed.numel()  # only the footprint
+    assert out["segmentation"].dtype == torch.int16 and out["image"].dtype == torch.float32
+    assert out["image"].abs().max() < 10  # still z-scored, not HU
+
+
+def test_transform_with_prob_zero_changes_nothing(normalized_sample, smoke_models):
+    image, segmentation, spacing = normalized_sample
+    transform = NoduleSynthTransform((spacing, spacing), HU_MEAN, HU_STD, prob=0.0, model=str(smoke_models))
+    out = transform(image=image.clone(), segmentation=segmentation.clone())
+    assert torch.equal(out["image"], image) and torch.equal(out["segmentation"], segmentation)
+    with pytest.raises(ValueError, match="prob must be in \\[0, 1\\], got 1.5"):
+        NoduleSynthTransform((1.0, 1.0), 0.0, 1.0, prob=1.5)
+
+
+@pytest.fixture(scope="module")
+def nnunet_dirs(tmp_path_factory, smoke_models):
+    from lsdm_aug.synthesis import SynthesisRequest, synthesize
+
+    root = tmp_path_factory.mktemp("nnunet")
+    synthesize(root / "raw" / "Dataset988_LsdmTrain", SynthesisRequest(count=6, size=64, steps=2, model=str(smoke_models)))
+    env = {**os.environ, "nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
+           "nnUNet_results": str(root / "res")}
+    subprocess.run([sys.executable, "-m", "nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "-d", "988",
+                    "-c", "2d", "-np", "1"], env=env, check=True, capture_output=True, timeout=900)
+    return env
+
+
+@pytest.mark.slow
+def test_trainer_prepends_nodule_synth_with_the_plans_statistics(nnunet_dirs, smoke_models, monkeypatch):
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(key, nnunet_dirs[key])
+    monkeypatch.setenv("LSDM_AUG_NNUNET", json.dumps({"prob": 0.5, "model": str(smoke_models), "steps": 2,
+                                                      "num_epochs": 3}))
+    from lsdm_aug.nnunet.trainers.nnUNetTrainerNoduleSynth import nnUNetTrainerNoduleSynth
+
+    folder = Path(nnunet_dirs["nnUNet_preprocessed"]) / "Dataset988_LsdmTrain"
+    plans = json.loads((folder / "nnUNetPlans.json").read_text()) | {"continue_training": False}
+    trainer = nnUNetTrainerNoduleSynth(plans, "2d", 0, json.loads((folder / "dataset.json").read_text()),
+                                       device=torch.device("cpu"))
+    assert trainer.num_epochs == 3
+    transforms = trainer.get_training_transforms(np.array([64, 64]), (0, 0), None, (0, 1), False,
+                                                 foreground_labels=[1])
+    first = transforms.transforms[0]
+    assert isinstance(first, NoduleSynthTransform) and first.prob == 0.5
+    stats = plans["foreground_intensity_properties_per_channel"]["0"]
+    assert first.synthesizer.hu_mean == stats["mean"] and first.synthesizer.hu_std == stats["std"]
+
+
+@pytest.mark.slow
+def test_a_few_training_iterations_with_the_trainer_on_cpu(nnunet_dirs, smoke_models):
+    env = {**nnunet_dirs, "LSDM_AUG_NNUNET": json.dumps({"num_epochs": 1, "num_iterations_per_epoch": 2,
+                                                         "num_val_iterations_per_epoch": 1, "prob": 1.0,
+                                                         "model": str(smoke_models), "steps": 2}),
+           "nnUNet_n_proc_DA": "2"}
+    result = subprocess.run([sys.executable, "-m", "lsdm_aug.cli", "nnunet", "train", "988", "2d", "0"], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    fold = Path(nnunet_dirs["nnUNet_results"]) / "Dataset988_LsdmTrain" / "nnUNetTrainerNoduleSynth__nnUNetPlans__2d" / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file()
+    assert "Mean Validation Dice" in result.stdout

@@ -1,0 +1,250 @@
+"""``LSDMPipeline`` on the smoke models: loading, reproducible generation, guidance, and local edits that
+leave every pixel outside their footprint bit-identical."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from lsdm_aug.config import FEATURES
+from lsdm_aug.data.prepared import PreparedDataset
+from lsdm_aug.models.checkpoint import CheckpointError
+from lsdm_aug.pipeline import LSDMPipeline
+
+STEPS = 4
+LUNG = 4
+NODULE_LABELS = (5, 6, 7)
+
+
+@pytest.fixture(scope="module")
+def pipe(smoke_models) -> LSDMPipeline:
+    return LSDMPipeline.from_pretrained(smoke_models, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cases(phantom_dataset):
+    """The slice with the largest nodule, and a slice without nodules."""
+    dataset = PreparedDataset(phantom_dataset)
+    items = [dataset[i] for i in range(len(dataset))]
+    with_nodule = max(items, key=lambda item: int(item["nodule_mask"].sum()))
+    without = next(item for item in items if not item["nodule_mask"].any())
+    assert with_nodule["nodule_mask"].any() and np.isin(with_nodule["semantic_map"], NODULE_LABELS).any()
+    return {"nodule": with_nodule, "free": without}
+
+
+def lung_site(semantic_map: np.ndarray, margin: int = 4) -> tuple[int, int]:
+    """A lung pixel with at least ``margin`` px of lung all round."""
+    inner = ndimage.binary_erosion(semantic_map == LUNG, iterations=margin)
+    rows, cols = np.nonzero(inner)
+    assert len(rows), "no lung site in this slice"
+    middle = len(rows) // 2
+    return int(rows[middle]), int(cols[middle])
+
+
+def disk_outline() -> np.ndarray:
+    """A 6 x 6 px round nodule in a 12 x 12 array with an empty border (the border is not part of it)."""
+    rows, cols = np.mgrid[:6, :6]
+    disk = (rows - 2.5) ** 2 + (cols - 2.5) ** 2 <= 9
+    outline = np.zeros((12, 12), bool)
+    outline[3:9, 3:9] = disk
+    return outline
+
+
+def placed(outline: np.ndarray, centre: tuple[int, int], shape) -> np.ndarray:
+    """Where a 6 x 6 outline centred at ``centre`` should land."""
+    mask = np.zeros(shape, bool)
+    mask[centre[0] - 3:centre[0] + 3, centre[1] - 3:centre[1] + 3] = outline[3:9, 3:9]
+    return mask
+
+
+# ---- loading -----------------------------------------------------------------------------------------------
+
+def test_from_pretrained_loads_every_component(pipe, smoke_models):
+    assert sorted(pipe.classifiers) == sorted(FEATURES)
+    assert pipe.recipe.image_size == 64 and pipe.factor == 4
+    assert pipe.scale_factor == json.loads((smoke_models / "autoencoder.json").read_text())["scale_factor"]
+    assert pipe.model_id.endswith("@6/6")
+    from safetensors.torch import load_file
+
+    saved = load_file(smoke_models / "unet.safetensors")
+    for key, value in pipe.unet.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
+
+def test_from_pretrained_on_a_missing_folder_is_named(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(CheckpointError, match=re.escape(str(missing))):
+        LSDMPipeline.from_pretrained(missing)
+
+
+def test_from_pretrained_with_a_corrupt_unet_names_the_file(copy_models):
+    models = copy_models()
+    (models / "unet.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match=re.escape(str(models / "unet.safetensors"))):
+        LSDMPipeline.from_pretrained(models)
+
+
+def test_from_pretrained_without_the_unet_names_what_is_missing(copy_models):
+    models = copy_models()
+    (models / "unet.json").unlink()
+    with pytest.raises(CheckpointError, match=re.escape(str(models / "unet.json"))):
+        LSDMPipeline.from_pretrained(models)
+
+
+# ---- generation --------------------------------------------------------------------------------------------
+
+def test_generate_is_reproducible_by_seed(pipe, cases):
+    semantic_map = cases["nodule"]["semantic_map"]
+    first = pipe.generate(semantic_map, steps=STEPS, seed=3)
+    assert first.shape == (1, 64, 64) and first.dtype == np.float32
+    assert first.min() >= -1 and first.max() <= 1
+    assert np.array_equal(first, pipe.generate(semantic_map, steps=STEPS, seed=3))
+    assert not np.array_equal(first, pipe.generate(semantic_map, steps=STEPS, seed=4))
+
+
+def test_generate_takes_a_batch_of_maps(pipe, cases):
+    maps = np.stack([cases["nodule"]["semantic_map"], cases["free"]["semantic_map"]])
+    images = pipe.generate(maps, steps=2, seed=0, sampler="ddpm")
+    assert images.shape == (2, 64, 64)
+    assert not np.array_equal(images[0], images[1])
+
+
+def test_guidance_scale_zero_is_exactly_no_guidance(pipe, cases):
+    semantic_map = cases["nodule"]["semantic_map"]
+    plain = pipe.generate(semantic_map, steps=STEPS, seed=1)
+    unguided = pipe.generate(semantic_map, features={"malignancy": 5, "spiculation": 4}, guidance_scale=0.0,
+                             steps=STEPS, seed=1)
+    assert np.array_equal(plain, unguided)
+
+
+def test_guidance_changes_the_sample(pipe, cases):
+    semantic_map = cases["nodule"]["semantic_map"]
+    plain = pipe.generate(semantic_map, steps=STEPS, seed=1)
+    guided = pipe.generate(semantic_map, features={"malignancy": 5, "spiculation": 4}, guidance_scale=20.0,
+                           steps=STEPS, seed=1)
+    assert not np.array_equal(plain, guided)
+    assert np.isfinite(guided).all()
+
+
+def test_a_map_without_nodules_has_nothing_to_guide(pipe, cases):
+    semantic_map = cases["free"]["semantic_map"]
+    assert np.array_equal(pipe.generate(semantic_map, steps=STEPS, seed=2),
+                          pipe.generate(semantic_map, features={"malignancy": 1}, guidance_scale=20.0,
+                                        steps=STEPS, seed=2))
+
+
+@pytest.mark.parametrize(("features", "named"), [
+    ({"malignancy": 0}, "got 0"), ({"malignancy": 6}, "got 6"), ({"roundness": 3}, "'roundness'"),
+    ({"texture": "solid"}, "'solid'"),
+])
+def test_bad_features_are_named(pipe, cases, features, named):
+    case = cases["free"]
+    with pytest.raises(ValueError, match=re.escape(named)):
+        pipe.generate(case["semantic_map"], features=features, steps=STEPS)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        pipe.insert(case["image"], case["semantic_map"], disk_outline(), centre=lung_site(case["semantic_map"]),
+                    features=features, steps=STEPS)
+
+
+def test_bad_sampler_and_steps_are_named(pipe, cases):
+    with pytest.raises(ValueError, match="'euler'"):
+        pipe.generate(cases["free"]["semantic_map"], steps=STEPS, sampler="euler")
+    with pytest.raises(ValueError, match="got 1001"):
+        pipe.generate(cases["free"]["semantic_map"], steps=1001)
+
+
+# ---- local edits -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("malignancy", "label"), [(1, 5), (3, 6), (5, 7), (None, 6)])
+def test_insert_changes_only_its_footprint(pipe, cases, malignancy, label):
+    case = cases["free"]
+    image, semantic_map = case["image"].copy(), case["semantic_map"].copy()
+    centre = lung_site(semantic_map)
+    features = {} if malignancy is None else {"malignancy": malignancy}
+    result = pipe.insert(image, semantic_map, disk_outline(), centre=centre, features=features, steps=STEPS, seed=0)
+    region = placed(disk_outline(), centre, image.shape)
+
+    assert np.array_equal(result.nodule_mask.astype(bool), region)
+    assert result.image.shape == image.shape and result.image.dtype == np.float32
+    footprint = result.footprint.astype(bool)
+    assert footprint[region].all()
+    assert np.array_equal(result.image[~footprint], image[~footprint])  # bit for bit
+    assert not np.array_equal(result.image[region], image[region])
+    assert np.all(result.semantic_map[region] == label)
+    assert np.array_equal(result.semantic_map[~region], semantic_map[~region])
+    assert result.record["mode"] == "insert" and result.record["area_px"] == int(region.sum())
+    # the inputs are left alone
+    assert np.array_equal(image, case["image"]) and np.array_equal(semantic_map, case["semantic_map"])
+
+
+def test_insert_is_reproducible_by_seed(pipe, cases):
+    case = cases["free"]
+    centre = lung_site(case["semantic_map"])
+    first, second, other = (pipe.insert(case["image"], case["semantic_map"], disk_outline(), centre=centre,
+                                        features={"malignancy": 4}, steps=STEPS, seed=seed) for seed in (5, 5, 6))
+    assert np.array_equal(first.image, second.image)
+    assert not np.array_equal(first.image, other.image)
+
+
+def test_insert_outside_the_image_is_refused(pipe, cases):
+    case = cases["free"]
+    with pytest.raises(ValueError, match="does not fit"):
+        pipe.insert(case["image"], case["semantic_map"], disk_outline(), centre=(1, 1), steps=STEPS)
+
+
+def test_replace_relabels_the_nodule_and_keeps_the_rest(pipe, cases):
+    case = cases["nodule"]
+    region = case["nodule_mask"] > 0
+    result = pipe.replace(case["image"], case["semantic_map"], region, features={"malignancy": 5}, steps=STEPS,
+                          seed=0)
+    footprint = result.footprint.astype(bool)
+    assert footprint[region].all()
+    assert np.all(result.semantic_map[region] == 7)
+    assert np.array_equal(result.semantic_map[~region], case["semantic_map"][~region])
+    assert np.array_equal(result.image[~footprint], case["image"][~footprint])
+    assert np.array_equal(result.nodule_mask.astype(bool), region)
+
+
+def test_remove_relabels_the_nodule_as_lung(pipe, cases):
+    case = cases["nodule"]
+    region = case["nodule_mask"] > 0
+    result = pipe.remove(case["image"], case["semantic_map"], region, steps=STEPS, seed=0)
+    footprint = result.footprint.astype(bool)
+    assert np.all(result.semantic_map[region] == LUNG)
+    assert np.array_equal(np.isin(case["semantic_map"], NODULE_LABELS), region)  # the mask covers every nodule
+    assert not np.isin(result.semantic_map, NODULE_LABELS).any()
+    assert np.array_equal(result.semantic_map[~region], case["semantic_map"][~region])
+    assert not result.nodule_mask.any()
+    assert np.array_equal(result.image[~footprint], case["image"][~footprint])
+    assert result.record["mode"] == "remove"
+
+
+def test_edits_need_a_nodule(pipe, cases):
+    case = cases["free"]
+    empty = np.zeros_like(case["nodule_mask"], bool)
+    with pytest.raises(ValueError, match="empty"):
+        pipe.remove(case["image"], case["semantic_map"], empty)
+    with pytest.raises(ValueError, match="empty"):
+        pipe.replace(case["image"], case["semantic_map"], empty)
+    with pytest.raises(ValueError, match="empty"):
+        pipe.insert(case["image"], case["semantic_map"], np.zeros((4, 4), bool), centre=(32, 32))
+
+
+def test_an_outline_larger_than_the_edit_window_is_refused_or_fully_inserted(pipe, cases):
+    """A 40 px nodule on a 64 px slice: either a clear error, or every pixel labelled nodule is regenerated."""
+    case = cases["free"]
+    try:
+        result = pipe.insert(case["image"], case["semantic_map"], np.ones((40, 40), bool), centre=(32, 32),
+                             steps=2)
+    except ValueError as error:
+        assert "40" in str(error)
+        return
+    region = result.nodule_mask.astype(bool)
+    assert np.all(result.semantic_map[region] == 6)
+    untouched = region & (result.image == case["image"])
+    assert untouched.sum() == 0, f"{untouched.sum()} of {region.sum()} nodule pixels kept the original image"
