@@ -34,7 +34,7 @@ from lsdm_aug.data.nnunet_format import case_paths, read_case, write_case, write
 from lsdm_aug.data.phantom import SUPPORTED_SIZES, ChestPhantom, PhantomConfig
 from lsdm_aug.data.prepared import DatasetMismatchError, PreparedDataset, atomic_write_text, unit_to_hu
 from lsdm_aug.progress import track_progress
-from lsdm_aug.transforms.core import NoduleSynthesizer, _nodule_table, load_pipeline, parse_feature
+from lsdm_aug.transforms.core import NoduleSynthesizer, usable_nodule_table, load_pipeline, parse_feature
 
 __all__ = ["SynthesisRequest", "synthesize", "case_features", "parse_level_option"]
 
@@ -211,7 +211,7 @@ def _synthesize_case(request: SynthesisRequest, backgrounds: _Backgrounds, index
 
 
 def _row(request: SynthesisRequest, index: int, features: dict, placed: list[dict], background: str) -> dict:
-    table = _nodule_table().set_index("nodule_id")
+    table = usable_nodule_table().set_index("nodule_id")
     first = placed[0]
     source = table.loc[first["nodule_id"]]
     row = {"case_id": _case_id(index), **{f"{name}_asked": features.get(name) for name in FEATURES},

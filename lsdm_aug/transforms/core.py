@@ -30,7 +30,7 @@ from lsdm_aug.data.phantom import free_site
 from lsdm_aug.data.prepared import hu_to_unit, unit_to_hu
 from lsdm_aug.data.semantic import SemanticLabel, semantic_map_from_hu
 
-__all__ = ["NoduleSynthesizer", "NoduleParameters", "parse_feature", "MODES", "load_pipeline"]
+__all__ = ["NoduleSynthesizer", "NoduleParameters", "parse_feature", "MODES", "load_pipeline", "usable_nodule_table"]
 
 MODES = ("insert", "replace", "remove")
 SAMPLINGS = ("balanced", "dataset")
@@ -157,7 +157,7 @@ class NoduleSynthesizer:
 
     def _draw_outline(self, rng: np.random.RandomState, features: dict[str, float]) -> str:
         """A real LIDC nodule, of the requested malignancy level when one is requested."""
-        table = _nodule_table()
+        table = usable_nodule_table()
         if "malignancy" in features:
             levels = np.clip(np.floor(table.malignancy.to_numpy() + 0.5), 1, 5)
             table = table[levels == features["malignancy"]]
@@ -167,7 +167,7 @@ class NoduleSynthesizer:
              spacing_mm: Sequence[float]) -> NoduleParameters:
         """Draw the parameters of one call (no model is run)."""
         hu = self.to_hu(image)
-        table = _nodule_table()
+        table = usable_nodule_table()
         features = self._draw_features(rng, table) if self.mode != "remove" else {}
         seed = int(rng.randint(2**31 - 1))
         if self.mode in ("replace", "remove"):
@@ -257,7 +257,8 @@ class NoduleSynthesizer:
 
 
 @functools.cache
-def _nodule_table():
+def usable_nodule_table():
+    """LIDC nodules with a non-empty consensus mask (the ones that can be placed), loaded once per process."""
     table = load_nodule_table()
     return table[table.consensus_voxels > 0].reset_index(drop=True)
 
@@ -268,7 +269,7 @@ def _outline(nodule_id: str, spacing_mm: Sequence[float], ndim: int, size_mm: fl
     index = bank.nodule_ids.index(nodule_id)
     zoom = 1.0
     if size_mm is not None:
-        zoom = size_mm / max(float(_nodule_table().set_index("nodule_id").diameter_mm[nodule_id]), 1e-3)
+        zoom = size_mm / max(float(usable_nodule_table().set_index("nodule_id").diameter_mm[nodule_id]), 1e-3)
     in_plane = float(bank.pixel_spacing_mm[index]) * zoom
     if ndim == 2:
         return resample_mask(bank.centre_slice(nodule_id), in_plane, [float(s) for s in spacing_mm[:2]])[:, :, None]
