@@ -18,9 +18,25 @@ T = TypeVar("T")
 __all__ = ["track_progress", "make_progress"]
 
 
+class _Progress(Progress):
+    """A rich progress that, when its output is not a terminal (a log file, CI), prints a line every 5 %."""
+
+    def update(self, task_id, **kwargs) -> None:  # type: ignore[override]
+        super().update(task_id, **kwargs)
+        if self.console.is_terminal:
+            return
+        task = self._tasks[task_id]
+        if task.total and task.visible:
+            step = max(1, int(task.total) // 20)
+            if int(task.completed) % step == 0 or task.completed >= task.total:
+                elapsed = task.elapsed or 0.0
+                self.console.print(f"{task.description}: {int(task.completed)}/{int(task.total)} "
+                                   f"{task.fields.get('rate', '')} ({elapsed:.0f} s)")
+
+
 def make_progress() -> Progress:
-    """A rich progress display showing count, rate and remaining time."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+    """A rich progress display showing count, rate and remaining time (plain lines when not on a terminal)."""
+    return _Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                     TextColumn("[cyan]{task.fields[rate]}"),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
 
