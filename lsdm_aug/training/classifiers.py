@@ -123,7 +123,7 @@ def train_classifiers(recipe: Recipe, data_dir: str | Path, model_dir: str | Pat
     splits = {}
     for split in ("train", "validation"):
         dataset = PreparedDataset(data_dir, split=split)
-        data = LatentData.encode(load_split_arrays(data_dir, split), autoencoder, scale)
+        data = LatentData.encode(load_split_arrays(data_dir, split), autoencoder, scale, semantic=False)
         splits[split] = NoduleCrops(data, dataset.features, dataset.case_ids(), crop_latent, factor)
         splits[split].crops = splits[split].crops.to(context.device)
     torch.manual_seed(seed)

@@ -53,16 +53,19 @@ class LatentData:
 
     @classmethod
     @torch.no_grad()
-    def encode(cls, arrays: dict, autoencoder: torch.nn.Module, scale: float, batch_size: int = 64) -> LatentData:
+    def encode(cls, arrays: dict, autoencoder: torch.nn.Module, scale: float, batch_size: int = 64,
+               semantic: bool = True) -> LatentData:
+        """Encode images (and, when ``semantic``, the maps scaled to [-1, 1]) with the frozen autoencoder."""
         device = next(autoencoder.parameters()).device
         images = torch.from_numpy(arrays["image"]).unsqueeze(1)
         maps = torch.from_numpy(arrays["semantic_map"]).unsqueeze(1)
         latents, semantic_latents = [], []
         for start in range(0, len(images), batch_size):
             latents.append(encode_mean(autoencoder, images[start:start + batch_size].to(device)).cpu() * scale)
-            unit = semantic_to_unit(maps[start:start + batch_size]).to(device)
-            semantic_latents.append(encode_mean(autoencoder, unit).cpu() * scale)
-        return cls(torch.cat(latents), torch.cat(semantic_latents), maps)
+            if semantic:
+                unit = semantic_to_unit(maps[start:start + batch_size]).to(device)
+                semantic_latents.append(encode_mean(autoencoder, unit).cpu() * scale)
+        return cls(torch.cat(latents), torch.cat(semantic_latents) if semantic else torch.empty(0), maps)
 
     def __len__(self) -> int:
         return len(self.latents)
