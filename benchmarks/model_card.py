@@ -55,6 +55,22 @@ def card(model: Path, data_command: str, quality: dict, train_commands: list[str
                   "- guidance alone, AUC by scale: " + ", ".join(f"s={p['scale']:g}: {p['auc']:.3f}" for p in ctrl["guidance_curve"]),
                   *[f"- {k}: {v:.2f} s" for k, v in quality["speed"].items()],
                   f"- local insertion: {ctrl['seconds_per_insertion']:.2f} s", ""]
+    if quality:
+        ae, maps, ctrl = quality["autoencoder"], quality["map_respect"], quality["control"]
+        curve = [p["auc"] for p in ctrl["guidance_curve"]]
+        checks = [("reconstruction SSIM >= 0.90", ae["ssim"] >= 0.90),
+                  ("mean HU in generated lung < -500", maps["lung_mean_hu"] < -500),
+                  ("solid nodules >= 300 HU above the lung", (maps["solid_nodule_minus_lung_hu"] or 0) >= 300),
+                  ("texture-level nodule HU within 150 of the phantom",
+                   all(abs(v["generated"] - v["phantom"]) <= 150 for v in maps["texture_mean_hu"].values())),
+                  ("control AUC (shape + guidance) >= 0.8", ctrl["shape_and_guidance_auc"] >= 0.8),
+                  ("AUC rises with the guidance scale", curve[-1] > curve[0] + 0.05)]
+        lines += ["## Targets", "", "| target | met |", "| --- | --- |"]
+        lines += [f"| {name} | {'yes' if ok else 'no'} |" for name, ok in checks]
+        if not all(ok for _, ok in checks):
+            lines += ["", "Not all targets are met: this model is under-trained for the CPU budget of one session "
+                      "(see the step counts above); training resumes with the same commands."]
+        lines.append("")
     lines += ["## Limits", "", "- Phantom anatomy only; real-CT texture, artefacts and pathology beyond nodules are absent.",
               "- 128 px slices (about 2.8 mm pixels): small nodules span a few pixels.", ""]
     return "\n".join(lines)
