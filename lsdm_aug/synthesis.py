@@ -225,8 +225,8 @@ def _row(request: SynthesisRequest, index: int, features: dict, placed: list[dic
     return row
 
 
-def _cases(out_dir: Path, request: SynthesisRequest, device: str | None, progress: bool) -> Iterator[str]:
-    backgrounds = _Backgrounds(request)
+def _cases(out_dir: Path, request: SynthesisRequest, backgrounds: _Backgrounds, device: str | None,
+           progress: bool) -> Iterator[str]:
     rows = out_dir / STATE_DIR / "rows"
     for index in track_progress(_pending(out_dir, request), "synthesizing cases", enabled=progress):
         image, label, spacing, row = _synthesize_case(request, backgrounds, index, device)
@@ -248,13 +248,13 @@ def synthesize(out_dir: str | Path, request: SynthesisRequest, device: str | Non
     out_dir = Path(out_dir)
     _open(out_dir, request)
     load_pipeline(request.model, device)  # fail on a bad model before writing anything
-    _Backgrounds(request)  # ... and on a bad --from
+    backgrounds = _Backgrounds(request)  # ... and on a bad --from
     (out_dir / STATE_DIR / "rows").mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / STATE_DIR / "settings.json", json.dumps(_settings(request), indent=1))
     for folder in ("imagesTr", "labelsTr"):
         for stale in (out_dir / folder).glob(".*.nii.gz"):
             stale.unlink()
-    for _ in _cases(out_dir, request, device, progress):
+    for _ in _cases(out_dir, request, backgrounds, device, progress):
         pass
     rows = [json.loads((out_dir / STATE_DIR / "rows" / f"{_case_id(i)}.json").read_text()) for i in range(request.count)]
     manifest = pd.DataFrame(rows)

@@ -283,7 +283,8 @@ class NoduleMaskBank:
         """The nodule's consensus mask, (row, col, slice), at its scan's voxel spacing."""
         i = self._position(nodule_id)
         start, stop = self.offsets[i], self.offsets[i + 1]
-        bits = np.unpackbits(self.packed, count=int(stop))[start:stop]
+        first_byte = int(start) // 8  # unpack only this mask's bytes, not every mask before it
+        bits = np.unpackbits(self.packed[first_byte:(int(stop) + 7) // 8])[int(start) - 8 * first_byte:][:int(stop - start)]
         return bits.astype(bool).reshape(tuple(self.shapes[i]))
 
     def centre_slice(self, nodule_id: str, spacing_mm: float | None = None) -> np.ndarray:
