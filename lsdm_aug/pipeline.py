@@ -32,7 +32,7 @@ from lsdm_aug.models.checkpoint import CheckpointError, load_weights, read_confi
 from lsdm_aug.models.classifiers import build_classifier
 from lsdm_aug.models.unet import SemanticCondition, build_unet, semantic_onehot, semantic_to_unit
 from lsdm_aug.sampling.guidance import ClassifierGuidance, LatentBox, latent_nodule_mask
-from lsdm_aug.sampling.sampler import KnownRegion, sample_latents
+from lsdm_aug.sampling.sampler import KnownRegion, random_normal, sample_latents
 from lsdm_aug.sampling.schedulers import build_scheduler
 from lsdm_aug.training.autoencoder import AUTOENCODER_FILE
 from lsdm_aug.training.classifiers import classifier_file
@@ -65,6 +65,25 @@ class EditResult:
     nodule_mask: np.ndarray
     footprint: np.ndarray
     record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _EditPlan:
+    """One local edit: the slice, its edited map, the pixel window regenerated, the footprint and blend weights."""
+
+    image: np.ndarray
+    semantic_map: np.ndarray
+    pixels: tuple[slice, slice]
+    footprint: np.ndarray
+    alpha: np.ndarray
+
+    def blend(self, window: np.ndarray) -> np.ndarray:
+        """The slice with the decoded ``window`` blended in; bit-identical outside the footprint."""
+        out = self.image.astype(np.result_type(self.image.dtype, np.float32), copy=True)
+        weight = self.alpha[self.pixels]
+        blended = weight * window + (1 - weight) * out[self.pixels]
+        out[self.pixels] = np.where(weight > 0, blended, out[self.pixels])
+        return out
 
 
 class LSDMPipeline:
@@ -152,20 +171,29 @@ class LSDMPipeline:
             raise ValueError(f"semantic maps must be square with a side divisible by {self.factor}, "
                              f"got {tuple(semantic_maps.shape[-2:])}")
 
-    def _guidance(self, semantic_maps: torch.Tensor, features: dict[str, float], scale: float
-                  ) -> ClassifierGuidance | None:
-        """Guidance on the nodule pixels of a (1, 1, H, W) map (None when there is nothing to guide)."""
-        targets = {f: v for f, v in features.items() if f in self.classifiers}
+    def _guidance(self, semantic_maps: torch.Tensor, features: dict[str, float] | list[dict[str, float]],
+                  scale: float) -> ClassifierGuidance | None:
+        """Guidance on the nodule pixels of (B, 1, H, W) maps, with one feature dict for all or one per map
+        (None when there is nothing to guide)."""
+        per_sample = features if isinstance(features, list) else [features] * len(semantic_maps)
+        names = {f for f in per_sample[0] if f in self.classifiers}
+        if any({f for f in item if f in self.classifiers} != names for item in per_sample):
+            raise ValueError("every sample of a batch must request the same features, got "
+                             f"{sorted({tuple(sorted(item)) for item in per_sample})}")
         labels = torch.tensor([int(x) for x in NODULE_LABELS], device=semantic_maps.device)
         nodule = torch.isin(semantic_maps, labels)
-        if scale == 0 or not targets or not nodule.any():
+        if scale == 0 or not names or not bool(nodule.flatten(1).any(1).all()):
             return None
         latent_shape = (semantic_maps.shape[-2] // self.factor, semantic_maps.shape[-1] // self.factor)
-        rows, cols = torch.nonzero(nodule[0, 0], as_tuple=True)
-        box = LatentBox.around(float(rows.float().mean()), float(cols.float().mean()),
-                               self.recipe.classifiers.crop_px // self.factor, latent_shape, self.factor)
-        mask = latent_nodule_mask(nodule.float(), self.factor)[..., box.rows, box.cols]
-        return ClassifierGuidance(self.decode, self.classifiers, targets, box, mask, scale)
+        boxes = []
+        for sample in nodule:
+            rows, cols = torch.nonzero(sample[0], as_tuple=True)
+            boxes.append(LatentBox.around(float(rows.float().mean()), float(cols.float().mean()),
+                                          self.recipe.classifiers.crop_px // self.factor, latent_shape, self.factor))
+        pooled = latent_nodule_mask(nodule.float(), self.factor)
+        mask = torch.stack([m[:, b.rows, b.cols] for m, b in zip(pooled, boxes)])
+        targets = {f: [item[f] for item in per_sample] for f in sorted(names)}
+        return ClassifierGuidance(self.decode, self.classifiers, targets, boxes, mask, scale)
 
     # ---- generation ------------------------------------------------------------------------------------------
     def generate(self, semantic_maps: np.ndarray | torch.Tensor, features: Mapping[str, float] | None = None,
@@ -202,8 +230,9 @@ class LSDMPipeline:
         return np.stack(images).astype(np.float32)
 
     # ---- local edits ------------------------------------------------------------------------------------------
-    def _window(self, region: np.ndarray, margin_px: float) -> LatentBox:
-        """The latent window to regenerate: half the training image size, grown to hold the region and its feather."""
+    def _window_size(self, region: np.ndarray, margin_px: float) -> int:
+        """Side of the latent window to regenerate: half the training image size, grown to hold the region and
+        its feather, a multiple of the U-Net's total downsampling."""
         rows, cols = np.nonzero(region)
         extent = max(np.ptp(rows), np.ptp(cols)) + 1 + 2 * (margin_px + 2 * self.factor)
         latent_shape = (region.shape[0] // self.factor, region.shape[1] // self.factor)
@@ -214,36 +243,45 @@ class LSDMPipeline:
         if size > min(latent_shape):
             raise ValueError(f"a nodule spanning {int(extent)} px with its margin does not fit a "
                              f"{region.shape[0]} x {region.shape[1]} image")
-        return LatentBox.around(rows.mean(), cols.mean(), size, latent_shape, self.factor)
+        return size
+
+    def _plan(self, image: np.ndarray, semantic_map: np.ndarray, region: np.ndarray, feather_px: float,
+              size: int) -> _EditPlan:
+        """Where and what to regenerate for one edit, with a latent window of ``size``."""
+        rows, cols = np.nonzero(region)
+        box = LatentBox.around(rows.mean(), cols.mean(), size, (region.shape[0] // self.factor,
+                                                                region.shape[1] // self.factor), self.factor)
+        f = self.factor
+        pixels = (slice(box.top * f, (box.top + box.size) * f), slice(box.left * f, (box.left + box.size) * f))
+        footprint = ndimage.binary_dilation(region, iterations=max(1, int(round(feather_px))))
+        alpha = np.clip(ndimage.gaussian_filter(footprint.astype(np.float32), feather_px / 2), 0, 1)
+        alpha[~footprint] = 0.0  # outside the footprint nothing changes, bit for bit
+        alpha[region] = 1.0
+        return _EditPlan(image, semantic_map, pixels, footprint, alpha)
+
+    def _edit_batch(self, plans: list[_EditPlan], features: list[dict[str, float]], steps: int,
+                    guidance_scale: float, seeds: list[int], sampler: str) -> list[np.ndarray]:
+        """Regenerate each plan's footprint under its (already edited) semantic map, all windows in one batch."""
+        images = torch.cat([self._tensor(p.image[p.pixels]) for p in plans])
+        maps = torch.cat([self._tensor(p.semantic_map[p.pixels], torch.long) for p in plans])
+        latent = self.encode(images)
+        generated = latent_nodule_mask(torch.cat([self._tensor(p.footprint[p.pixels]) for p in plans]), self.factor)
+        known = KnownRegion(latent=latent, mask=1.0 - generated)
+        scheduler = build_scheduler(self.recipe.diffusion, sampler, steps)
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        noise = random_normal(latent.shape, generators)
+        result = sample_latents(self.unet, scheduler, self.condition(maps), generator=generators, initial_noise=noise,
+                                guidance=self._guidance(maps, features, guidance_scale), known=known)
+        with torch.no_grad():
+            windows = self.decode(result).clamp(-1, 1)[:, 0].cpu().numpy()
+        return [plan.blend(window) for plan, window in zip(plans, windows)]
 
     def _edit(self, image: np.ndarray, semantic_map: np.ndarray, region: np.ndarray, features: dict[str, float],
               steps: int, guidance_scale: float, seed: int, sampler: str, feather_px: float) -> tuple[np.ndarray, np.ndarray]:
         """Regenerate ``region`` (bool, image pixels) of ``image`` under the (already edited) ``semantic_map``."""
-        box = self._window(region, feather_px)
-        f = self.factor
-        pixel_rows, pixel_cols = slice(box.top * f, (box.top + box.size) * f), slice(box.left * f, (box.left + box.size) * f)
-        images = self._tensor(image[pixel_rows, pixel_cols])
-        maps = self._tensor(semantic_map[pixel_rows, pixel_cols], torch.long)
-        latent = self.encode(images)
-        footprint = ndimage.binary_dilation(region, iterations=max(1, int(round(feather_px))))
-        generated = latent_nodule_mask(self._tensor(footprint[pixel_rows, pixel_cols]), f)
-        known = KnownRegion(latent=latent, mask=1.0 - generated)
-        scheduler = build_scheduler(self.recipe.diffusion, sampler, steps)
-        generator = torch.Generator().manual_seed(int(seed))
-        noise = torch.randn(latent.shape, generator=generator)
-        guidance = self._guidance(maps, features, guidance_scale)
-        result = sample_latents(self.unet, scheduler, self.condition(maps), generator=generator, initial_noise=noise,
-                                guidance=guidance, known=known)
-        with torch.no_grad():
-            window = self.decode(result).clamp(-1, 1)[0, 0].cpu().numpy()
-        alpha = np.clip(ndimage.gaussian_filter(footprint.astype(np.float32), feather_px / 2), 0, 1)
-        alpha[~footprint] = 0.0  # outside the footprint nothing changes, bit for bit
-        alpha[region] = 1.0
-        out = image.astype(np.result_type(image.dtype, np.float32), copy=True)
-        window_alpha = alpha[pixel_rows, pixel_cols]
-        blended = window_alpha * window + (1 - window_alpha) * out[pixel_rows, pixel_cols]
-        out[pixel_rows, pixel_cols] = np.where(window_alpha > 0, blended, out[pixel_rows, pixel_cols])
-        return out, alpha > 0
+        plan = self._plan(image, semantic_map, region, feather_px, self._window_size(region, feather_px))
+        (out,) = self._edit_batch([plan], [features], steps, guidance_scale, [seed], sampler)
+        return out, plan.alpha > 0
 
     def insert(self, image: np.ndarray, semantic_map: np.ndarray, nodule_outline: np.ndarray,
                centre: tuple[int, int], features: Mapping[str, float] | None = None, steps: int = 50,
@@ -253,18 +291,51 @@ class LSDMPipeline:
         The semantic map gets the outline with the class of the requested malignancy (3 if none asked);
         the nodule is generated there and steered towards ``features``.
         """
-        features = validate_features(features)
-        image, semantic_map = np.asarray(image), np.asarray(semantic_map)
-        if image.shape != semantic_map.shape or image.ndim != 2:
-            raise ValueError(f"image and semantic map must be 2D of one shape, got {image.shape} and {semantic_map.shape}")
-        region = _place(np.asarray(nodule_outline, bool), centre, image.shape)
-        edited_map = semantic_map.copy()
-        edited_map[region] = malignancy_label(features.get("malignancy", 3.0))
-        out, footprint = self._edit(image, edited_map, region, features, steps, guidance_scale, seed, sampler, feather_px)
-        record = {"mode": "insert", **features, "centre_row": float(np.nonzero(region)[0].mean()),
-                  "centre_col": float(np.nonzero(region)[1].mean()), "area_px": int(region.sum()), "seed": int(seed),
-                  "guidance_scale": guidance_scale, "steps": steps, "model": self.model_id}
-        return EditResult(out, edited_map, region.astype(np.uint8), footprint, record)
+        return self.insert_batch([image], [semantic_map], [nodule_outline], [centre], [features or {}], [seed],
+                                 steps=steps, guidance_scale=guidance_scale, sampler=sampler, feather_px=feather_px)[0]
+
+    def insert_batch(self, images: list[np.ndarray], semantic_maps: list[np.ndarray], nodule_outlines: list[np.ndarray],
+                     centres: list[tuple[float, float]], features: list[Mapping[str, float]], seeds: list[int],
+                     steps: int = 50, guidance_scale: float = 1.0, sampler: str = "ddim",
+                     feather_px: float = 2.0) -> list[EditResult]:
+        """:meth:`insert` on several slices at once: one reverse process over the batch of latent windows.
+
+        Every item must request the same feature names (values may differ). With DDIM each result equals
+        what :meth:`insert` gives for that item and seed alone; the batch only runs faster (GPU above all).
+        """
+        lengths = {len(images), len(semantic_maps), len(nodule_outlines), len(centres), len(features), len(seeds)}
+        if len(lengths) != 1 or not images:
+            raise ValueError("images, semantic_maps, nodule_outlines, centres, features and seeds must be "
+                             f"non-empty lists of one length, got lengths {sorted(lengths)}")
+        features = [validate_features(item) for item in features]
+        regions, edited = [], []
+        for image, semantic_map, outline, centre, item in zip(images, semantic_maps, nodule_outlines, centres, features):
+            image, semantic_map = np.asarray(image), np.asarray(semantic_map)
+            if image.shape != semantic_map.shape or image.ndim != 2:
+                raise ValueError(f"image and semantic map must be 2D of one shape, got {image.shape} and "
+                                 f"{semantic_map.shape}")
+            region = _place(np.asarray(outline, bool), centre, image.shape)
+            edited_map = semantic_map.copy()
+            edited_map[region] = malignancy_label(item.get("malignancy", 3.0))
+            regions.append(region)
+            edited.append((image, edited_map))
+        sizes = [self._window_size(region, feather_px) for region in regions]
+        plans = [self._plan(image, edited_map, region, feather_px, size)
+                 for (image, edited_map), region, size in zip(edited, regions, sizes)]
+        outs: list[np.ndarray | None] = [None] * len(plans)
+        for size in sorted(set(sizes)):  # one batch per window size: each window is what it would be alone
+            group = [i for i, s in enumerate(sizes) if s == size]
+            for i, out in zip(group, self._edit_batch([plans[i] for i in group], [features[i] for i in group], steps,
+                                                      guidance_scale, [int(seeds[i]) for i in group], sampler)):
+                outs[i] = out
+        results = []
+        for out, plan, region, item, seed in zip(outs, plans, regions, features, seeds):
+            rows, cols = np.nonzero(region)
+            record = {"mode": "insert", **item, "centre_row": float(rows.mean()), "centre_col": float(cols.mean()),
+                      "area_px": int(region.sum()), "seed": int(seed), "guidance_scale": guidance_scale,
+                      "steps": steps, "model": self.model_id}
+            results.append(EditResult(out, plan.semantic_map, region.astype(np.uint8), plan.alpha > 0, record))
+        return results
 
     def replace(self, image: np.ndarray, semantic_map: np.ndarray, nodule_mask: np.ndarray,
                 features: Mapping[str, float] | None = None, **kwargs: Any) -> EditResult:

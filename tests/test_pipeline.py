@@ -248,3 +248,32 @@ def test_an_outline_larger_than_the_edit_window_is_refused_or_fully_inserted(pip
     assert np.all(result.semantic_map[region] == 6)
     untouched = region & (result.image == case["image"])
     assert untouched.sum() == 0, f"{untouched.sum()} of {region.sum()} nodule pixels kept the original image"
+
+
+def test_insert_batch_gives_each_item_what_insert_gives_alone(pipe, cases):
+    case = cases["free"]
+    image, semantic_map = case["image"], case["semantic_map"]
+    site = lung_site(semantic_map)
+    other = lung_site(np.fliplr(semantic_map))
+    centres = [site, (other[0], semantic_map.shape[1] - 1 - other[1])]
+    features = [{"malignancy": 5, "texture": 4}, {"malignancy": 1, "texture": 2}]
+    batch = pipe.insert_batch([image, image], [semantic_map, semantic_map], [disk_outline()] * 2, centres, features,
+                              seeds=[3, 4], steps=STEPS, guidance_scale=2.0)
+    for result, centre, item, seed in zip(batch, centres, features, (3, 4)):
+        alone = pipe.insert(image, semantic_map, disk_outline(), centre=centre, features=item, steps=STEPS,
+                            guidance_scale=2.0, seed=seed)
+        assert np.allclose(result.image, alone.image, atol=1e-5)
+        assert np.array_equal(result.nodule_mask, alone.nodule_mask)
+        assert np.array_equal(result.footprint, alone.footprint)
+    assert not np.array_equal(batch[0].image, batch[1].image)
+
+
+def test_insert_batch_needs_one_set_of_feature_names_and_matching_lengths(pipe, cases):
+    case = cases["free"]
+    centre = lung_site(case["semantic_map"])
+    with pytest.raises(ValueError, match="same features"):
+        pipe.insert_batch([case["image"]] * 2, [case["semantic_map"]] * 2, [disk_outline()] * 2, [centre] * 2,
+                          [{"malignancy": 5}, {"texture": 2}], seeds=[0, 1], steps=STEPS)
+    with pytest.raises(ValueError, match="one length"):
+        pipe.insert_batch([case["image"]] * 2, [case["semantic_map"]], [disk_outline()] * 2, [centre] * 2,
+                          [{}, {}], seeds=[0, 1], steps=STEPS)

@@ -93,6 +93,9 @@ def test_a_folder_holding_another_dataset_is_refused_and_left_alone(tmp_path, sm
     (["--model", "nonexistent-model"], "model 'nonexistent-model' is neither 'default' nor a model folder"),
     (["--from", "."], "is not a dataset"),
     (["--balance", "malignancy", "--malignancy", "4"], "--balance malignancy needs a range or nothing"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--preview", "grid.jpg"], "--preview must name a .png file, got 'grid.jpg'"),
+    (["--ray", "127.0.0.1:1"], "--ray '127.0.0.1:1'"),
 ])
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path, smoke_models, args, message):
     out = tmp_path / "out"
@@ -129,3 +132,40 @@ def test_nnunet_verifies_and_preprocesses_the_dataset(tmp_path, smoke_models):
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert (tmp_path / "pre" / "Dataset987_LsdmTest" / "nnUNetPlans.json").is_file()
+
+
+def _same_dataset(first, second) -> None:
+    assert (first / "manifest.csv").read_text() == (second / "manifest.csv").read_text()
+    for case_id in pd.read_csv(first / "manifest.csv").case_id:
+        for a, b in zip(read_case(first, case_id)[:2], read_case(second, case_id)[:2]):
+            assert (a == b).all()
+
+
+def test_the_batch_size_does_not_change_the_dataset(tmp_path, smoke_models):
+    request = _request(smoke_models, seed=5, nodules_per_slice=2, features={"texture": (4, 5)})
+    one, three = tmp_path / "one", tmp_path / "three"
+    synthesize(one, request)
+    synthesize(three, request, batch_size=3)
+    _same_dataset(one, three)
+    assert (pd.read_csv(one / "manifest.csv").nodules == 2).all()
+
+
+def test_preview_draws_one_row_per_level(tmp_path, smoke_models):
+    from matplotlib.image import imread
+
+    result = runner.invoke(app, ["synthesize", "--out", str(tmp_path / "out"), "--count", "4", "--size", "64",
+                                 "--steps", "2", "--model", str(smoke_models), "--malignancy", "4-5",
+                                 "--preview", str(tmp_path / "grid.png"), "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    grid = imread(tmp_path / "grid.png")
+    assert grid.shape[0] > 100 and grid.shape[1] > 300 and grid[..., :3].std() > 0.05  # two rows of close-ups
+    assert not list(tmp_path.glob(".*.png"))
+
+
+@pytest.mark.slow
+def test_a_local_ray_cluster_writes_the_single_machine_dataset(tmp_path, smoke_models):
+    request = _request(smoke_models, count=4, seed=2)
+    alone, spread = tmp_path / "alone", tmp_path / "ray"
+    synthesize(alone, request)
+    synthesize(spread, request, batch_size=1, ray_address="local")
+    _same_dataset(alone, spread)

@@ -10,7 +10,8 @@ import typer
 __all__ = ["user_errors", "fail"]
 
 #: Exceptions raised by the library's argument checks: their message names the value and what is allowed.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, KeyError,
+                                               ConnectionError)
 
 
 def fail(message: str) -> None:

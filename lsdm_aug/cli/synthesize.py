@@ -30,12 +30,21 @@ def synthesize(
                                                               "instead of new phantom slices.")] = None,
     model: Annotated[str, typer.Option(help="'default' or a model folder.")] = "default",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ... (default: CUDA when present).")] = "",
+    batch_size: Annotated[int, typer.Option(help="Cases run through the diffusion together (output unchanged).")] = 1,
+    ray: Annotated[str, typer.Option("--ray", help="Spread the work over Ray: 'auto' (a running cluster), an "
+                                                   "address such as ray://host:10001, or 'local'.")] = "",
+    preview: Annotated[Path | None, typer.Option(help="Also draw a PNG grid of samples across the requested "
+                                                      "levels.")] = None,
 ) -> None:
     """Insert nodules with controlled features into CT slices and write a dataset nnU-Net reads as it is."""
     if count <= 0:
         fail(f"--count must be > 0, got {count}")
     if guidance_scale < 0:
         fail(f"--guidance-scale must be >= 0, got {guidance_scale}")
+    if batch_size < 1:
+        fail(f"--batch-size must be >= 1, got {batch_size}")
+    if preview is not None and preview.suffix.lower() != ".png":
+        fail(f"--preview must name a .png file, got {str(preview)!r}")
     from lsdm_aug.synthesis import SynthesisRequest, parse_level_option
     from lsdm_aug.synthesis import synthesize as run
 
@@ -49,5 +58,7 @@ def synthesize(
                                    nodules_per_slice=nodules_per_slice, model=model,
                                    source=None if source is None else str(source))
         request.balanced_levels()
-        manifest = run(out, request, device or None, progress=True)
-    typer.echo(f"wrote {len(manifest)} cases to {out} (manifest.csv, dataset.json)")
+        manifest = run(out, request, device or None, progress=True, batch_size=batch_size, ray_address=ray or None,
+                       preview=preview)
+    typer.echo(f"wrote {len(manifest)} cases to {out} (manifest.csv, dataset.json)"
+               + (f"; preview {preview}" if preview is not None else ""))

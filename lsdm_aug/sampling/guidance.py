@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -81,52 +81,75 @@ class ClassifierGuidance:
     Args:
         decode: frozen decoder, latent (already divided by the scale factor) -> image.
         classifiers: feature name -> network taking ``(image_crop, timesteps)``.
-        targets: feature name -> requested value 1..5 (any subset of the classifiers).
-        box: the latent window around the nodule.
+        box: the latent window around the nodule, or one window (all of one size) per sample of a batch.
         nodule_mask: (B, 1, size, size) max-pooled nodule mask of the window (1 on the nodule).
+        targets: feature name -> requested value 1..5, or one value per sample of a batch (any subset of the
+            classifiers).
         scale: the guidance scale ``s``.
         latent_scale: the autoencoder's latent scale factor (the sampler works on scaled latents).
     """
 
     def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor], classifiers: Mapping[str, torch.nn.Module],
-                 targets: Mapping[str, float], box: LatentBox, nodule_mask: torch.Tensor, scale: float = 1.0,
-                 latent_scale: float = 1.0) -> None:
+                 targets: Mapping[str, float | Sequence[float]], box: LatentBox | Sequence[LatentBox],
+                 nodule_mask: torch.Tensor, scale: float = 1.0, latent_scale: float = 1.0) -> None:
         unknown = sorted(set(targets) - set(classifiers))
         if unknown:
             raise ValueError(f"no classifier for {unknown}; available: {sorted(classifiers)}")
         for feature, value in targets.items():
-            if not 1 <= float(value) <= 5:
-                raise ValueError(f"{feature} must be in 1..5, got {value!r}")
+            for item in (value if isinstance(value, Sequence) else [value]):
+                if not 1 <= float(item) <= 5:
+                    raise ValueError(f"{feature} must be in 1..5, got {item!r}")
         if scale < 0:
             raise ValueError(f"guidance scale must be >= 0, got {scale!r}")
+        boxes = [box] if isinstance(box, LatentBox) else list(box)
+        if len({b.size for b in boxes}) != 1:
+            raise ValueError(f"all boxes of a batch must have one size, got {sorted({b.size for b in boxes})}")
         self.decode, self.classifiers, self.targets = decode, classifiers, dict(targets)
-        self.box, self.scale, self.latent_scale = box, float(scale), float(latent_scale)
+        self.boxes, self.scale, self.latent_scale = boxes, float(scale), float(latent_scale)
         self.gradient_mask = nodule_mask.float()  # 1 - M: the nodule area
 
     @property
     def active(self) -> bool:
         return self.scale > 0 and bool(self.targets)
 
+    def _target(self, feature: str, count: int, device: torch.device) -> torch.Tensor:
+        value = self.targets[feature]
+        values = [float(v) for v in value] if isinstance(value, Sequence) else [float(value)] * count
+        if len(values) != count:
+            raise ValueError(f"{feature}: {len(values)} targets for a batch of {count}")
+        return torch.tensor(values, device=device)
+
     def _gradient(self, features: list[str], crop: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             crop = crop.detach().requires_grad_(True)
             image = self.decode(crop / self.latent_scale)
-            loss = sum(feature_loss(f, self.classifiers[f](image, timesteps),
-                                    torch.full((len(crop),), float(self.targets[f]), device=crop.device))
+            loss = sum(feature_loss(f, self.classifiers[f](image, timesteps), self._target(f, len(crop), crop.device))
                        for f in features)
             (gradient,) = torch.autograd.grad(loss, crop)
         return -gradient * self.gradient_mask  # the score: down the loss
+
+    def _crop(self, latent: torch.Tensor) -> torch.Tensor:
+        """The nodule window of each sample (one box for all, or one box per sample)."""
+        if len(self.boxes) == 1:
+            return latent[..., self.boxes[0].rows, self.boxes[0].cols]
+        if len(self.boxes) != len(latent):
+            raise ValueError(f"{len(self.boxes)} boxes for a batch of {len(latent)}")
+        return torch.stack([z[:, b.rows, b.cols] for z, b in zip(latent, self.boxes)])
 
     def __call__(self, latent: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """``s * grad log p(y | z_t)`` over the whole latent (zero outside the nodule window)."""
         score = torch.zeros_like(latent)
         if not self.active:
             return score
-        crop = latent[..., self.box.rows, self.box.cols]
+        crop = self._crop(latent)
         shape_features = [f for f in self.targets if f != MALIGNANCY]
         gradient = self._gradient(shape_features, crop, timesteps) if shape_features else torch.zeros_like(crop)
         if MALIGNANCY in self.targets:
             guided = crop + self.scale * gradient  # malignancy is judged on the already guided latent
             gradient = gradient + self._gradient([MALIGNANCY], guided, timesteps)
-        score[..., self.box.rows, self.box.cols] = self.scale * gradient
+        if len(self.boxes) == 1:
+            score[..., self.boxes[0].rows, self.boxes[0].cols] = self.scale * gradient
+        else:
+            for i, b in enumerate(self.boxes):
+                score[i, :, b.rows, b.cols] = self.scale * gradient[i]
         return score

@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +23,19 @@ from monai.networks.schedulers import Scheduler
 
 from lsdm_aug.models.unet import SemanticCondition, predict_noise
 
-__all__ = ["KnownRegion", "sample_latents"]
+__all__ = ["KnownRegion", "sample_latents", "random_normal", "Generators"]
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def random_normal(shape: Sequence[int], generator: Generators) -> torch.Tensor:
+    """Standard normal noise on the CPU; with one generator per sample, sample ``i`` comes from generator ``i``
+    alone, so a batch gives each sample what it would get on its own."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device="cpu")
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, device="cpu") for g in generator])
 
 
 @dataclass
@@ -33,18 +45,18 @@ class KnownRegion:
     latent: torch.Tensor
     mask: torch.Tensor
 
-    def at(self, scheduler: Scheduler, timestep: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    def at(self, scheduler: Scheduler, timestep: int | None, generator: Generators) -> torch.Tensor:
         """The known latent noised to ``timestep`` (clean when ``None``, i.e. after the last step)."""
         if timestep is None:
             return self.latent
-        noise = torch.randn(self.latent.shape, generator=generator, device="cpu").to(self.latent)
+        noise = random_normal(self.latent.shape, generator).to(self.latent)
         timesteps = torch.full((len(self.latent),), int(timestep), dtype=torch.long, device=self.latent.device)
         return scheduler.add_noise(self.latent, noise, timesteps)
 
 
 @torch.no_grad()
 def sample_latents(unet: torch.nn.Module, scheduler: Scheduler, condition: SemanticCondition,
-                   shape: tuple[int, ...] | None = None, generator: torch.Generator | None = None,
+                   shape: tuple[int, ...] | None = None, generator: Generators = None,
                    initial_noise: torch.Tensor | None = None,
                    guidance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                    known: KnownRegion | None = None,
@@ -56,7 +68,9 @@ def sample_latents(unet: torch.nn.Module, scheduler: Scheduler, condition: Seman
         scheduler: a MONAI DDPM or DDIM scheduler with its timesteps set.
         condition: encoded map and one-hot map for every sample of the batch.
         shape: latent shape (B, C, h, w); or give ``initial_noise``.
-        generator: CPU generator for every random draw (initial noise, DDPM noise, RePaint noise).
+        generator: CPU generator for every random draw (initial noise, DDPM noise, RePaint noise), or one
+            per sample: then each sample's initial and RePaint noise come from its own generator and, with
+            DDIM (no step noise), a batch gives exactly what each sample gives alone.
         initial_noise: z_T, when the caller draws it.
         guidance: ``score = guidance(z_t, t)``, e.g. :class:`~lsdm_aug.sampling.guidance.ClassifierGuidance`.
         known: region to keep (RePaint-style re-noising at every step).
@@ -66,16 +80,17 @@ def sample_latents(unet: torch.nn.Module, scheduler: Scheduler, condition: Seman
     if initial_noise is None:
         if shape is None:
             raise ValueError("give the latent shape or the initial noise")
-        initial_noise = torch.randn(shape, generator=generator, device="cpu")
+        initial_noise = random_normal(shape, generator)
     latent = initial_noise.to(device)
     timesteps = [int(t) for t in scheduler.timesteps]
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    step_generator = generator if generator is None or isinstance(generator, torch.Generator) else generator[0]
     for index, timestep in enumerate(timesteps):
         batch_timesteps = torch.full((len(latent),), timestep, dtype=torch.long, device=device)
         noise = predict_noise(unet, latent, batch_timesteps, condition)
         if guidance is not None:
             noise = noise - torch.sqrt(1.0 - alphas_cumprod[timestep]) * guidance(latent, batch_timesteps)
-        latent, _ = scheduler.step(noise, timestep, latent, generator=generator)
+        latent, _ = scheduler.step(noise, timestep, latent, generator=step_generator)
         if known is not None:
             following = timesteps[index + 1] if index + 1 < len(timesteps) else None
             latent = known.mask * known.at(scheduler, following, generator) + (1 - known.mask) * latent

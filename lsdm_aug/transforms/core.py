@@ -222,10 +222,7 @@ class NoduleSynthesizer:
         for position, k in enumerate(slices):
             hu_2d = hu if k is None else hu[..., k]
             label_2d = None if new_label is None else (new_label if k is None else new_label[..., k])
-            semantic = semantic_map_from_hu(hu_2d, spacing_mm=float(spacing_mm[0]))
-            if label_2d is not None:
-                semantic[(label_2d > 0) & (semantic != SemanticLabel.BACKGROUND)] = SemanticLabel.NODULE_INDETERMINATE
-            unit = hu_to_unit(hu_2d)
+            unit, semantic = _model_inputs(hu_2d, label_2d, spacing_mm)
             if params.mode == "insert":
                 layer = outline_3d[:, :, min(position, outline_3d.shape[2] - 1)]
                 if not layer.any():
@@ -242,18 +239,55 @@ class NoduleSynthesizer:
                                           guidance_scale=self.guidance_scale, seed=params.seed)
                 else:
                     result = pipe.remove(unit, semantic, region, steps=self.steps, seed=params.seed)
-            footprint = result.footprint
-            new_hu = unit_to_hu(result.image)
-            target = out if k is None else out[..., k]
-            target[footprint] = self.from_hu(new_hu)[footprint].astype(out.dtype)
-            changed += int(footprint.sum())
-            if label_2d is not None:
-                if params.mode == "remove":
-                    label_2d[region] = 0
-                else:
-                    label_2d[region] = self.label_value
+            changed += self._write(result.image, result.footprint, region, params.mode,
+                                   out if k is None else out[..., k], label_2d)
         info["changed_pixels"] = changed
         return out, new_label, info
+
+    def _write(self, unit_image: np.ndarray, footprint: np.ndarray, region: np.ndarray, mode: str,
+               image_2d: np.ndarray, label_2d: np.ndarray | None) -> int:
+        """Copy an edited slice (in [-1, 1]) into ``image_2d`` on its footprint and the nodule into the label, in place."""
+        image_2d[footprint] = self.from_hu(unit_to_hu(unit_image))[footprint].astype(image_2d.dtype)
+        if label_2d is not None:
+            label_2d[region] = 0 if mode == "remove" else self.label_value
+        return int(footprint.sum())
+
+    def apply_batch(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray | None],
+                    params: Sequence[NoduleParameters], spacings_mm: Sequence[Sequence[float]]
+                    ) -> list[tuple[np.ndarray, np.ndarray | None, dict[str, Any]]]:
+        """:meth:`apply` on several images; 2D insertions run as one batch of the diffusion (same results as
+        one by one with DDIM, faster above all on a GPU). Other items are applied one by one."""
+        results: list[Any] = [None] * len(images)
+        batch = [i for i, p in enumerate(params) if p.mode == "insert" and not p.skipped and np.ndim(images[i]) == 2]
+        for i in set(range(len(images))) - set(batch):
+            results[i] = self.apply(images[i], labels[i], params[i], spacings_mm[i])
+        if batch:
+            inputs = []
+            for i in batch:
+                label = None if labels[i] is None else np.asarray(labels[i])
+                inputs.append(_model_inputs(self.to_hu(images[i]), label, spacings_mm[i]))
+            pipe = load_pipeline(self.model, self.device)
+            edits = pipe.insert_batch([u for u, _ in inputs], [m for _, m in inputs],
+                                      [_outline(params[i].nodule_id, spacings_mm[i], 2, params[i].size_mm)[:, :, 0]
+                                       for i in batch],
+                                      [params[i].centre for i in batch], [params[i].features for i in batch],
+                                      [params[i].seed for i in batch], steps=self.steps,
+                                      guidance_scale=self.guidance_scale)
+            for i, edit in zip(batch, edits):
+                out = np.asarray(images[i]).copy()
+                label = None if labels[i] is None else np.asarray(labels[i]).copy()
+                changed = self._write(edit.image, edit.footprint, edit.nodule_mask > 0, "insert", out, label)
+                results[i] = (out, label, {**params[i].to_dict(), "changed_pixels": changed})
+        return results
+
+
+def _model_inputs(hu_2d: np.ndarray, label_2d: np.ndarray | None, spacing_mm: Sequence[float]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """A slice in the model's units ([-1, 1]) and its semantic map, the label's nodules marked (class 6)."""
+    semantic = semantic_map_from_hu(hu_2d, spacing_mm=float(spacing_mm[0]))
+    if label_2d is not None:
+        semantic[(label_2d > 0) & (semantic != SemanticLabel.BACKGROUND)] = SemanticLabel.NODULE_INDETERMINATE
+    return hu_to_unit(hu_2d), semantic
 
 
 @functools.cache

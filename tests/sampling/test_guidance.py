@@ -168,3 +168,23 @@ def test_latent_box_is_centred_and_kept_inside():
     assert (box.rows, box.cols) == (slice(1, 4), slice(2, 5))
     with pytest.raises(ValueError, match="17"):
         LatentBox.around(0, 0, 17, (16, 16), 4)
+
+
+def test_a_batch_with_a_box_and_a_target_per_sample_scores_each_sample_as_alone(setup):
+    classifiers, _, latent, mask = setup
+    other_box = LatentBox(top=3, left=5, size=4)
+    second = torch.randn(1, 3, 8, 10, generator=torch.Generator().manual_seed(3))
+    targets = [{"malignancy": 5, "lobulation": 4}, {"malignancy": 1, "lobulation": 2}]
+    alone = [ClassifierGuidance(decode, classifiers, t, b, mask, scale=2.0, latent_scale=LATENT_SCALE)(
+        z, torch.tensor([300])) for t, b, z in zip(targets, (BOX, other_box), (latent, second))]
+    batch = ClassifierGuidance(decode, classifiers, {f: [t[f] for t in targets] for f in targets[0]},
+                               [BOX, other_box], torch.cat([mask, mask]), scale=2.0, latent_scale=LATENT_SCALE)
+    together = batch(torch.cat([latent, second]), torch.tensor([300, 300]))
+    assert torch.allclose(together[0:1], alone[0], atol=1e-6) and torch.allclose(together[1:2], alone[1], atol=1e-6)
+    assert not torch.allclose(alone[0], alone[1])
+
+
+def test_boxes_of_different_sizes_in_one_batch_are_refused(setup):
+    classifiers, _, _, mask = setup
+    with pytest.raises(ValueError, match="one size"):
+        ClassifierGuidance(decode, classifiers, {"malignancy": 5}, [BOX, LatentBox(0, 0, 2)], mask)

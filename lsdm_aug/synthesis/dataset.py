@@ -33,10 +33,10 @@ from lsdm_aug.data.lidc import RATING_NAMES
 from lsdm_aug.data.nnunet_format import case_paths, read_case, write_case, write_dataset_json
 from lsdm_aug.data.phantom import SUPPORTED_SIZES, ChestPhantom, PhantomConfig
 from lsdm_aug.data.prepared import DatasetMismatchError, PreparedDataset, atomic_write_text, unit_to_hu
-from lsdm_aug.progress import track_progress
+from lsdm_aug.progress import make_progress
 from lsdm_aug.transforms.core import NoduleSynthesizer, usable_nodule_table, load_pipeline, parse_feature
 
-__all__ = ["SynthesisRequest", "synthesize", "case_features", "parse_level_option"]
+__all__ = ["SynthesisRequest", "synthesize", "synthesize_group", "case_features", "parse_level_option", "CaseResult"]
 
 STATE_DIR = ".lsdm-aug"
 
@@ -185,29 +185,81 @@ def _pending(out_dir: Path, request: SynthesisRequest) -> list[int]:
     return [i for i in range(request.count) if not (rows / f"{_case_id(i)}.json").is_file()]
 
 
-def _synthesize_case(request: SynthesisRequest, backgrounds: _Backgrounds, index: int,
-                     device: str | None) -> tuple[np.ndarray, np.ndarray, tuple[float, float], dict]:
-    """Case ``index``: its background with the requested nodules inserted, and its manifest row."""
+@dataclass
+class _CaseState:
+    """One case being synthesized: its background attempt, the image so far and the nodules placed."""
+
+    index: int
+    features: dict[str, float]
+    synthesizer: NoduleSynthesizer
+    attempt: int = -1
+    image: np.ndarray | None = None
+    label: np.ndarray | None = None
+    spacing: tuple[float, float] = (1.0, 1.0)
+    background: str = ""
+    placed: list[dict] = field(default_factory=list)
+
+    def next_background(self, request: SynthesisRequest, backgrounds: _Backgrounds) -> None:
+        """Move to the next candidate background (deterministic: case index + attempt * count)."""
+        self.attempt += 1
+        if self.attempt >= MAX_BACKGROUND_ATTEMPTS:
+            raise RuntimeError(f"case {self.index}: no background with room for {request.nodules_per_slice} "
+                               "nodule(s) in the lung")
+        self.image, self.label, self.spacing, self.background = backgrounds(self.index + self.attempt * request.count)
+        self.placed = []
+
+
+MAX_BACKGROUND_ATTEMPTS = 8
+
+
+def _new_case(request: SynthesisRequest, index: int, device: str | None) -> _CaseState:
     features = case_features(request, index)
     spec = {name: int(features[name]) if name in features else None for name in FEATURES}
     synthesizer = NoduleSynthesizer(mode="insert", **spec, guidance_scale=request.guidance_scale, steps=request.steps,
                                     label_value=1, device=device, model=request.model)
-    for attempt in range(8):  # a background without room in the lung: the next candidate, deterministically
-        background_index = index + attempt * request.count
-        image, label, spacing, background = backgrounds(background_index)
-        placed = []
-        for n in range(request.nodules_per_slice):
-            rng = np.random.RandomState(np.random.SeedSequence([request.seed, index, attempt, n]).generate_state(1)[0])
-            params = synthesizer.draw(image, label, rng, spacing)
-            if params.skipped:
-                break
-            image, label, info = synthesizer.apply(image, label, params, spacing)
-            placed.append(info)
-        if len(placed) == request.nodules_per_slice:
-            row = _row(request, index, features, placed, background)
-            row["model"] = load_pipeline(request.model, device).model_id
-            return image, label, spacing, row
-    raise RuntimeError(f"case {index}: no background with room for {request.nodules_per_slice} nodule(s) in the lung")
+    return _CaseState(index, features, synthesizer)
+
+
+CaseResult = tuple[np.ndarray, np.ndarray, tuple[float, float], dict]
+
+
+def synthesize_group(request: SynthesisRequest, indices: list[int], device: str | None) -> list[CaseResult]:
+    """Cases ``indices`` of ``request`` (what a Ray task runs): image, label, spacing and manifest row each."""
+    return _synthesize_cases(request, _Backgrounds(request), indices, device)
+
+
+def _synthesize_cases(request: SynthesisRequest, backgrounds: _Backgrounds, indices: list[int],
+                      device: str | None) -> list[CaseResult]:
+    """Cases ``indices``: each background with the requested nodules inserted, and its manifest row.
+
+    The cases' insertions run as one diffusion batch per nodule; each case gets exactly what it gets alone.
+    """
+    cases = [_new_case(request, index, device) for index in indices]
+    for case in cases:
+        case.next_background(request, backgrounds)
+    while True:
+        pending = [c for c in cases if len(c.placed) < request.nodules_per_slice]
+        if not pending:
+            break
+        drawn = []
+        for case in pending:
+            n = len(case.placed)
+            seed = np.random.SeedSequence([request.seed, case.index, case.attempt, n]).generate_state(1)[0]
+            params = case.synthesizer.draw(case.image, case.label, np.random.RandomState(seed), case.spacing)
+            if params.skipped:  # no room in this background's lung: start again on the next candidate
+                case.next_background(request, backgrounds)
+            else:
+                drawn.append((case, params))
+        if not drawn:
+            continue
+        applied = drawn[0][0].synthesizer.apply_batch([c.image for c, _ in drawn], [c.label for c, _ in drawn],
+                                                      [p for _, p in drawn], [c.spacing for c, _ in drawn])
+        for (case, _), (image, label, info) in zip(drawn, applied):
+            case.image, case.label = image, label
+            case.placed.append(info)
+    model_id = load_pipeline(request.model, device).model_id
+    return [(c.image, c.label, c.spacing, {**_row(request, c.index, c.features, c.placed, c.background),
+                                           "model": model_id}) for c in cases]
 
 
 def _row(request: SynthesisRequest, index: int, features: dict, placed: list[dict], background: str) -> dict:
@@ -226,35 +278,73 @@ def _row(request: SynthesisRequest, index: int, features: dict, placed: list[dic
 
 
 def _cases(out_dir: Path, request: SynthesisRequest, backgrounds: _Backgrounds, device: str | None,
-           progress: bool) -> Iterator[str]:
+           batch_size: int, ray_address: str | None, progress: bool) -> Iterator[str]:
     rows = out_dir / STATE_DIR / "rows"
-    for index in track_progress(_pending(out_dir, request), "synthesizing cases", enabled=progress):
-        image, label, spacing, row = _synthesize_case(request, backgrounds, index, device)
-        row["area_px"] = int(label.sum())
-        write_case(out_dir, _case_id(index), image, label, spacing)
-        atomic_write_text(rows / f"{_case_id(index)}.json", json.dumps(row, default=float))
-        yield _case_id(index)
+    pending = _pending(out_dir, request)
+    groups = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
+    if ray_address is None:
+        results = (_synthesize_cases(request, backgrounds, group, device) for group in groups)
+    else:
+        from lsdm_aug.synthesis.distributed import ray_case_groups
+
+        results = ray_case_groups(request, groups, device, ray_address)
+    with make_progress() as bar:
+        task = bar.add_task("synthesizing cases", total=request.count, completed=request.count - len(pending),
+                            rate="", visible=progress)
+        for group_results in results:
+            for image, label, spacing, row in group_results:
+                row["area_px"] = int(label.sum())
+                write_case(out_dir, row["case_id"], image, label, spacing)
+                atomic_write_text(rows / f"{row['case_id']}.json", json.dumps(row, default=float))
+                speed = bar.tasks[0].speed
+                bar.update(task, advance=1, rate=f"{60 * speed:.1f} cases/min" if speed else "")
+                yield row["case_id"]
 
 
 def synthesize(out_dir: str | Path, request: SynthesisRequest, device: str | None = None,
-               progress: bool = False) -> pd.DataFrame:
+               progress: bool = False, batch_size: int = 1, ray_address: str | None = None,
+               preview: str | Path | None = None) -> pd.DataFrame:
     """Write (or finish) the synthetic dataset of ``request`` in ``out_dir``; returns the manifest.
+
+    ``batch_size`` cases run through the diffusion together; ``ray_address`` ("local", "auto" or a cluster
+    address) spreads groups of cases over Ray; neither changes the output. ``preview`` names a PNG grid of
+    samples across the requested levels to draw at the end.
 
     Raises:
         ValueError: bad request values (the message names them).
         DatasetMismatchError: ``out_dir`` holds something else, or ``source`` is not a dataset.
         CheckpointError: unknown model name or a broken model.
+        ConnectionError: ``ray_address`` unreachable, or Ray not installed.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size!r}")
     out_dir = Path(out_dir)
     _open(out_dir, request)
     load_pipeline(request.model, device)  # fail on a bad model before writing anything
     backgrounds = _Backgrounds(request)  # ... and on a bad --from
+    started_ray = False
+    if ray_address is not None:  # ... and on an unreachable cluster
+        from lsdm_aug.synthesis.distributed import init_ray
+
+        started_ray = init_ray(ray_address)
+    try:
+        return _write_dataset(out_dir, request, backgrounds, device, batch_size, ray_address, progress, preview)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _write_dataset(out_dir: Path, request: SynthesisRequest, backgrounds: _Backgrounds, device: str | None,
+                   batch_size: int, ray_address: str | None, progress: bool, preview: str | Path | None
+                   ) -> pd.DataFrame:
     (out_dir / STATE_DIR / "rows").mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / STATE_DIR / "settings.json", json.dumps(_settings(request), indent=1))
     for folder in ("imagesTr", "labelsTr"):
         for stale in (out_dir / folder).glob(".*.nii.gz"):
             stale.unlink()
-    for _ in _cases(out_dir, request, backgrounds, device, progress):
+    for _ in _cases(out_dir, request, backgrounds, device, batch_size, ray_address, progress):
         pass
     rows = [json.loads((out_dir / STATE_DIR / "rows" / f"{_case_id(i)}.json").read_text()) for i in range(request.count)]
     manifest = pd.DataFrame(rows)
@@ -264,4 +354,8 @@ def synthesize(out_dir: str | Path, request: SynthesisRequest, device: str | Non
         image_path, label_path = case_paths(out_dir, case_id)
         if not image_path.is_file() or not label_path.is_file():
             raise RuntimeError(f"case {case_id} has a manifest row but no image or label")
+    if preview is not None:
+        from lsdm_aug.synthesis.preview import draw_preview
+
+        draw_preview(out_dir, manifest, preview, request.balanced_levels())
     return manifest

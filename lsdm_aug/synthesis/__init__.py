@@ -1,0 +1,10 @@
+"""Synthetic nodule datasets: ``lsdm-aug synthesize`` (one machine or a Ray cluster) and its preview grid.
+
+Example:
+    >>> from lsdm_aug.synthesis import SynthesisRequest, synthesize
+    >>> synthesize("Dataset501_Malignant", SynthesisRequest(count=100, features={"malignancy": 4}))  # doctest: +SKIP
+"""
+
+from lsdm_aug.synthesis.dataset import SynthesisRequest, case_features, parse_level_option, synthesize
+
+__all__ = ["SynthesisRequest", "synthesize", "case_features", "parse_level_option"]
