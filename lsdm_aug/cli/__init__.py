@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from lsdm_aug.cli import nnunet, prepare, train
+from lsdm_aug.cli import bank, nnunet, prepare, train
 from lsdm_aug.cli.preview import preview
 from lsdm_aug.cli.synthesize import synthesize
 
@@ -16,6 +16,7 @@ app = typer.Typer(name="lsdm-aug", help="Lung-nodule data for segmentation and d
 app.add_typer(prepare.app, name="prepare")
 app.add_typer(train.app, name="train")
 app.add_typer(nnunet.app, name="nnunet")
+app.add_typer(bank.app, name="bank")
 app.command("preview")(preview)
 app.command("synthesize")(synthesize)
 

@@ -12,6 +12,17 @@ from lsdm_aug.cli.errors import fail, user_errors
 Level = Annotated[str, typer.Option(help="A level 1..5 or a range like 3-5 (spread evenly); omit to leave free.")]
 
 
+def build_request(count: int, levels: dict[str, str], balance: str, **settings):
+    """A checked :class:`~lsdm_aug.synthesis.SynthesisRequest` from the CLI's feature options."""
+    from lsdm_aug.synthesis import SynthesisRequest, parse_level_option
+
+    features = {name: parse_level_option(name, text) for name, text in levels.items()}
+    request = SynthesisRequest(count=count, features={k: v for k, v in features.items() if v is not None},
+                               balance=tuple(b.strip() for b in balance.split(",") if b.strip()), **settings)
+    request.balanced_levels()
+    return request
+
+
 def synthesize(
     out: Annotated[Path, typer.Option(help="Output dataset folder (nnU-Net raw layout); rerun to continue.")],
     count: Annotated[int, typer.Option(help="Number of cases (> 0).")] = 100,
@@ -45,19 +56,13 @@ def synthesize(
         fail(f"--batch-size must be >= 1, got {batch_size}")
     if preview is not None and preview.suffix.lower() != ".png":
         fail(f"--preview must name a .png file, got {str(preview)!r}")
-    from lsdm_aug.synthesis import SynthesisRequest, parse_level_option
     from lsdm_aug.synthesis import synthesize as run
 
     with user_errors():
-        features = {name: parse_level_option(name, value) for name, value in
-                    (("malignancy", malignancy), ("lobulation", lobulation), ("spiculation", spiculation),
-                     ("texture", texture))}
-        request = SynthesisRequest(count=count, features={k: v for k, v in features.items() if v is not None},
-                                   balance=tuple(b.strip() for b in balance.split(",") if b.strip()), size=size,
-                                   seed=seed, guidance_scale=guidance_scale, steps=steps,
-                                   nodules_per_slice=nodules_per_slice, model=model,
-                                   source=None if source is None else str(source))
-        request.balanced_levels()
+        request = build_request(count, {"malignancy": malignancy, "lobulation": lobulation, "spiculation": spiculation,
+                                        "texture": texture}, balance, size=size, seed=seed,
+                                guidance_scale=guidance_scale, steps=steps, nodules_per_slice=nodules_per_slice,
+                                model=model, source=None if source is None else str(source))
         manifest = run(out, request, device or None, progress=True, batch_size=batch_size, ray_address=ray or None,
                        preview=preview)
     typer.echo(f"wrote {len(manifest)} cases to {out} (manifest.csv, dataset.json)"

@@ -43,6 +43,8 @@ __all__ = [
     "PreparedDataset",
     "DatasetMismatchError",
     "patient_wise_split",
+    "atomic_write_text",
+    "atomic_write_npz",
 ]
 
 FORMAT = "lsdm-aug-prepared"
@@ -125,6 +127,11 @@ def _atomic_write_bytes(path: Path, write) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     _atomic_write_bytes(Path(path), lambda handle: handle.write(text.encode("utf-8")))
+
+
+def atomic_write_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Write ``arrays`` to a compressed ``.npz`` at ``path`` atomically."""
+    _atomic_write_bytes(Path(path), lambda handle: np.savez_compressed(handle, **arrays))
 
 
 def patient_wise_split(case_patients: pd.Series, fractions: dict[str, float], seed: int) -> dict[str, list[str]]:

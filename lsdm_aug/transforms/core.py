@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from lsdm_aug.bank.placement import bank_outline, place_patch, shrink_to_area
 from lsdm_aug.config import FEATURES
 from lsdm_aug.data.lidc import NoduleMaskBank, load_nodule_table, resample_mask
 from lsdm_aug.data.phantom import free_site
@@ -71,6 +72,7 @@ class NoduleParameters:
         seed: seeds the diffusion.
         size_mm: requested diameter, if any.
         skipped: why nothing was done (no lung, no nodule to replace), else empty.
+        bank_entry: the banked nodule placed (bank mode), else -1.
     """
 
     mode: str
@@ -81,6 +83,7 @@ class NoduleParameters:
     seed: int = 0
     size_mm: float | None = None
     skipped: str = ""
+    bank_entry: int = -1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,13 +105,15 @@ class NoduleSynthesizer:
         hu_mean, hu_std: the normalisation, for intensity="normalized".
         device: torch device of the diffusion (default: CUDA when present).
         model: "default" or a model folder.
+        bank: a nodule bank folder (``lsdm-aug bank build``): insert pre-generated nodules with Poisson
+            blending instead of running the diffusion (cheap, CPU only); None runs the diffusion live.
     """
 
     def __init__(self, mode: str = "insert", malignancy: Any = "balanced", lobulation: Any = None,
                  spiculation: Any = None, texture: Any = None, size_mm: float | None = None,
                  location: Sequence[int] | None = None, guidance_scale: float = 1.0, steps: int = 25,
                  label_value: int = 1, intensity: str = "hu", hu_mean: float = 0.0, hu_std: float = 1.0,
-                 device: str | None = None, model: str = "default") -> None:
+                 device: str | None = None, model: str = "default", bank: str | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if intensity not in INTENSITIES:
@@ -129,6 +134,11 @@ class NoduleSynthesizer:
         self.guidance_scale, self.steps, self.label_value = float(guidance_scale), int(steps), int(label_value)
         self.intensity, self.hu_mean, self.hu_std = intensity, float(hu_mean), float(hu_std)
         self.device, self.model = device, str(model)
+        self.bank = None if bank is None else str(bank)
+        if self.bank is not None:
+            if mode != "insert":
+                raise ValueError(f"a nodule bank only inserts nodules; mode must be 'insert' with a bank, got {mode!r}")
+            load_bank(self.bank)  # a missing or incomplete bank fails here, not in a worker
 
     # ---- intensities ------------------------------------------------------------------------------------------
     def to_hu(self, image: np.ndarray) -> np.ndarray:
@@ -172,8 +182,13 @@ class NoduleSynthesizer:
         seed = int(rng.randint(2**31 - 1))
         if self.mode in ("replace", "remove"):
             return self._draw_existing(label, features, seed)
-        nodule_id = self._draw_outline(rng, features)
-        outline = _outline(nodule_id, spacing_mm, hu.ndim, self.size_mm)
+        bank_entry = -1
+        if self.bank is not None:
+            bank_entry = load_bank(self.bank).choose(features, rng)
+            nodule_id, outline = self._bank_outline(bank_entry, spacing_mm, hu.ndim)
+        else:
+            nodule_id = self._draw_outline(rng, features)
+            outline = _outline(nodule_id, spacing_mm, hu.ndim, self.size_mm)
         slice_axis_len = hu.shape[2] if hu.ndim == 3 else 1
         if self.location is not None:
             centre_slice = self.location[2] if len(self.location) == 3 else slice_axis_len // 2
@@ -184,14 +199,26 @@ class NoduleSynthesizer:
                 return NoduleParameters(self.mode, features, nodule_id, seed=seed, skipped="no lung tissue")
             hu_2d = hu[..., centre_slice] if hu.ndim == 3 else hu
             lung = semantic_map_from_hu(hu_2d, spacing_mm=float(spacing_mm[0])) == SemanticLabel.LUNG
-            site = free_site(lung, outline.max(axis=2), float(spacing_mm[0]), np.random.default_rng(rng.randint(2**31)))
+            flat = outline.max(axis=2)
+            site = free_site(lung, flat, float(spacing_mm[0]), np.random.default_rng(rng.randint(2**31)))
             if site is None:
                 return NoduleParameters(self.mode, features, nodule_id, seed=seed, skipped="no lung tissue")
-            centre = (site[0] + outline.shape[0] / 2, site[1] + outline.shape[1] / 2)
+            rows, cols = np.nonzero(flat)
+            centre = (site[0] + (rows.min() + rows.max() + 1) / 2, site[1] + (cols.min() + cols.max() + 1) / 2)
         depth = outline.shape[2] if hu.ndim == 3 else 1
         first = int(centre_slice) - depth // 2
         slices = tuple(k for k in range(first, first + depth) if 0 <= k < slice_axis_len) if hu.ndim == 3 else ()
-        return NoduleParameters(self.mode, features, nodule_id, centre, slices, seed, self.size_mm)
+        return NoduleParameters(self.mode, features, nodule_id, centre, slices, seed, self.size_mm,
+                                bank_entry=bank_entry)
+
+    def _bank_outline(self, index: int, spacing_mm: Sequence[float], ndim: int) -> tuple[str, np.ndarray]:
+        """The source nodule id of bank entry ``index`` and its outline (H, W, depth), its widest layer the
+        entry's own mask; the depth is the real nodule's at this spacing."""
+        entry = load_bank(self.bank).entry(index)
+        nodule_id = str(entry.row["source_nodule_id"])
+        _, mask = bank_outline(entry, float(spacing_mm[0]), self.size_mm, entry.row.get("source_diameter_mm"))
+        depth = _outline(nodule_id, spacing_mm, 3, self.size_mm).shape[2] if ndim == 3 else 1
+        return nodule_id, np.repeat(mask[:, :, None], depth, axis=2)
 
     def _draw_existing(self, label: np.ndarray | None, features: dict[str, float], seed: int) -> NoduleParameters:
         if label is None or not np.any(label > 0):
@@ -211,6 +238,8 @@ class NoduleSynthesizer:
         info = params.to_dict()
         if params.skipped:
             return image, label, info
+        if params.bank_entry >= 0:
+            return self._apply_bank(image, label, params, spacing_mm)
         pipe = load_pipeline(self.model, self.device)
         image = np.asarray(image)
         out = image.copy()
@@ -243,6 +272,34 @@ class NoduleSynthesizer:
                                    out if k is None else out[..., k], label_2d)
         info["changed_pixels"] = changed
         return out, new_label, info
+
+    def _apply_bank(self, image: np.ndarray, label: np.ndarray | None, params: NoduleParameters,
+                    spacing_mm: Sequence[float]) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+        """Bank mode: blend the banked nodule in; in 3D its widest layer on the centre slice, shrunk towards
+        the ends with the real nodule's layer areas."""
+        if self.bank is None:
+            raise ValueError(f"parameters name bank entry {params.bank_entry} but this transform has no bank")
+        entry = load_bank(self.bank).entry(params.bank_entry)
+        patch, mask = bank_outline(entry, float(spacing_mm[0]), params.size_mm, entry.row.get("source_diameter_mm"))
+        out, new_label = np.asarray(image).copy(), None if label is None else np.asarray(label).copy()
+        if out.ndim == 2:
+            layers: list[tuple[int | None, np.ndarray]] = [(None, mask)]
+        else:
+            areas = _outline(params.nodule_id, spacing_mm, 3, params.size_mm).sum(axis=(0, 1))
+            areas = areas / max(areas.max(), 1) * mask.sum()
+            layers = [(k, shrink_to_area(mask, int(round(areas[min(p, len(areas) - 1)]))))
+                      for p, k in enumerate(params.slices)]
+        changed = 0
+        for k, keep in layers:
+            if not keep.any():
+                continue
+            target = out if k is None else out[..., k]
+            blended, region, footprint = place_patch(self.to_hu(target), patch, mask, params.centre, keep=keep)
+            target[footprint] = self.from_hu(blended)[footprint].astype(out.dtype)
+            if new_label is not None:
+                (new_label if k is None else new_label[..., k])[region] = self.label_value
+            changed += int(footprint.sum())
+        return out, new_label, {**params.to_dict(), "changed_pixels": changed}
 
     def _write(self, unit_image: np.ndarray, footprint: np.ndarray, region: np.ndarray, mode: str,
                image_2d: np.ndarray, label_2d: np.ndarray | None) -> int:
@@ -288,6 +345,14 @@ def _model_inputs(hu_2d: np.ndarray, label_2d: np.ndarray | None, spacing_mm: Se
     if label_2d is not None:
         semantic[(label_2d > 0) & (semantic != SemanticLabel.BACKGROUND)] = SemanticLabel.NODULE_INDETERMINATE
     return hu_to_unit(hu_2d), semantic
+
+
+@functools.cache
+def load_bank(path: str):
+    """One nodule bank per folder and process."""
+    from lsdm_aug.bank.store import NoduleBank
+
+    return NoduleBank(path)
 
 
 @functools.cache

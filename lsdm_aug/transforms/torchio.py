@@ -26,8 +26,9 @@ from lsdm_aug.transforms.core import NoduleParameters, NoduleSynthesizer
 
 __all__ = ["RandomNoduleSynth", "NoduleSynthesis"]
 
-_SYNTHESIZER_ARGS = ("guidance_scale", "steps", "label_value", "intensity", "hu_mean", "hu_std", "device", "model")
-_PARAMETER_ARGS = ("mode", "features", "nodule_id", "centre", "slices", "seed", "size_mm", "skipped")
+_SYNTHESIZER_ARGS = ("guidance_scale", "steps", "label_value", "intensity", "hu_mean", "hu_std", "device", "model",
+                     "bank")
+_PARAMETER_ARGS = ("mode", "features", "nodule_id", "centre", "slices", "seed", "size_mm", "skipped", "bank_entry")
 
 
 def _arrays(subject: tio.Subject, image_name: str, label_name: str | None):
@@ -48,9 +49,9 @@ class NoduleSynthesis(tio.Transform):
 
     Args:
         image_name, label_name: the subject's CT image and (optional) label map.
-        mode, features, nodule_id, centre, slices, seed, size_mm, skipped: the drawn
+        mode, features, nodule_id, centre, slices, seed, size_mm, skipped, bank_entry: the drawn
             :class:`~lsdm_aug.transforms.core.NoduleParameters`.
-        guidance_scale, steps, label_value, intensity, hu_mean, hu_std, device, model: as
+        guidance_scale, steps, label_value, intensity, hu_mean, hu_std, device, model, bank: as
             :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`.
 
     Example:
@@ -61,14 +62,14 @@ class NoduleSynthesis(tio.Transform):
     def __init__(self, image_name: str = "image", label_name: str | None = "label", mode: str = "insert",
                  features: dict[str, float] | None = None, nodule_id: str = "", centre: tuple[float, float] = (0.0, 0.0),
                  slices: tuple[int, ...] = (), seed: int = 0, size_mm: float | None = None, skipped: str = "",
-                 guidance_scale: float = 1.0, steps: int = 25, label_value: int = 1, intensity: str = "hu",
-                 hu_mean: float = 0.0, hu_std: float = 1.0, device: str | None = None, model: str = "default",
-                 **kwargs: Any) -> None:
+                 bank_entry: int = -1, guidance_scale: float = 1.0, steps: int = 25, label_value: int = 1,
+                 intensity: str = "hu", hu_mean: float = 0.0, hu_std: float = 1.0, device: str | None = None,
+                 model: str = "default", bank: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.image_name, self.label_name = image_name, label_name
         self.mode, self.features, self.nodule_id = mode, dict(features or {}), nodule_id
         self.centre, self.slices, self.seed = tuple(centre), tuple(slices), int(seed)
-        self.size_mm, self.skipped = size_mm, skipped
+        self.size_mm, self.skipped, self.bank_entry, self.bank = size_mm, skipped, int(bank_entry), bank
         self.guidance_scale, self.steps, self.label_value = guidance_scale, steps, label_value
         self.intensity, self.hu_mean, self.hu_std, self.device, self.model = intensity, hu_mean, hu_std, device, model
         self.synthesizer = NoduleSynthesizer(mode=mode, malignancy=None, **{k: getattr(self, k) for k in _SYNTHESIZER_ARGS})
@@ -91,7 +92,7 @@ class RandomNoduleSynth(RandomTransform):
     Args:
         image_name, label_name: the subject's CT image and (optional) label map.
         mode, malignancy, lobulation, spiculation, texture, size_mm, location, guidance_scale, steps,
-            label_value, intensity, hu_mean, hu_std, device, model: as
+            label_value, intensity, hu_mean, hu_std, device, model, bank: as
             :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`.
         **kwargs: TorchIO's ``Transform`` arguments (``p``, ``copy``, ...).
 
@@ -103,11 +104,13 @@ class RandomNoduleSynth(RandomTransform):
                  malignancy: Any = "balanced", lobulation: Any = None, spiculation: Any = None, texture: Any = None,
                  size_mm: float | None = None, location: tuple[int, ...] | None = None, guidance_scale: float = 1.0,
                  steps: int = 25, label_value: int = 1, intensity: str = "hu", hu_mean: float = 0.0,
-                 hu_std: float = 1.0, device: str | None = None, model: str = "default", **kwargs: Any) -> None:
+                 hu_std: float = 1.0, device: str | None = None, model: str = "default", bank: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.image_name, self.label_name = image_name, label_name
         self.synthesizer = NoduleSynthesizer(mode, malignancy, lobulation, spiculation, texture, size_mm, location,
-                                             guidance_scale, steps, label_value, intensity, hu_mean, hu_std, device, model)
+                                             guidance_scale, steps, label_value, intensity, hu_mean, hu_std, device, model,
+                                             bank)
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         image, array, _, label_array = _arrays(subject, self.image_name, self.label_name)
