@@ -21,6 +21,8 @@ _EXPORTS = {
     "NoduleSynthd": "lsdm_aug.transforms.monai",
     "NoduleSynthD": "lsdm_aug.transforms.monai",
     "NoduleSynthDict": "lsdm_aug.transforms.monai",
+    "NoduleSynthBatchd": "lsdm_aug.transforms.monai",
+    "NoduleBank": "lsdm_aug.bank",
     "LSDMPipeline": "lsdm_aug.pipeline",
     "load_recipe": "lsdm_aug.config",
     "ChestPhantom": "lsdm_aug.data.phantom",

@@ -26,7 +26,8 @@ from monai.utils import TransformBackends, convert_to_dst_type
 
 from lsdm_aug.transforms.core import NoduleParameters, NoduleSynthesizer
 
-__all__ = ["NoduleSynth", "NoduleSynthd", "NoduleSynthD", "NoduleSynthDict", "META_KEY", "synthesis_records"]
+__all__ = ["NoduleSynth", "NoduleSynthd", "NoduleSynthD", "NoduleSynthDict", "NoduleSynthBatchd", "NoduleSynthBatchD",
+           "NoduleSynthBatchDict", "META_KEY", "synthesis_records"]
 
 META_KEY = "nodule_synth"
 
@@ -165,3 +166,79 @@ class NoduleSynthd(RandomizableTransform, MapTransform):
 
 
 NoduleSynthD = NoduleSynthDict = NoduleSynthd
+
+
+class NoduleSynthBatchd(RandomizableTransform, MapTransform):
+    """Batch version for a collated batch (like MONAI's ``MixUp`` / ``CutMix``): one diffusion run for the
+    whole batch, on the batch's device, e.g. in the training loop after the DataLoader.
+
+    Each sample is acted on with probability ``prob`` and gets its own draw; 2D insertions of the batch
+    run as one reverse process (on a GPU that is far cheaper per sample than one run per sample).
+    The draws are stored per sample as JSON text under ``"<key>_nodule_synth"`` (None where nothing
+    was done). Only ``mode="insert"`` runs batched; other modes run per sample.
+
+    Args:
+        keys: the image key (one key); images (B, 1, H, W) or (B, 1, H, W, D).
+        label_key: the label key, updated with the inserted masks (None: no label).
+        prob: probability of acting, per sample.
+        spacing_mm: pixel spacing; read from each sample's affine (collated MetaTensor) when ``None``.
+        **synthesis: as :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`.
+
+    Example:
+        >>> batch_synth = NoduleSynthBatchd(keys="image", label_key="label", prob=0.5, device="cuda")  # doctest: +SKIP
+        >>> for batch in loader:  # doctest: +SKIP
+        ...     batch = batch_synth(batch)
+    """
+
+    backend = NoduleSynth.backend
+
+    def __init__(self, keys: KeysCollection, label_key: str | None = "label", prob: float = 1.0,
+                 spacing_mm: Sequence[float] | None = None, allow_missing_keys: bool = False,
+                 **synthesis: Any) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        if len(self.keys) != 1:
+            raise ValueError(f"NoduleSynthBatchd acts on one image key, got {self.keys}")
+        self.label_key, self.spacing_mm = label_key, spacing_mm
+        self.synthesis = NoduleSynthesizer(**synthesis)
+
+    def _spacings(self, images: Any, spatial_dims: int) -> list[tuple[float, ...]]:
+        if self.spacing_mm is not None:
+            return [tuple(float(s) for s in self.spacing_mm)] * len(images)
+        if isinstance(images, MetaTensor) and images.affine.ndim == 3:
+            return [tuple(float(s) for s in affine[:spatial_dims, :spatial_dims].norm(dim=0)) for affine in images.affine]
+        raise ValueError("pixel spacing unknown: give spacing_mm or a collated MetaTensor with affines")
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        key = self.keys[0]
+        if key not in d:
+            if self.allow_missing_keys:
+                return d
+            raise KeyError(f"key {key!r} is not in the data (keys: {list(d)})")
+        images = _numpy(d[key])[:, 0]
+        labels = _numpy(d[self.label_key])[:, 0] if self.label_key and self.label_key in d else None
+        spacings = self._spacings(d[key], images.ndim - 1)
+        chosen, params = [], []
+        for i in range(len(images)):
+            if self.R.rand() < self.prob:
+                chosen.append(i)
+                params.append(self.synthesis.draw(images[i], None if labels is None else labels[i], self.R, spacings[i]))
+        results = self.synthesis.apply_batch([images[i] for i in chosen],
+                                             [None if labels is None else labels[i] for i in chosen], params,
+                                             [spacings[i] for i in chosen]) if chosen else []
+        records: list[str | None] = [None] * len(images)
+        out_images, out_labels = images.copy(), None if labels is None else labels.copy()
+        for i, (image, label, info) in zip(chosen, results):
+            out_images[i] = image
+            if out_labels is not None:
+                out_labels[i] = label
+            records[i] = json.dumps(info)
+        d[key] = convert_to_dst_type(out_images[:, None], d[key])[0]
+        if out_labels is not None:
+            d[self.label_key] = convert_to_dst_type(out_labels[:, None], d[self.label_key])[0]
+        d[f"{key}_{META_KEY}"] = records
+        return d
+
+
+NoduleSynthBatchD = NoduleSynthBatchDict = NoduleSynthBatchd

@@ -148,3 +148,68 @@ def test_monai_dataloader_with_two_workers_draws_differently_and_reproducibly(sl
     assert len(set(first)) == 4  # every sample its own draw, across both workers
     assert seeds() == first  # and the same again under set_determinism
     set_determinism(None)
+
+
+def test_batch_transform_gives_each_sample_its_own_draw_and_the_single_sample_result(slice_hu, smoke_models):
+    import json
+
+    from monai.data import list_data_collate
+
+    from lsdm_aug import NoduleSynthBatchd
+    from lsdm_aug.transforms.core import NoduleParameters
+
+    hu, spacing = slice_hu
+    batch = list_data_collate([{"image": _meta(hu, spacing), "label": _meta(np.zeros_like(hu), spacing)}
+                               for _ in range(3)])
+    synth = NoduleSynthBatchd(keys="image", label_key="label", malignancy="balanced", model=str(smoke_models),
+                              steps=2, label_value=2)
+    out = synth.set_random_state(7)(batch)
+    records = [json.loads(r) for r in out["image_nodule_synth"]]
+    assert len({r["seed"] for r in records}) == 3 and out["image"].shape == batch["image"].shape
+    single = NoduleSynthesizer(malignancy=None, model=str(smoke_models), steps=2, label_value=2)
+    for i, record in enumerate(records):
+        record.pop("changed_pixels")
+        params = NoduleParameters(**{**record, "centre": tuple(record["centre"]), "slices": tuple(record["slices"])})
+        alone, alone_label, _ = single.apply(hu.astype(np.float32), np.zeros(hu.shape, np.float32), params,
+                                             (spacing, spacing))
+        assert np.allclose(out["image"][i, 0].numpy(), alone, atol=0.05)
+        assert np.array_equal(out["label"][i, 0].numpy(), alone_label)
+    assert set(np.unique(out["label"].numpy())) == {0.0, 2.0}
+
+
+def test_monai_cache_dataset_synthesizes_after_the_cached_part(slice_hu, smoke_models):
+    from monai.data import CacheDataset
+    from monai.transforms import Compose, EnsureTyped
+
+    hu, spacing = slice_hu
+    items = [{"image": _meta(hu, spacing), "label": _meta(np.zeros_like(hu), spacing)} for _ in range(2)]
+    transform = Compose([EnsureTyped(keys=["image", "label"]),  # deterministic: cached
+                         NoduleSynthd(keys="image", label_key="label", malignancy=4, model=str(smoke_models), steps=2)])
+    transform.set_random_state(0)
+    dataset = CacheDataset(items, transform, cache_rate=1.0, num_workers=0, progress=False)
+    first, second = dataset[0], dataset[0]
+    assert not synthesis_records(dataset._cache[0]["image"])  # the cache holds the slice before synthesis
+    assert synthesis_records(first["image"])[-1]["seed"] != synthesis_records(second["image"])[-1]["seed"]
+    assert (first["label"] > 0).any() and (second["label"] > 0).any()
+    assert not torch.equal(first["image"], second["image"])  # a new nodule on every access
+
+
+def test_torchio_subjects_loader_keeps_subjects_and_caches_flat(slice_hu, smoke_models):
+    from lsdm_aug.transforms.core import load_pipeline
+
+    hu, spacing = slice_hu
+    affine = np.diag([spacing, spacing, 1.0, 1.0])
+    subjects = [tio.Subject(image=tio.ScalarImage(tensor=torch.from_numpy(hu)[None, ..., None].float(), affine=affine),
+                            label=tio.LabelMap(tensor=torch.zeros(1, 64, 64, 1), affine=affine)) for _ in range(2)]
+    transform = tio.Compose([tio.RandomFlip(axes=(0,)), RandomNoduleSynth(malignancy=(4, 5), model=str(smoke_models),
+                                                                          steps=2)])
+    loader = tio.SubjectsLoader(tio.SubjectsDataset(subjects, transform=transform), batch_size=2, num_workers=0)
+    torch.manual_seed(0)
+    for _epoch in range(3):
+        for batch in loader:
+            assert (batch["label"][tio.DATA] > 0).flatten(1).any(1).all()
+    # the dataset's subjects are never changed: no history piles up epoch after epoch (what grew memory before)
+    assert all(len(s.applied_transforms) == 0 for s in subjects)
+    assert all(torch.equal(s.image.data, subjects[0].image.data) for s in subjects)
+    assert [name for name, _ in loader.dataset[0].applied_transforms] == ["Flip", "NoduleSynthesis"]
+    assert load_pipeline.cache_info().currsize <= 2  # one pipeline per model and device, not per sample
