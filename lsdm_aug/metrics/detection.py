@@ -1,0 +1,136 @@
+"""Lesion-level detection metrics from segmentation output: candidates, matching, FROC and CPM (LUNA16).
+
+A segmentation becomes detection candidates by connected components of the thresholded foreground
+probability, each scored by its highest probability. A candidate hits a reference lesion when it
+overlaps it; the best-scored hit of a lesion is its true positive, further hits of the same lesion
+are ignored (neither true nor false positive, as in the LUNA16 evaluation), and candidates hitting
+nothing are false positives.
+
+FROC: sensitivity against the mean number of false positives per image (slice or scan), with every
+distinct candidate score as a threshold. CPM (competition performance metric, LUNA16) is the mean
+sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8 false positives per image, read off the curve by linear
+interpolation. MONAI's ``compute_froc_score`` defaults to CAMELYON16's rates (1/4 .. 8), and its
+``compute_froc_curve_data`` drops the lowest score as a threshold, which loses the only operating point
+of a binary segmentation; hence this module.
+
+Example:
+    >>> import numpy as np
+    >>> reference = np.zeros((32, 32), np.uint8); reference[4:8, 4:8] = 1
+    >>> probability = np.zeros((32, 32)); probability[5:7, 5:7] = 0.9; probability[20:22, 20:22] = 0.6
+    >>> case = detect_case(probability, reference)
+    >>> [(round(c.score, 1), c.lesion) for c in case.candidates]
+    [(0.9, 1), (0.6, 0)]
+    >>> round(froc([case]).cpm, 3)
+    1.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["LUNA16_FP_RATES", "Candidate", "CaseDetections", "FROCResult", "detect_case", "froc", "dice",
+           "sensitivity_by_group"]
+
+LUNA16_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A detection: its score and the reference lesion it hits (1..n), 0 for a false positive."""
+
+    score: float
+    lesion: int
+
+
+@dataclass
+class CaseDetections:
+    """One image's candidates (best score first) and its reference lesions' ids (1..n)."""
+
+    candidates: list[Candidate]
+    lesions: list[int] = field(default_factory=list)
+
+    def true_positives(self, threshold: float = 0.0) -> set[int]:
+        return {c.lesion for c in self.candidates if c.lesion and c.score >= threshold}
+
+    def false_positives(self, threshold: float = 0.0) -> int:
+        return sum(1 for c in self.candidates if not c.lesion and c.score >= threshold)
+
+
+def detect_case(probability: np.ndarray, reference: np.ndarray, threshold: float = 0.5) -> CaseDetections:
+    """Candidates of a foreground ``probability`` map (2D or 3D) matched against a ``reference`` label (> 0).
+
+    Reference lesions are the connected components of ``reference > 0``."""
+    probability, reference = np.asarray(probability, float), np.asarray(reference)
+    if probability.shape != reference.shape:
+        raise ValueError(f"probability {probability.shape} and reference {reference.shape} differ in shape")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+    lesions, n_lesions = ndimage.label(reference > 0)
+    components, n_components = ndimage.label(probability >= threshold)
+    scores = ndimage.maximum(probability, components, range(1, n_components + 1)) if n_components else []
+    found, claimed = [], set()
+    for index in np.argsort(-np.asarray(scores), kind="stable"):
+        hit = np.unique(lesions[components == index + 1])
+        hit = [int(h) for h in hit if h and h not in claimed]
+        if hit:
+            claimed.add(hit[0])
+            found.append(Candidate(float(scores[index]), hit[0]))
+        elif not np.any(lesions[components == index + 1]):
+            found.append(Candidate(float(scores[index]), 0))
+        # a candidate on an already detected lesion: ignored
+    return CaseDetections(found, list(range(1, n_lesions + 1)))
+
+
+@dataclass(frozen=True)
+class FROCResult:
+    """FROC curve (false positives per image, sensitivity), sensitivity at each rate, and CPM."""
+
+    fps_per_image: np.ndarray
+    sensitivity: np.ndarray
+    at_rates: dict[float, float]
+    cpm: float
+    lesions: int
+    images: int
+
+
+def froc(cases: Sequence[CaseDetections], fp_rates: Sequence[float] = LUNA16_FP_RATES) -> FROCResult:
+    """The FROC of ``cases`` (every distinct score a threshold) and the CPM over ``fp_rates``."""
+    lesions = sum(len(c.lesions) for c in cases)
+    if not cases or lesions == 0:
+        raise ValueError(f"FROC needs images with reference lesions, got {len(cases)} images and {lesions} lesions")
+    scores = sorted({c.score for case in cases for c in case.candidates}, reverse=True)
+    fps, sensitivity = [0.0], [0.0]
+    for threshold in scores:
+        fps.append(sum(case.false_positives(threshold) for case in cases) / len(cases))
+        sensitivity.append(sum(len(case.true_positives(threshold)) for case in cases) / lesions)
+    best: dict[float, float] = {}
+    for fp, sens in zip(fps, sensitivity):  # one point per false-positive level: the best sensitivity there
+        best[fp] = max(best.get(fp, 0.0), sens)
+    fps_array, sensitivity_array = np.asarray(sorted(best)), np.asarray([best[fp] for fp in sorted(best)])
+    # beyond the last operating point the sensitivity stays at its maximum (no more candidates to add)
+    at_rates = {float(rate): float(np.interp(rate, fps_array, sensitivity_array)) for rate in fp_rates}
+    return FROCResult(fps_array, sensitivity_array, at_rates, float(np.mean(list(at_rates.values()))), lesions,
+                      len(cases))
+
+
+def sensitivity_by_group(cases: Sequence[CaseDetections], groups: Sequence[Mapping[int, object]],
+                         threshold: float = 0.5) -> dict[object, float]:
+    """Per-group sensitivity at a score threshold; ``groups[i]`` maps case ``i``'s lesion ids to a group
+    (e.g. malignancy level)."""
+    hits: dict[object, list[int]] = {}
+    for case, group in zip(cases, groups):
+        found = case.true_positives(threshold)
+        for lesion in case.lesions:
+            hits.setdefault(group[lesion], []).append(int(lesion in found))
+    return {g: float(np.mean(v)) for g, v in sorted(hits.items(), key=lambda item: str(item[0]))}
+
+
+def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
+    """Dice of two foreground masks; 1.0 when both are empty."""
+    prediction, reference = np.asarray(prediction) > 0, np.asarray(reference) > 0
+    total = prediction.sum() + reference.sum()
+    return 1.0 if total == 0 else float(2 * (prediction & reference).sum() / total)

@@ -1,0 +1,63 @@
+"""Lesion-level detection metrics on inputs whose FROC and CPM are worked out by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from monai.metrics import compute_froc_curve_data
+
+from lsdm_aug.metrics.detection import (LUNA16_FP_RATES, Candidate, CaseDetections, detect_case, dice, froc,
+                                        sensitivity_by_group)
+
+
+def _square(shape, top, left, size=3, value=1.0):
+    array = np.zeros(shape)
+    array[top:top + size, left:left + size] = value
+    return array
+
+
+def test_candidates_hits_false_positives_and_duplicate_hits():
+    reference = (_square((40, 40), 5, 5) + 2 * _square((40, 40), 25, 25, 4)).astype(np.uint8)
+    probability = (_square((40, 40), 5, 5, 2, 0.9) + _square((40, 40), 27, 27, 1, 0.7)
+                   + _square((40, 40), 25, 25, 1, 0.8) + _square((40, 40), 15, 30, 2, 0.6) + _square((40, 40), 0, 35, 1, 0.3))
+    case = detect_case(probability, reference)
+    # lesion 2 is hit twice: the 0.8 candidate counts, the 0.7 one is ignored; 0.3 is below the threshold
+    assert case.candidates == [Candidate(0.9, 1), Candidate(0.8, 2), Candidate(0.6, 0)]
+    assert case.lesions == [1, 2]
+    with pytest.raises(ValueError, match="differ in shape"):
+        detect_case(probability, reference[:-1])
+
+
+def test_froc_and_cpm_worked_by_hand():
+    # 2 images, 4 lesions. Scores: 0.9 TP, 0.8 FP, 0.7 TP, 0.6 FP, 0.5 FP, 0.4 TP; one lesion never found.
+    first = CaseDetections([Candidate(0.9, 1), Candidate(0.8, 0), Candidate(0.5, 0)], [1, 2])
+    second = CaseDetections([Candidate(0.7, 1), Candidate(0.6, 0), Candidate(0.4, 2)], [1, 2])
+    result = froc([first, second])
+    # operating points (FPs per image, sensitivity): (0, .25) (.5, .25) (.5, .5) (1, .5) (1.5, .5) (1.5, .75)
+    assert result.fps_per_image.tolist() == [0.0, 0.5, 1.0, 1.5]
+    assert result.sensitivity.tolist() == [0.25, 0.5, 0.5, 0.75]
+    expected = {0.125: 0.3125, 0.25: 0.375, 0.5: 0.5, 1.0: 0.5, 2.0: 0.75, 4.0: 0.75, 8.0: 0.75}
+    assert result.at_rates == pytest.approx(expected)
+    assert result.cpm == pytest.approx(np.mean(list(expected.values())))
+    assert tuple(result.at_rates) == LUNA16_FP_RATES
+
+
+def test_a_binary_segmentation_keeps_its_operating_point():
+    reference = _square((30, 30), 2, 2).astype(np.uint8) + _square((30, 30), 20, 20).astype(np.uint8)
+    prediction = _square((30, 30), 2, 2) + _square((30, 30), 10, 10)  # one hit, one false positive, all at 1.0
+    case = detect_case(prediction, reference)
+    result = froc([case])
+    assert result.at_rates[1.0] == 0.5 and result.at_rates[8.0] == 0.5
+    # MONAI's CAMELYON-derived curve drops the only score as a threshold and reports nothing found
+    fps, sensitivity = compute_froc_curve_data(np.array([1.0]), np.array([1.0]), num_targets=2, num_images=1)
+    assert sensitivity.max() == 0.0
+
+
+def test_sensitivity_by_malignancy_and_dice():
+    cases = [CaseDetections([Candidate(0.9, 1), Candidate(0.3, 2)], [1, 2]), CaseDetections([Candidate(0.8, 1)], [1])]
+    groups = [{1: 5, 2: 2}, {1: 2}]
+    assert sensitivity_by_group(cases, groups, threshold=0.5) == {2: 0.5, 5: 1.0}
+    assert dice(_square((10, 10), 0, 0, 4), _square((10, 10), 0, 0, 2)) == pytest.approx(2 * 4 / 20)
+    assert dice(np.zeros((4, 4)), np.zeros((4, 4))) == 1.0
+    with pytest.raises(ValueError, match="needs images with reference lesions"):
+        froc([CaseDetections([Candidate(0.5, 0)], [])])
