@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from lsdm_aug.cli import bank, nnunet, prepare, train
+from lsdm_aug.cli import bank, benchmark, nnunet, prepare, train
 from lsdm_aug.cli.preview import preview
 from lsdm_aug.cli.synthesize import synthesize
 
@@ -17,6 +17,7 @@ app.add_typer(prepare.app, name="prepare")
 app.add_typer(train.app, name="train")
 app.add_typer(nnunet.app, name="nnunet")
 app.add_typer(bank.app, name="bank")
+app.add_typer(benchmark.app, name="benchmark")
 app.command("preview")(preview)
 app.command("synthesize")(synthesize)
 

@@ -1,0 +1,133 @@
+"""Cost per sample of the NoduleSynth modes, ``synthesize`` throughput and the share of pixels changed.
+
+Part of ``lsdm-aug benchmark speed``. On nodule-free phantom slices (the model's
+size), each in a MONAI ``DataLoader`` loop (``num_workers=0``, so the figure is the cost of the
+transform itself on this machine's cores):
+
+1. live: ``NoduleSynthd`` running the diffusion per sample (DDIM);
+2. batch: ``NoduleSynthBatchd`` on collated batches (one diffusion run per batch);
+3. bank: ``NoduleSynthd(bank=...)`` placing nodules of a bank built here (its build cost per nodule too);
+4. ``synthesize`` cases per minute, with batch size 1 and the given batch size;
+5. pixels changed per insertion: the footprint's share of the slice, per mode.
+
+Example:
+    >>> report = transform_cost("default", samples=24, steps=25, batch_size=8, bank_size=40,
+    ...                         synth_count=24, seed=0)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import DataLoader, Dataset, MetaTensor, list_data_collate
+
+from lsdm_aug.bank import build_bank
+from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig
+from lsdm_aug.synthesis import SynthesisRequest, synthesize
+from lsdm_aug.transforms.monai import NoduleSynthBatchd, NoduleSynthd, synthesis_records
+
+def backgrounds(count: int, seed: int, size: int) -> list[dict]:
+    phantom = ChestPhantom(PhantomConfig(size=size, nodule_free_fraction=1.0))
+    items = []
+    for index in range(count):
+        ct = phantom.slice(index, seed=seed)
+        affine = torch.diag(torch.tensor([ct.spacing_mm, ct.spacing_mm, 1.0, 1.0]))
+        items.append({"image": MetaTensor(torch.from_numpy(ct.hu)[None].float(), affine=affine),
+                      "label": MetaTensor(torch.zeros(1, size, size), affine=affine)})
+    return items
+
+
+def _share(changed_pixels: float, items: list[dict]) -> float:
+    return changed_pixels / items[0]["image"].shape[-1] ** 2
+
+
+def per_sample_loop(items: list[dict], transform) -> dict:
+    """Seconds per sample of ``transform`` in a DataLoader loop, after one warm-up sample; changed shares."""
+    transform(dict(items[0]))  # loads the model once
+    loader = DataLoader(Dataset(items, transform), batch_size=1, num_workers=0)
+    changed, started = [], time.perf_counter()
+    for batch in loader:
+        changed.extend(_share(json.loads(r)["changed_pixels"], items) for r in batch["image"].meta["nodule_synth"][-1])
+    seconds = time.perf_counter() - started
+    return {"samples": len(items), "seconds_per_sample": seconds / len(items), "changed_share": summary(changed)}
+
+
+def batch_loop(items: list[dict], transform, batch_size: int) -> dict:
+    transform(list_data_collate(items[:1]))
+    changed, started = [], time.perf_counter()
+    for start in range(0, len(items), batch_size):
+        out = transform(list_data_collate(items[start:start + batch_size]))
+        changed.extend(_share(json.loads(r)["changed_pixels"], items) for r in out["image_nodule_synth"] if r)
+    seconds = time.perf_counter() - started
+    return {"samples": len(items), "batch_size": batch_size, "seconds_per_sample": seconds / len(items),
+            "changed_share": summary(changed)}
+
+
+def summary(values: list[float]) -> dict:
+    values = np.asarray(values, float)
+    return {"mean": float(values.mean()), "median": float(np.median(values)), "max": float(values.max()),
+            "n": int(len(values))}
+
+
+def synthesize_rate(model: str, count: int, batch_size: int, steps: int, size: int, work: Path) -> dict:
+    out = work / f"synth-b{batch_size}"
+    started = time.perf_counter()
+    manifest = synthesize(out, SynthesisRequest(count=count, size=size, steps=steps, model=model), batch_size=batch_size)
+    seconds = time.perf_counter() - started
+    return {"count": count, "batch_size": batch_size, "cases_per_minute": 60 * count / seconds,
+            "changed_share": summary(list(manifest.changed_pixels / size ** 2))}
+
+
+def transform_cost(model: str, samples: int, steps: int, batch_size: int, bank_size: int, synth_count: int,
+                   seed: int, size: int = 128) -> dict:
+    """The figures above, as a dict (see :func:`transform_cost_markdown`), on ``size`` px slices."""
+    torch.manual_seed(seed)
+    items = backgrounds(samples, seed=seed, size=size)
+    common = {"malignancy": "balanced", "steps": steps, "model": model}
+    report = {"settings": {"model": model, "samples": samples, "steps": steps, "batch_size": batch_size,
+                           "bank_size": bank_size, "synth_count": synth_count, "seed": seed, "size": size}}
+    report["live"] = per_sample_loop(items, NoduleSynthd(keys="image", label_key="label", **common).set_random_state(0))
+    report["batch"] = batch_loop(items, NoduleSynthBatchd(keys="image", label_key="label", **common).set_random_state(0),
+                                 batch_size)
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        started = time.perf_counter()
+        build_bank(work / "bank", SynthesisRequest(count=bank_size, size=size, steps=steps, model=model),
+                   batch_size=batch_size)
+        report["bank_build"] = {"nodules": bank_size, "batch_size": batch_size,
+                                "seconds_per_nodule": (time.perf_counter() - started) / bank_size}
+        report["bank"] = per_sample_loop(items, NoduleSynthd(keys="image", label_key="label", malignancy="balanced",
+                                                             bank=str(work / "bank")).set_random_state(0))
+        report["synthesize"] = [synthesize_rate(model, synth_count, b, steps, size, work)
+                                for b in sorted({1, batch_size})]
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def transform_cost_markdown(report: dict) -> list[str]:
+    """Markdown lines of a :func:`transform_cost` report."""
+    s = report["settings"]
+    lines = [f"{s['size']} px phantom slices, model `{s['model']}`, DDIM {s['steps']} steps, MONAI DataLoader "
+             "with num_workers=0.", "",
+             "| mode | samples | s / sample | samples / s | pixels changed (mean / max share of the slice) |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, label in (("live", "live (diffusion per sample)"),
+                        ("batch", f"batch (NoduleSynthBatchd, {s['batch_size']} per run)"),
+                        ("bank", "bank (Poisson placement)")):
+        r = report[name]
+        lines.append(f"| {label} | {r['samples']} | {r['seconds_per_sample']:.3f} | {1 / r['seconds_per_sample']:.1f} | "
+                     f"{100 * r['changed_share']['mean']:.2f} % / {100 * r['changed_share']['max']:.2f} % |")
+    lines += ["", f"Bank build: {report['bank_build']['seconds_per_nodule']:.3f} s per nodule "
+              f"({report['bank_build']['nodules']} nodules, batch {report['bank_build']['batch_size']}).", "",
+              "| `synthesize` batch size | cases | cases / minute | pixels changed (mean share) |",
+              "| --- | --- | --- | --- |"]
+    for r in report["synthesize"]:
+        lines.append(f"| {r['batch_size']} | {r['count']} | {r['cases_per_minute']:.1f} | "
+                     f"{100 * r['changed_share']['mean']:.2f} % |")
+    return lines

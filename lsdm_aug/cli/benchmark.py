@@ -1,0 +1,37 @@
+"""``lsdm-aug benchmark``: measured figures into a report folder (Markdown + JSON)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lsdm_aug.cli.errors import fail, user_errors
+
+app = typer.Typer(help="Benchmarks that write reports/.", no_args_is_help=True)
+
+
+@app.command("speed")
+def speed(
+    model: Annotated[str, typer.Option(help="'default' or a model folder.")] = "default",
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/speed"),
+    repeats: Annotated[int, typer.Option(help="Samples per timing (after a warm-up).")] = 4,
+    steps: Annotated[str, typer.Option(help="DDIM step counts to compare, comma-separated.")] = "10,25,50",
+    transform_samples: Annotated[int, typer.Option(help="Slices per transform-mode timing.")] = 24,
+    batch_size: Annotated[int, typer.Option(help="Batch size of the batch mode and synthesize.")] = 8,
+    bank_size: Annotated[int, typer.Option(help="Nodules in the bank built for the bank mode.")] = 40,
+    synth_count: Annotated[int, typer.Option(help="Cases synthesized per synthesize timing.")] = 24,
+) -> None:
+    """Generation vs insertion, DDIM steps, guidance, latent vs pixel space, transform modes, FLOP/s."""
+    try:
+        step_counts = tuple(int(s) for s in steps.split(","))
+    except ValueError:
+        fail(f"--steps must be comma-separated integers, got {steps!r}")
+    from lsdm_aug.benchmarks.speed import SpeedSettings, run_speed, speed_markdown
+
+    with user_errors():
+        report = run_speed(SpeedSettings(model=model, out=str(out), repeats=repeats, steps=step_counts,
+                                         transform_samples=transform_samples, batch_size=batch_size,
+                                         bank_size=bank_size, synth_count=synth_count))
+    typer.echo(speed_markdown(report))
