@@ -131,12 +131,31 @@ class DiffusionTraining:
 
 @dataclass
 class ClassifierTraining:
+    """How the feature classifiers train.
+
+    ``malignancy_ambiguous`` is a closed range ``[low, high]`` of mean malignancy ratings left out of the
+    malignancy classifier's training: ``[2.5, 3.5]`` trains benign (<= 2) against malignant (>= 4), as the
+    independent evaluator does, because indeterminate nodules (mean rating 2.5..3.5, about half of them)
+    can hardly be told from benign ones in the image. Empty: every nodule (benign <= 2.5, malignant >= 3).
+    ``augment`` adds random flips and 90-degree rotations of the decoded crops.
+    """
+
     steps: int = 2000
     batch_size: int = 32
     learning_rate: float = 3e-4
     ema_decay: float = 0.9999
     max_timestep: int = 1000
     validate_every: int = 500
+    malignancy_ambiguous: tuple[float, ...] = ()
+    augment: bool = False
+
+    def validate(self) -> None:
+        band = self.malignancy_ambiguous
+        if band and (len(band) != 2 or not 1 <= band[0] <= band[1] <= 5):
+            raise RecipeError(f"train_classifiers.malignancy_ambiguous must be [] or [low, high] within 1..5, "
+                              f"got {list(band)}")
+        if self.max_timestep < 1:
+            raise RecipeError(f"train_classifiers.max_timestep must be >= 1, got {self.max_timestep}")
 
 
 @dataclass
@@ -156,7 +175,7 @@ class Recipe:
         if self.image_size % self.autoencoder.downsampling:
             raise RecipeError(f"image_size {self.image_size} must be a multiple of the autoencoder's downsampling "
                               f"{self.autoencoder.downsampling}")
-        for part in (self.autoencoder, self.diffusion, self.classifiers):
+        for part in (self.autoencoder, self.diffusion, self.classifiers, self.train_classifiers):
             part.validate()
         return self
 
@@ -219,7 +238,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     if not path.suffix:
         path = RECIPES_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if not p.stem.startswith("bench-"))
         raise RecipeError(f"recipe {str(name_or_path)!r} not found; built-in recipes: {', '.join(known)}")
     values = yaml.safe_load(path.read_text()) or {}
     values.setdefault("name", path.stem)

@@ -4,7 +4,14 @@ For each nodule of the training split, the latent window around its centre (``cr
 pixels) is noised to a random timestep, decoded by the frozen decoder and scored by the classifier
 with that timestep. Nodules are drawn label-balanced (each malignancy class, or each rounded
 1..5 level of a regression feature, equally often) and an EMA of the weights (thesis: 0.9999, with
-a warm-up) is what gets saved.
+a warm-up) is what gets saved. Optionally, nodules with an indeterminate malignancy rating are left
+out of the malignancy classifier's training (``train_classifiers.malignancy_ambiguous``) and the
+decoded crops are flipped and rotated (``train_classifiers.augment``).
+
+Validation reports, at t = 0, 200 and 500, the malignancy accuracy and balanced accuracy on every
+held-out nodule and the balanced accuracy on the clear ones (outside the ambiguous range), and the
+regressions' mean absolute error and its level-balanced mean (mean over the rounded 1..5 levels; a
+network that ignores its input and predicts the balanced mean 3 scores 1.2).
 
 Example:
     >>> train_classifiers(load_recipe("phantom-smoke"), "prepared/phantom-64", "models/smoke")  # doctest: +SKIP
@@ -30,7 +37,7 @@ from lsdm_aug.sampling.schedulers import training_scheduler
 from lsdm_aug.training.common import EMA, DistributedContext, load_split_arrays
 from lsdm_aug.training.diffusion import LatentData, load_autoencoder
 
-__all__ = ["train_classifiers", "NoduleCrops", "classifier_file", "balanced_levels"]
+__all__ = ["train_classifiers", "NoduleCrops", "classifier_file", "balanced_levels", "ambiguous_malignancy", "augment"]
 
 STATE_FILE = "classifiers_state.safetensors"
 
@@ -55,10 +62,11 @@ class NoduleCrops:
         case_ids: case id of each latent, in order.
         crop_latent_px: window size in latent pixels.
         factor: autoencoder downsampling.
+        malignancy_ambiguous: ``[low, high]`` malignancy ratings never drawn for the malignancy classifier.
     """
 
     def __init__(self, data: LatentData, features: pd.DataFrame, case_ids: list[str], crop_latent_px: int,
-                 factor: int) -> None:
+                 factor: int, malignancy_ambiguous: tuple[float, ...] = ()) -> None:
         position = {case_id: i for i, case_id in enumerate(case_ids)}
         rows = features[features.case_id.isin(position)].reset_index(drop=True)
         if rows.empty:
@@ -68,20 +76,61 @@ class NoduleCrops:
         self.crops = torch.stack([data.latents[position[r.case_id], :, b.rows, b.cols]
                                   for r, b in zip(rows.itertuples(), boxes)])
         self.ratings = rows
+        self.ambiguous = ambiguous_malignancy(rows[MALIGNANCY].to_numpy(), malignancy_ambiguous)
 
     def __len__(self) -> int:
         return len(self.crops)
 
     def balanced_index(self, feature: str, count: int, generator: torch.Generator) -> torch.Tensor:
-        """``count`` nodules, each label (see :func:`balanced_levels`) drawn equally often."""
+        """``count`` nodules, each label (see :func:`balanced_levels`) drawn equally often.
+
+        For malignancy, nodules in the ambiguous range are never drawn."""
         levels = balanced_levels(feature, self.ratings[feature].to_numpy())
-        present = np.unique(levels)
+        if feature == MALIGNANCY and self.ambiguous.any():
+            levels = np.where(self.ambiguous, -1, levels)
+        present = np.unique(levels[levels >= 0])
         chosen = present[torch.randint(len(present), (count,), generator=generator).numpy()]
         index = [np.flatnonzero(levels == level) for level in chosen]
         return torch.tensor([ix[torch.randint(len(ix), (1,), generator=generator).item()] for ix in index])
 
     def targets(self, feature: str, index: torch.Tensor) -> torch.Tensor:
         return torch.tensor(self.ratings[feature].to_numpy()[index.numpy()], dtype=torch.float32)
+
+
+def ambiguous_malignancy(ratings: np.ndarray, band: tuple[float, ...]) -> np.ndarray:
+    """Which malignancy ratings fall in the closed range ``band = (low, high)`` (none when empty)."""
+    if not band:
+        return np.zeros(len(ratings), dtype=bool)
+    low, high = band
+    return (ratings >= low) & (ratings <= high)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The batch flipped left-right (half the time) and rotated by a random multiple of 90 degrees."""
+    turns = int(torch.randint(4, (1,), generator=generator))
+    images = torch.rot90(images, turns, dims=(-2, -1))
+    return images.flip(-1) if torch.rand(1, generator=generator).item() < 0.5 else images
+
+
+def _balanced_accuracy(predicted: torch.Tensor, truth: torch.Tensor) -> float:
+    """Mean of the per-class recalls of a binary prediction (classes missing from ``truth`` are skipped)."""
+    recalls = [float((predicted[truth == c] == c).float().mean()) for c in (0, 1) if bool((truth == c).any())]
+    return float(np.mean(recalls)) if recalls else float("nan")
+
+
+def _malignancy_scores(feature: str, output: torch.Tensor, target: torch.Tensor, clear: torch.Tensor,
+                       t: int) -> dict[str, float]:
+    truth, predicted = (target >= 3).long(), output.argmax(1)
+    return {f"{feature}_accuracy_t{t}": float((predicted == truth).float().mean()),
+            f"{feature}_balanced_accuracy_t{t}": _balanced_accuracy(predicted, truth),
+            f"{feature}_clear_balanced_accuracy_t{t}": _balanced_accuracy(predicted[clear], truth[clear])}
+
+
+def _regression_scores(feature: str, output: torch.Tensor, target: torch.Tensor, t: int) -> dict[str, float]:
+    error = (output.reshape(-1) - target).abs()
+    levels = torch.from_numpy(balanced_levels(feature, target.cpu().numpy())).to(error.device)
+    per_level = [float(error[levels == level].mean()) for level in levels.unique()]
+    return {f"{feature}_mae_t{t}": float(error.mean()), f"{feature}_balanced_mae_t{t}": float(np.mean(per_level))}
 
 
 def _noisy_decoded(crops: torch.Tensor, timesteps: torch.Tensor, decode, scheduler, generator) -> torch.Tensor:
@@ -92,9 +141,10 @@ def _noisy_decoded(crops: torch.Tensor, timesteps: torch.Tensor, decode, schedul
 
 @torch.no_grad()
 def _validate(networks: dict[str, torch.nn.Module], crops: NoduleCrops, decode, scheduler) -> dict[str, float]:
-    """Accuracy (malignancy) or mean absolute error (regressions) at t = 0, 200 and 500 on held-out nodules."""
+    """Accuracies (malignancy) or mean absolute errors (regressions) at t = 0, 200 and 500 on held-out nodules."""
     generator = torch.Generator().manual_seed(99)
     device = crops.crops.device
+    clear = torch.from_numpy(~crops.ambiguous).to(device)
     result = {}
     for feature, network in networks.items():
         for t in (0, 200, 500):
@@ -102,9 +152,9 @@ def _validate(networks: dict[str, torch.nn.Module], crops: NoduleCrops, decode, 
             output = network(_noisy_decoded(crops.crops, timesteps, decode, scheduler, generator), timesteps)
             target = crops.targets(feature, torch.arange(len(crops))).to(device)
             if feature == MALIGNANCY:
-                result[f"{feature}_accuracy_t{t}"] = float((output.argmax(1) == (target >= 3).long()).float().mean())
+                result.update(_malignancy_scores(feature, output, target, clear, t))
             else:
-                result[f"{feature}_mae_t{t}"] = float((output.reshape(-1) - target).abs().mean())
+                result.update(_regression_scores(feature, output, target, t))
     return result
 
 
@@ -124,7 +174,8 @@ def train_classifiers(recipe: Recipe, data_dir: str | Path, model_dir: str | Pat
     for split in ("train", "validation"):
         dataset = PreparedDataset(data_dir, split=split)
         data = LatentData.encode(load_split_arrays(data_dir, split), autoencoder, scale, semantic=False)
-        splits[split] = NoduleCrops(data, dataset.features, dataset.case_ids(), crop_latent, factor)
+        splits[split] = NoduleCrops(data, dataset.features, dataset.case_ids(), crop_latent, factor,
+                                    settings.malignancy_ambiguous)
         splits[split].crops = splits[split].crops.to(context.device)
     torch.manual_seed(seed)
     features = list(recipe.classifiers.features)
@@ -151,6 +202,8 @@ def train_classifiers(recipe: Recipe, data_dir: str | Path, model_dir: str | Pat
                 index = train.balanced_index(feature, settings.batch_size, generator)
                 timesteps = torch.randint(0, settings.max_timestep, (len(index),), generator=generator).to(context.device)
                 images = _noisy_decoded(train.crops[index.to(train.crops.device)], timesteps, decode, scheduler, generator)
+                if settings.augment:
+                    images = augment(images, generator)
                 loss = feature_loss(feature, wrapped[feature](images, timesteps),
                                     train.targets(feature, index).to(context.device)) / len(index)
                 optimizers[feature].zero_grad(set_to_none=True)

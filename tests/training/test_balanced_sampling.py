@@ -68,3 +68,44 @@ def test_each_crop_is_the_latent_window_around_its_nodule(crops):
     latents = torch.arange(len(crops) * 3 * 16 * 16, dtype=torch.float32).reshape(len(crops), 3, 16, 16)
     assert torch.equal(crops.crops[7], latents[7, :, box.rows, box.cols])
     assert crops.crops.shape == (len(crops), 3, 4, 4)
+
+
+def test_ambiguous_malignancy_is_never_drawn_for_the_malignancy_classifier():
+    from lsdm_aug.training.classifiers import ambiguous_malignancy
+
+    count = 60
+    malignancy = np.array([1.0, 2.0, 2.5, 3.0, 3.5, 4.0] * 10)
+    rng = np.random.default_rng(1)
+    features = pd.DataFrame({"case_id": [f"c{i}" for i in range(count)], "centre_row": rng.uniform(0, 64, count),
+                             "centre_col": rng.uniform(0, 64, count), "malignancy": malignancy, "lobulation": 1.0,
+                             "spiculation": 1.0, "texture": 5.0})
+    latents = torch.zeros(count, 3, 16, 16)
+    data = LatentData(latents, torch.zeros_like(latents), torch.zeros(count, 1, 64, 64, dtype=torch.long))
+    band = NoduleCrops(data, features, list(features.case_id), 4, 4, malignancy_ambiguous=(2.5, 3.5))
+    drawn = band.targets("malignancy", band.balanced_index("malignancy", 400, torch.Generator().manual_seed(0)))
+    assert set(drawn.tolist()) == {1.0, 2.0, 4.0}
+    assert abs(int((drawn >= 3).sum()) - 200) < 40  # benign and malignant still balanced
+    lobulation = band.targets("lobulation", band.balanced_index("lobulation", 50, torch.Generator().manual_seed(0)))
+    assert len(lobulation) == 50  # other features draw from every nodule
+    assert ambiguous_malignancy(malignancy, ()).sum() == 0
+    assert ambiguous_malignancy(malignancy, (2.5, 3.5)).sum() == 30
+
+
+def test_augment_rotates_and_flips_the_whole_batch_consistently():
+    from lsdm_aug.training.classifiers import augment
+
+    images = torch.arange(2 * 16, dtype=torch.float32).reshape(2, 1, 4, 4)
+    seen = {tuple(augment(images, torch.Generator().manual_seed(s))[0, 0].flatten().tolist()) for s in range(40)}
+    assert len(seen) == 8  # the 8 symmetries of the square
+    out = augment(images, torch.Generator().manual_seed(3))
+    assert sorted(out[1].flatten().tolist()) == sorted(images[1].flatten().tolist())
+
+
+def test_bad_ambiguous_band_is_named():
+    from lsdm_aug.config import RecipeError, load_recipe, recipe_from_dict
+
+    recipe = load_recipe("phantom-128")
+    assert recipe.train_classifiers.malignancy_ambiguous == (2.5, 3.5) and recipe.train_classifiers.augment
+    data = recipe.to_dict() | {"train_classifiers": {"malignancy_ambiguous": [4, 2]}}
+    with pytest.raises(RecipeError, match="malignancy_ambiguous must be \\[\\] or \\[low, high\\] within 1..5"):
+        recipe_from_dict(data)
