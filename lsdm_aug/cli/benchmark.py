@@ -35,3 +35,19 @@ def speed(
                                          transform_samples=transform_samples, batch_size=batch_size,
                                          bank_size=bank_size, synth_count=synth_count))
     typer.echo(speed_markdown(report))
+
+
+@app.command("detection")
+def detection(
+    recipe: Annotated[str, typer.Option(help="bench-detection-phantom, bench-detection-lidc-512 or a YAML path.")]
+    = "bench-detection-phantom",
+    work: Annotated[Path, typer.Option(help="Working folder (datasets, nnU-Net folders, predictions); rerun to "
+                                            "continue arm by arm.")] = Path("work/detection"),
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/detection"),
+) -> None:
+    """nnU-Net 2D detection with real data only, plus synthetic cases, on-the-fly synthesis or copy-paste."""
+    from lsdm_aug.benchmarks.detection import detection_markdown, load_detection_recipe, run_detection
+
+    with user_errors():
+        report = run_detection(load_detection_recipe(recipe), work, out)
+    typer.echo(detection_markdown(report))

@@ -1,10 +1,13 @@
 """Lesion-level detection metrics from segmentation output: candidates, matching, FROC and CPM (LUNA16).
 
 A segmentation becomes detection candidates by connected components of the thresholded foreground
-probability, each scored by its highest probability. A candidate hits a reference lesion when it
-overlaps it; the best-scored hit of a lesion is its true positive, further hits of the same lesion
-are ignored (neither true nor false positive, as in the LUNA16 evaluation), and candidates hitting
-nothing are false positives.
+probability, each scored by its highest probability and located at its centroid. As in LUNA16, a
+candidate hits a reference lesion when its centre lies within the lesion's radius of the lesion's
+centre (the radius of a disc of the lesion's area, at least ``MIN_RADIUS_PX`` = 2 px so that one- and
+two-pixel nodules of low-resolution slices can be hit at all); a component smeared over the slice
+therefore does not count as finding what it covers. The best-scored hit of a lesion is its true
+positive, further hits of the same lesion are ignored (neither true nor false positive), and
+candidates hitting nothing are false positives.
 
 FROC: sensitivity against the mean number of false positives per image (slice or scan), with every
 distinct candidate score as a threshold. CPM (competition performance metric, LUNA16) is the mean
@@ -32,10 +35,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["LUNA16_FP_RATES", "Candidate", "CaseDetections", "FROCResult", "detect_case", "froc", "dice",
+__all__ = ["LUNA16_FP_RATES", "MIN_RADIUS_PX", "Candidate", "CaseDetections", "FROCResult", "detect_case", "froc", "dice",
            "sensitivity_by_group"]
 
 LUNA16_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+MIN_RADIUS_PX = 2.0
 
 
 @dataclass(frozen=True)
@@ -72,14 +76,20 @@ def detect_case(probability: np.ndarray, reference: np.ndarray, threshold: float
     lesions, n_lesions = ndimage.label(reference > 0)
     components, n_components = ndimage.label(probability >= threshold)
     scores = ndimage.maximum(probability, components, range(1, n_components + 1)) if n_components else []
+    centres = np.atleast_2d(ndimage.center_of_mass(np.ones_like(probability), components, range(1, n_components + 1)))
+    lesion_centres = np.atleast_2d(ndimage.center_of_mass(np.ones_like(probability), lesions, range(1, n_lesions + 1)))
+    areas = ndimage.sum(np.ones_like(probability), lesions, range(1, n_lesions + 1)) if n_lesions else np.zeros(0)
+    radii = np.maximum(np.sqrt(np.asarray(areas) / np.pi) if probability.ndim == 2
+                       else np.cbrt(np.asarray(areas) * 3 / (4 * np.pi)), MIN_RADIUS_PX)
     found, claimed = [], set()
     for index in np.argsort(-np.asarray(scores), kind="stable"):
-        hit = np.unique(lesions[components == index + 1])
-        hit = [int(h) for h in hit if h and h not in claimed]
-        if hit:
-            claimed.add(hit[0])
-            found.append(Candidate(float(scores[index]), hit[0]))
-        elif not np.any(lesions[components == index + 1]):
+        distance = np.linalg.norm(lesion_centres - centres[index], axis=1) if n_lesions else np.zeros(0)
+        within = [int(k) + 1 for k in np.argsort(distance) if distance[k] <= radii[k]]
+        free = [lesion for lesion in within if lesion not in claimed]
+        if free:
+            claimed.add(free[0])
+            found.append(Candidate(float(scores[index]), free[0]))
+        elif not within:
             found.append(Candidate(float(scores[index]), 0))
         # a candidate on an already detected lesion: ignored
     return CaseDetections(found, list(range(1, n_lesions + 1)))

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -34,8 +35,13 @@ def trainer_class(name: str = "nnUNetTrainerNoduleSynth"):
 
 
 def train(dataset: str | int, configuration: str, fold: int | str, trainer: str = "nnUNetTrainerNoduleSynth",
-          plans: str = "nnUNetPlans", device: str = "cpu", continue_training: bool = False) -> Path:
-    """Train one fold as ``nnUNetv2_train`` would (single process); returns the output folder."""
+          plans: str = "nnUNetPlans", device: str = "cpu", continue_training: bool = False, validate: bool = True,
+          predict: tuple[str, str] | None = None) -> Path:
+    """Train one fold as ``nnUNetv2_train`` would (single process); returns the output folder.
+
+    ``validate=False`` skips nnU-Net's final validation; ``predict=(images folder, output folder)`` then
+    predicts those images with the trained network, saving the softmax probabilities (``.npz``) too.
+    """
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.run.run_training import maybe_load_checkpoint
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -55,5 +61,41 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer: str 
                                             dataset_json=dataset_json, device=torch.device(device))
     maybe_load_checkpoint(nnunet_trainer, continue_training, False, None)
     nnunet_trainer.run_training()
-    nnunet_trainer.perform_actual_validation(False)
+    if validate:
+        nnunet_trainer.perform_actual_validation(False)
+    if predict is not None:
+        predict_folder(nnunet_trainer, *predict)
     return Path(nnunet_trainer.output_folder)
+
+
+def predict_folder(trainer, images: str | Path, output: str | Path) -> None:
+    """Predict every image of ``images`` with a trained nnU-Net trainer's network (probabilities saved)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                perform_everything_on_device=True, device=trainer.device, verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=False)
+    trainer.set_deep_supervision_enabled(False)  # one output, as nnU-Net's own validation does
+    network = getattr(trainer.network, "_orig_mod", trainer.network)  # torch.compile wraps it
+    network.eval()
+    predictor.manual_initialization(network, trainer.plans_manager, trainer.configuration_manager,
+                                    [copy.deepcopy(network.state_dict())],
+                                    trainer.dataset_json, trainer.__class__.__name__,
+                                    trainer.inference_allowed_mirroring_axes)
+    Path(output).mkdir(parents=True, exist_ok=True)
+    predictor.predict_from_files(str(images), str(output), save_probabilities=True, overwrite=True,
+                                 num_processes_preprocessing=1, num_processes_segmentation_export=1)
+
+
+def _main(job_json: str) -> None:
+    """``python -m lsdm_aug.nnunet.training '{"dataset": ..., "configuration": ..., "test": ..., "predictions": ...}'``:
+    train on fold "all" without validation and predict a folder (what ``lsdm-aug benchmark detection`` runs)."""
+    job = json.loads(job_json)
+    train(job["dataset"], job["configuration"], "all", job.get("trainer", "nnUNetTrainerNoduleSynth"),
+          device=job.get("device", "cpu"), validate=False, predict=(job["test"], job["predictions"]))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1])

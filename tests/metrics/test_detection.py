@@ -61,3 +61,12 @@ def test_sensitivity_by_malignancy_and_dice():
     assert dice(np.zeros((4, 4)), np.zeros((4, 4))) == 1.0
     with pytest.raises(ValueError, match="needs images with reference lesions"):
         froc([CaseDetections([Candidate(0.5, 0)], [])])
+
+
+def test_a_component_smeared_over_the_slice_finds_nothing():
+    reference = _square((40, 40), 3, 3).astype(np.uint8)
+    everywhere = np.full((40, 40), 0.7)
+    case = detect_case(everywhere, reference)
+    assert case.candidates == [Candidate(0.7, 0)]  # its centre (19.5, 19.5) is far from the lesion
+    off_centre = _square((40, 40), 3, 3, 3, 0.9) + _square((40, 40), 6, 6, 1, 0.9)  # touching, centre 1 px off
+    assert detect_case(off_centre, reference).candidates[0].lesion == 1

@@ -2,14 +2,16 @@
 
 Found by nnU-Net through ``nnUNet_extTrainer`` (see :mod:`lsdm_aug.nnunet`). Only
 ``get_training_transforms`` changes (as nnU-Net's own ``nnUNetTrainerDA5`` does), plus the optional
-epoch budget from ``LSDM_AUG_NNUNET``.
+epoch budget and seed from ``LSDM_AUG_NNUNET``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 
+import numpy as np
 import torch
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -39,6 +41,11 @@ class nnUNetTrainerNoduleSynth(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming
                  device: torch.device = torch.device("cuda")) -> None:
         super().__init__(plans, configuration, fold, dataset_json, device)
         settings = _settings()
+        if "seed" in settings:  # the benchmark's seeds: initial weights, sampling and augmentation draws
+            seed = int(settings.pop("seed"))
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
         for key in _BUDGET_KEYS:
             if key in settings:
                 setattr(self, key, int(settings[key]))
