@@ -67,7 +67,11 @@ class AutoencoderConfig:
 
 @dataclass
 class DiffusionConfig:
-    """Latent semantic diffusion U-Net (MONAI ``SPADEDiffusionModelUNet``) and its noise schedule."""
+    """Latent semantic diffusion U-Net (MONAI ``SPADEDiffusionModelUNet``) and its noise schedule.
+
+    ``spade: false`` builds the LDM baseline instead: MONAI's plain ``DiffusionModelUNet``, conditioned
+    only by the encoded map concatenated to the noisy latent.
+    """
 
     channels: tuple[int, ...] = (32, 64, 64)
     num_res_blocks: int = 1
@@ -79,6 +83,7 @@ class DiffusionConfig:
     beta_schedule: str = "linear_beta"
     beta_start: float = 0.0015
     beta_end: float = 0.0195
+    spade: bool = True
 
     def validate(self) -> None:
         if len(self.attention_levels) != len(self.channels):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks.spade_norm import SPADE
-from monai.networks.nets import SPADEDiffusionModelUNet
+from monai.networks.nets import DiffusionModelUNet, SPADEDiffusionModelUNet
 
 from lsdm_aug.config import DiffusionConfig
 from lsdm_aug.data.semantic import NUM_LABELS
@@ -43,10 +43,17 @@ class MaxPoolSPADE(SPADE):
         return super().forward(x, segmap)
 
 
-def build_unet(config: DiffusionConfig, latent_channels: int) -> SPADEDiffusionModelUNet:
-    """The SPADE diffusion U-Net of LSDM (noisy latent + encoded map in, noise out)."""
+def build_unet(config: DiffusionConfig, latent_channels: int) -> SPADEDiffusionModelUNet | DiffusionModelUNet:
+    """The SPADE diffusion U-Net of LSDM (noisy latent + encoded map in, noise out); with ``config.spade``
+    false, the LDM baseline's plain U-Net (the map only concatenated)."""
     config.validate()
     levels = len(config.channels)
+    if not config.spade:
+        return DiffusionModelUNet(
+            spatial_dims=2, in_channels=2 * latent_channels, out_channels=latent_channels,
+            channels=tuple(config.channels), attention_levels=tuple(config.attention_levels),
+            num_res_blocks=(config.num_res_blocks,) * levels, norm_num_groups=config.norm_num_groups,
+            num_head_channels=config.num_head_channels)
     unet = SPADEDiffusionModelUNet(
         spatial_dims=2, in_channels=2 * latent_channels, out_channels=latent_channels, label_nc=NUM_LABELS,
         channels=tuple(config.channels), attention_levels=tuple(config.attention_levels),
@@ -95,5 +102,8 @@ class SemanticCondition:
 
 def predict_noise(unet: torch.nn.Module, noisy_latent: torch.Tensor, timesteps: torch.Tensor,
                   condition: SemanticCondition) -> torch.Tensor:
-    """epsilon_theta(Concat(z_t, E(m)), t) with SPADE fed the one-hot map."""
-    return unet(torch.cat([noisy_latent, condition.latent], dim=1), timesteps, seg=condition.onehot)
+    """epsilon_theta(Concat(z_t, E(m)), t) with SPADE fed the one-hot map (the LDM baseline: no SPADE)."""
+    inputs = torch.cat([noisy_latent, condition.latent], dim=1)
+    if isinstance(unet, DiffusionModelUNet) or isinstance(getattr(unet, "module", None), DiffusionModelUNet):
+        return unet(inputs, timesteps)
+    return unet(inputs, timesteps, seg=condition.onehot)

@@ -128,3 +128,24 @@ def test_condition_crop_takes_the_matching_image_window():
     assert torch.equal(window.latent, latent[..., 1:3, 2:4])
     assert torch.equal(window.onehot, onehot[..., 4:12, 8:16])
     assert window.repeat(3).latent.shape == (3, 1, 2, 2)
+
+
+def test_the_ldm_baseline_has_no_spade_and_still_sees_the_map():
+    from monai.networks.nets import DiffusionModelUNet
+
+    from lsdm_aug.config import DiffusionConfig
+    from lsdm_aug.models.unet import SemanticCondition, build_unet, predict_noise, semantic_onehot
+
+    config = DiffusionConfig(channels=(16, 16, 32), attention_levels=(False, False, False), norm_num_groups=8,
+                             spade=False)
+    unet = build_unet(config, latent_channels=3).eval()
+    assert type(unet) is DiffusionModelUNet and not any(isinstance(m, SPADE) for m in unet.modules())
+    for parameter in unet.out.parameters():  # MONAI zero-initialises the output convolution
+        torch.nn.init.normal_(parameter, generator=torch.Generator().manual_seed(0))
+    semantic = torch.zeros(1, 1, 32, 32, dtype=torch.long)
+    first = SemanticCondition(torch.zeros(1, 3, 8, 8), semantic_onehot(semantic))
+    second = SemanticCondition(torch.ones(1, 3, 8, 8), semantic_onehot(semantic))
+    with torch.no_grad():
+        a = predict_noise(unet, torch.zeros(1, 3, 8, 8), torch.tensor([10]), first)
+        b = predict_noise(unet, torch.zeros(1, 3, 8, 8), torch.tensor([10]), second)
+    assert a.shape == (1, 3, 8, 8) and not torch.equal(a, b)  # conditioned through the concatenated map
