@@ -111,6 +111,25 @@ class ClassifierConfig:
 
 
 @dataclass
+class SpadeGanConfig:
+    """The SPADE GAN baseline (MONAI ``SPADENet`` generator, map -> slice; ``PatchDiscriminator`` on slice + map)."""
+
+    channels: tuple[int, ...] = (32, 64, 128)
+    spade_intermediate_channels: int = 32
+    discriminator_channels: int = 32
+
+
+@dataclass
+class SpadeGanTraining:
+    steps: int = 4000
+    batch_size: int = 16
+    learning_rate: float = 2e-4
+    l1_weight: float = 10.0
+    adversarial_weight: float = 1.0
+    validate_every: int = 500
+
+
+@dataclass
 class AutoencoderTraining:
     steps: int = 6000
     batch_size: int = 16
@@ -175,6 +194,8 @@ class Recipe:
     train_autoencoder: AutoencoderTraining = field(default_factory=AutoencoderTraining)
     train_diffusion: DiffusionTraining = field(default_factory=DiffusionTraining)
     train_classifiers: ClassifierTraining = field(default_factory=ClassifierTraining)
+    spade_gan: SpadeGanConfig = field(default_factory=SpadeGanConfig)
+    train_spade_gan: SpadeGanTraining = field(default_factory=SpadeGanTraining)
 
     def validate(self) -> Recipe:
         if self.image_size % self.autoencoder.downsampling:

@@ -59,3 +59,9 @@ def diffusion(recipe: Recipe, data: Data, out: Out, device: Device = "", seed: S
 def classifiers(recipe: Recipe, data: Data, out: Out, device: Device = "", seed: Seed = 0) -> None:
     """Train the malignancy / lobulation / spiculation / texture classifiers on decoded noisy crops (needs the autoencoder)."""
     _train("classifiers", recipe, data, out, device, seed)
+
+
+@app.command("spade-gan")
+def spade_gan(recipe: Recipe, data: Data, out: Out, device: Device = "", seed: Seed = 0) -> None:
+    """Train the SPADE GAN baseline (map -> slice in one pass) of the generation benchmark."""
+    _train("spade_gan", recipe, data, out, device, seed)
