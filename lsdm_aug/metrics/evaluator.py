@@ -1,8 +1,9 @@
 """An independent nodule evaluator: judges generated nodules without having guided them.
 
 A small MONAI ``Classifier`` trained on **clean** crops of real phantom slices (never on generated
-or noisy ones), benign (malignancy <= 2) against malignant (>= 4). It scores generated nodules
-for the control AUC, and its penultimate features give the nodule-crop Fréchet distance.
+or noisy ones), low (rating <= 2) against high (>= 4) on one feature: by default malignancy (benign
+vs malignant), or lobulation, spiculation or texture. It scores generated nodules for the control
+AUC, and its penultimate features give the nodule-crop Fréchet distance.
 
 Example:
     >>> evaluator = NoduleEvaluator.train("prepared/phantom-128", steps=600)  # doctest: +SKIP
@@ -33,33 +34,43 @@ def nodule_crops(images: np.ndarray, centres: list[tuple[float, float]], crop_px
     return np.stack(crops).astype(np.float32)
 
 
-def _labelled_crops(dataset: PreparedDataset, crop_px: int) -> tuple[np.ndarray, np.ndarray]:
-    rows = dataset.features[(dataset.features.malignancy <= 2) | (dataset.features.malignancy >= 4)]
+def _labelled_crops(dataset: PreparedDataset, crop_px: int, feature: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = dataset.features[(dataset.features[feature] <= 2) | (dataset.features[feature] >= 4)]
     images = np.stack([dataset[case_id]["image"] for case_id in rows.case_id])
     crops = nodule_crops(images, list(zip(rows.centre_row, rows.centre_col)), crop_px)
-    return crops, (rows.malignancy.to_numpy() >= 4).astype(np.int64)
+    return crops, (rows[feature].to_numpy() >= 4).astype(np.int64)
 
 
 class NoduleEvaluator:
-    """Benign-vs-malignant scorer of nodule crops, trained on clean phantom crops.
+    """Low-vs-high scorer of one feature on nodule crops (malignancy: benign vs malignant), trained on clean
+    phantom crops.
 
     Args:
         network: a trained MONAI ``Classifier`` with 2 outputs.
         crop_px: crop size it was trained on.
+        feature: the feature it judges.
+
+    Example:
+        >>> evaluator, report = NoduleEvaluator.train("prepared/phantom-128", feature="texture")  # doctest: +SKIP
+        >>> evaluator.high_probability(crops)  # doctest: +SKIP
     """
 
-    def __init__(self, network: Classifier, crop_px: int) -> None:
-        self.network, self.crop_px = network.eval(), crop_px
+    def __init__(self, network: Classifier, crop_px: int, feature: str = "malignancy") -> None:
+        self.network, self.crop_px, self.feature = network.eval(), crop_px, feature
 
     @classmethod
     def train(cls, data_dir: str | Path, crop_px: int = 32, steps: int = 600, batch_size: int = 64,
-              seed: int = 0) -> tuple[NoduleEvaluator, dict[str, float]]:
+              seed: int = 0, feature: str = "malignancy") -> tuple[NoduleEvaluator, dict[str, float]]:
         """Train on the train split (class-balanced batches, flips as augmentation); report validation AUC."""
         from monai.metrics import compute_roc_auc
 
+        from lsdm_aug.config import FEATURES
+
+        if feature not in FEATURES:
+            raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
-        crops, labels = _labelled_crops(PreparedDataset(data_dir, split="train"), crop_px)
+        crops, labels = _labelled_crops(PreparedDataset(data_dir, split="train"), crop_px, feature)
         network = Classifier(in_shape=(1, crop_px, crop_px), classes=2, channels=(16, 32, 64), strides=(2, 2, 2),
                              dropout=0.1)
         optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -75,17 +86,24 @@ class NoduleEvaluator:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        evaluator = cls(network, crop_px)
-        val_crops, val_labels = _labelled_crops(PreparedDataset(data_dir, split="validation"), crop_px)
-        scores = evaluator.malignant_probability(val_crops)
+        evaluator = cls(network, crop_px, feature)
+        val_crops, val_labels = _labelled_crops(PreparedDataset(data_dir, split="validation"), crop_px, feature)
+        scores = evaluator.high_probability(val_crops)
         auc = float(compute_roc_auc(torch.from_numpy(scores), torch.from_numpy(val_labels)))
-        return evaluator, {"validation_auc": auc, "train_nodules": int(len(labels)), "validation_nodules": int(len(val_labels))}
+        return evaluator, {"feature": feature, "validation_auc": auc, "train_nodules": int(len(labels)),
+                           "validation_nodules": int(len(val_labels))}
 
     @torch.no_grad()
-    def malignant_probability(self, crops: np.ndarray) -> np.ndarray:
-        """P(malignant) of each (crop, crop) crop."""
+    def high_probability(self, crops: np.ndarray) -> np.ndarray:
+        """P(rating >= 4) of each (crop, crop) crop (for malignancy: P(malignant))."""
         logits = self.network(torch.from_numpy(np.asarray(crops, np.float32)).unsqueeze(1))
         return torch.softmax(logits, dim=1)[:, 1].numpy()
+
+    def malignant_probability(self, crops: np.ndarray) -> np.ndarray:
+        """P(malignant) of each crop (an evaluator trained on malignancy)."""
+        if self.feature != "malignancy":
+            raise ValueError(f"this evaluator judges {self.feature}, not malignancy; use high_probability")
+        return self.high_probability(crops)
 
     @torch.no_grad()
     def features(self, crops: np.ndarray) -> torch.Tensor:
