@@ -51,3 +51,18 @@ def detection(
     with user_errors():
         report = run_detection(load_detection_recipe(recipe), work, out)
     typer.echo(detection_markdown(report))
+
+
+@app.command("generation")
+def generation(
+    recipe: Annotated[str, typer.Option(help="bench-generation or a YAML path.")] = "bench-generation",
+    work: Annotated[Path, typer.Option(help="Working folder (feature network; rerun to reuse).")] =
+    Path("work/generation"),
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/generation"),
+) -> None:
+    """SPADE GAN, LDM, LSDM and guided LSDM on the same held-out maps: FID, SSIM, MS-SSIM, perceptual, control."""
+    from lsdm_aug.benchmarks.generation import generation_markdown, load_generation_recipe, run_generation
+
+    with user_errors():
+        report = run_generation(load_generation_recipe(recipe), work, out)
+    typer.echo(generation_markdown(report))

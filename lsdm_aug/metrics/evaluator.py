@@ -76,6 +76,9 @@ class NoduleEvaluator:
         optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3, weight_decay=1e-4)
         x, y = torch.from_numpy(crops).unsqueeze(1), torch.from_numpy(labels)
         by_class = [torch.nonzero(y == c).flatten() for c in (0, 1)]
+        if min(len(ix) for ix in by_class) == 0:
+            raise ValueError(f"{feature}: the train split needs nodules rated <= 2 and >= 4, has "
+                             f"{len(by_class[0])} and {len(by_class[1])}")
         for _ in range(steps):
             picks = [ix[torch.randint(len(ix), (batch_size // 2,), generator=generator)] for ix in by_class]
             index = torch.cat(picks)
