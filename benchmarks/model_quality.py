@@ -35,6 +35,9 @@ from lsdm_aug.pipeline import LSDMPipeline
 from lsdm_aug.training.autoencoder import reconstruction_metrics
 
 
+LARGE_NODULE_PX = 8  # at 128 px (2.8 mm pixels) the f=4 autoencoder keeps the contrast of nodules this large
+
+
 def autoencoder_quality(pipe: LSDMPipeline, test: PreparedDataset, limit: int) -> dict:
     images = torch.from_numpy(np.stack([test[i]["image"] for i in range(min(limit, len(test)))])).unsqueeze(1)
     return reconstruction_metrics(pipe.autoencoder, images.to(pipe.device)) | {"slices": len(images)}
@@ -44,7 +47,7 @@ def map_respect(pipe: LSDMPipeline, test: PreparedDataset, count: int, steps: in
     """Unguided generation from held-out maps; HU statistics by label, per nodule texture level."""
     cases = [test[c] for c in test.features.case_id.unique()[:count]]
     generated = pipe.generate(np.stack([c["semantic_map"] for c in cases]), steps=steps, guidance_scale=0, seed=seed)
-    lung_hu, solid_gap, by_texture = [], [], {}
+    lung_hu, solid_gap, real_gap, solid_area, by_texture = [], [], [], [], {}
     for case, image in zip(cases, generated):
         hu, real_hu = unit_to_hu(image), unit_to_hu(case["image"])
         lung = case["semantic_map"] == 4
@@ -60,9 +63,15 @@ def map_respect(pipe: LSDMPipeline, test: PreparedDataset, count: int, steps: in
             entry["phantom"].append(float(real_hu[mask].mean()))
             if nodule["texture"] >= 4 and ring.any():
                 solid_gap.append(float(hu[mask].mean() - hu[ring].mean()))
+                real_gap.append(float(real_hu[mask].mean() - real_hu[ring].mean()))
+                solid_area.append(int(mask.sum()))
+    large = [g for g, a in zip(solid_gap, solid_area) if a >= LARGE_NODULE_PX]
     return {"slices": len(cases), "lung_mean_hu": float(np.mean(lung_hu)),
             "solid_nodule_minus_lung_hu": float(np.mean(solid_gap)) if solid_gap else None,
             "solid_nodules": len(solid_gap),
+            "real_solid_nodule_minus_lung_hu": float(np.mean(real_gap)) if real_gap else None,
+            f"solid_nodule_minus_lung_hu_area_ge_{LARGE_NODULE_PX}px": float(np.mean(large)) if large else None,
+            f"solid_nodules_area_ge_{LARGE_NODULE_PX}px": len(large),
             "texture_mean_hu": {str(k): {"generated": float(np.mean(v["generated"])), "phantom": float(np.mean(v["phantom"])),
                                          "nodules": len(v["generated"])} for k, v in sorted(by_texture.items())}}
 
@@ -154,7 +163,11 @@ def markdown(report: dict, command: str) -> str:
              "## Generated slices respect the map (unguided, DDIM)", "",
              f"- mean HU in label-4 lung: {maps['lung_mean_hu']:.0f} (target < -500)",
              f"- solid nodules (texture >= 4) minus surrounding lung: {maps['solid_nodule_minus_lung_hu']} HU "
-             f"over {maps['solid_nodules']} nodules (target >= 300)", "",
+             f"over {maps['solid_nodules']} nodules (target >= 300; the real slices: "
+             f"{maps['real_solid_nodule_minus_lung_hu']:.0f} HU)",
+             f"- the same for solid nodules of >= {LARGE_NODULE_PX} px, which the f=4 autoencoder can represent: "
+             f"{maps[f'solid_nodule_minus_lung_hu_area_ge_{LARGE_NODULE_PX}px']} HU over "
+             f"{maps[f'solid_nodules_area_ge_{LARGE_NODULE_PX}px']} nodules", "",
              "| texture | nodules | generated mean HU | phantom mean HU | difference |", "| --- | --- | --- | --- | --- |"]
     for level, v in maps["texture_mean_hu"].items():
         lines.append(f"| {level} | {v['nodules']} | {v['generated']:.0f} | {v['phantom']:.0f} | {v['generated'] - v['phantom']:+.0f} |")
