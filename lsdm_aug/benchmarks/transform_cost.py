@@ -51,11 +51,14 @@ def per_sample_loop(items: list[dict], transform) -> dict:
     """Seconds per sample of ``transform`` in a DataLoader loop, after one warm-up sample; changed shares."""
     transform(dict(items[0]))  # loads the model once
     loader = DataLoader(Dataset(items, transform), batch_size=1, num_workers=0)
-    changed, started = [], time.perf_counter()
+    changed, skipped, started = [], 0, time.perf_counter()
     for batch in loader:
-        changed.extend(_share(json.loads(r)["changed_pixels"], items) for r in batch["image"].meta["nodule_synth"][-1])
+        records = [json.loads(r) for r in batch["image"].meta["nodule_synth"][-1]]
+        skipped += sum(1 for r in records if r.get("skipped"))
+        changed.extend(_share(r["changed_pixels"], items) for r in records if not r.get("skipped"))
     seconds = time.perf_counter() - started
-    return {"samples": len(items), "seconds_per_sample": seconds / len(items), "changed_share": summary(changed)}
+    return {"samples": len(items), "seconds_per_sample": seconds / len(items), "changed_share": summary(changed),
+            "skipped": skipped}
 
 
 def batch_loop(items: list[dict], transform, batch_size: int) -> dict:
@@ -63,7 +66,8 @@ def batch_loop(items: list[dict], transform, batch_size: int) -> dict:
     changed, started = [], time.perf_counter()
     for start in range(0, len(items), batch_size):
         out = transform(list_data_collate(items[start:start + batch_size]))
-        changed.extend(_share(json.loads(r)["changed_pixels"], items) for r in out["image_nodule_synth"] if r)
+        records = [json.loads(r) for r in out["image_nodule_synth"] if r]
+        changed.extend(_share(r["changed_pixels"], items) for r in records if not r.get("skipped"))
     seconds = time.perf_counter() - started
     return {"samples": len(items), "batch_size": batch_size, "seconds_per_sample": seconds / len(items),
             "changed_share": summary(changed)}
@@ -121,8 +125,10 @@ def transform_cost_markdown(report: dict) -> list[str]:
                         ("batch", f"batch (NoduleSynthBatchd, {s['batch_size']} per run)"),
                         ("bank", "bank (Poisson placement)")):
         r = report[name]
-        lines.append(f"| {label} | {r['samples']} | {r['seconds_per_sample']:.3f} | {1 / r['seconds_per_sample']:.1f} | "
-                     f"{100 * r['changed_share']['mean']:.2f} % / {100 * r['changed_share']['max']:.2f} % |")
+        skipped = f" ({r['skipped']} left unchanged: no room in the lung)" if r.get("skipped") else ""
+        lines.append(f"| {label} | {r['samples']}{skipped} | {r['seconds_per_sample']:.3f} | "
+                     f"{1 / r['seconds_per_sample']:.1f} | {100 * r['changed_share']['mean']:.2f} % / "
+                     f"{100 * r['changed_share']['max']:.2f} % |")
     lines += ["", f"Bank build: {report['bank_build']['seconds_per_nodule']:.3f} s per nodule "
               f"({report['bank_build']['nodules']} nodules, batch {report['bank_build']['batch_size']}).", "",
               "| `synthesize` batch size | cases | cases / minute | pixels changed (mean share) |",
