@@ -305,7 +305,7 @@ def evaluate(test: Path, predictions: Path, threshold: float) -> dict[str, Any]:
         _, instances, _ = read_case(test, case_id)
         with np.load(predictions / f"{case_id}.npz", allow_pickle=False) as arrays:
             foreground = 1.0 - arrays["probabilities"][0].reshape(instances.shape)
-        case = detect_case(foreground, instances, threshold)
+        case = detect_case(foreground, instances, threshold, instances=True)
         cases.append(case)
         rows = lesions[(lesions.case_id == case_id) & (lesions.lesion > 0)]
         groups.append({int(r.lesion): int(np.floor(r.malignancy + 0.5)) for r in rows.itertuples()})

@@ -64,27 +64,35 @@ class CaseDetections:
         return sum(1 for c in self.candidates if not c.lesion and c.score >= threshold)
 
 
-def detect_case(probability: np.ndarray, reference: np.ndarray, threshold: float = 0.5) -> CaseDetections:
+def detect_case(probability: np.ndarray, reference: np.ndarray, threshold: float = 0.5,
+                instances: bool = False) -> CaseDetections:
     """Candidates of a foreground ``probability`` map (2D or 3D) matched against a ``reference`` label (> 0).
 
-    Reference lesions are the connected components of ``reference > 0``."""
+    Reference lesions are the connected components of ``reference > 0``, or, with ``instances``, the
+    reference's own values 1..n (an instance map: lesion ids stay those of the reference)."""
     probability, reference = np.asarray(probability, float), np.asarray(reference)
     if probability.shape != reference.shape:
         raise ValueError(f"probability {probability.shape} and reference {reference.shape} differ in shape")
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
-    lesions, n_lesions = ndimage.label(reference > 0)
+    if instances:
+        lesion_ids = [int(v) for v in np.unique(reference) if v > 0]
+        lesions = reference.astype(int)
+    else:
+        lesions, count = ndimage.label(reference > 0)
+        lesion_ids = list(range(1, count + 1))
+    n_lesions = len(lesion_ids)
     components, n_components = ndimage.label(probability >= threshold)
     scores = ndimage.maximum(probability, components, range(1, n_components + 1)) if n_components else []
     centres = np.atleast_2d(ndimage.center_of_mass(np.ones_like(probability), components, range(1, n_components + 1)))
-    lesion_centres = np.atleast_2d(ndimage.center_of_mass(np.ones_like(probability), lesions, range(1, n_lesions + 1)))
-    areas = ndimage.sum(np.ones_like(probability), lesions, range(1, n_lesions + 1)) if n_lesions else np.zeros(0)
+    lesion_centres = np.atleast_2d(ndimage.center_of_mass(np.ones_like(probability), lesions, lesion_ids))
+    areas = ndimage.sum(np.ones_like(probability), lesions, lesion_ids) if n_lesions else np.zeros(0)
     radii = np.maximum(np.sqrt(np.asarray(areas) / np.pi) if probability.ndim == 2
                        else np.cbrt(np.asarray(areas) * 3 / (4 * np.pi)), MIN_RADIUS_PX)
     found, claimed = [], set()
     for index in np.argsort(-np.asarray(scores), kind="stable"):
         distance = np.linalg.norm(lesion_centres - centres[index], axis=1) if n_lesions else np.zeros(0)
-        within = [int(k) + 1 for k in np.argsort(distance) if distance[k] <= radii[k]]
+        within = [lesion_ids[k] for k in np.argsort(distance) if distance[k] <= radii[k]]
         free = [lesion for lesion in within if lesion not in claimed]
         if free:
             claimed.add(free[0])
@@ -92,7 +100,7 @@ def detect_case(probability: np.ndarray, reference: np.ndarray, threshold: float
         elif not within:
             found.append(Candidate(float(scores[index]), 0))
         # a candidate on an already detected lesion: ignored
-    return CaseDetections(found, list(range(1, n_lesions + 1)))
+    return CaseDetections(found, lesion_ids)
 
 
 @dataclass(frozen=True)

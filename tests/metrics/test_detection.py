@@ -70,3 +70,11 @@ def test_a_component_smeared_over_the_slice_finds_nothing():
     assert case.candidates == [Candidate(0.7, 0)]  # its centre (19.5, 19.5) is far from the lesion
     off_centre = _square((40, 40), 3, 3, 3, 0.9) + _square((40, 40), 6, 6, 1, 0.9)  # touching, centre 1 px off
     assert detect_case(off_centre, reference).candidates[0].lesion == 1
+
+
+def test_instance_maps_keep_their_lesion_ids():
+    reference = (_square((30, 30), 2, 2) * 3 + _square((30, 30), 20, 20) * 5).astype(np.uint8)
+    probability = _square((30, 30), 20, 20, 3, 0.8)
+    case = detect_case(probability, reference, instances=True)
+    assert case.lesions == [3, 5] and case.candidates == [Candidate(0.8, 5)]
+    assert detect_case(probability, reference).lesions == [1, 2]  # connected components, numbered anew
