@@ -42,7 +42,7 @@ import yaml
 from lsdm_aug.data.nnunet_format import read_case, write_case, write_dataset_json
 from lsdm_aug.data.phantom import SUPPORTED_SIZES, ChestPhantom, PhantomConfig, free_site
 from lsdm_aug.data.prepared import atomic_write_text
-from lsdm_aug.metrics.detection import LUNA16_FP_RATES, detect_case, dice, froc, sensitivity_by_group
+from lsdm_aug.metrics.detection import LUNA16_FP_RATES, detect_case, froc, sensitivity_by_group
 
 __all__ = ["DetectionRecipe", "load_detection_recipe", "run_detection", "ARMS"]
 
@@ -61,7 +61,7 @@ class DetectionRecipe:
     model: str = "default"
     prepared: str | None = None
     train_patients: int = 8
-    test_patients: int = 16
+    test_patients: int = 10
     slices_per_patient: int = 6
     nodule_free_fraction: float = 0.7
     data_seed: int = 100
@@ -73,11 +73,12 @@ class DetectionRecipe:
     seeds: tuple[int, ...] = (0, 1, 2)
     features_per_stage: tuple[int, ...] | None = (8, 16, 32, 64, 64, 64)
     batch_size: int | None = 8
-    num_epochs: int = 10
-    iterations_per_epoch: int = 20
+    num_epochs: int = 30
+    iterations_per_epoch: int = 25
     val_iterations_per_epoch: int = 2
     dataset_id: int = 900
     threshold: float = 0.5
+    test_time_mirroring: bool = True
     device: str = "cpu"
 
     def validate(self) -> DetectionRecipe:
@@ -289,7 +290,8 @@ def _train_and_predict(recipe: DetectionRecipe, work: Path, arm: str, seed: int)
     if arm == "real+on-the-fly":
         env["nnUNet_results"] = str(work / "results" / f"seed{seed}-onthefly")
     job = {"dataset": dataset, "configuration": CONFIGURATION, "device": recipe.device,
-           "test": str(work / "test" / "imagesTr"), "predictions": str(predictions)}
+           "test": str(work / "test" / "imagesTr"), "predictions": str(predictions),
+           "mirroring": recipe.test_time_mirroring}
     subprocess.run([sys.executable, "-m", "lsdm_aug.nnunet.training", json.dumps(job)], env=env, check=True)
     atomic_write_text(done, json.dumps(job))
     return predictions
@@ -300,7 +302,8 @@ def _train_and_predict(recipe: DetectionRecipe, work: Path, arm: str, seed: int)
 def evaluate(test: Path, predictions: Path, threshold: float) -> dict[str, Any]:
     """Lesion-level detection figures of one trained model on the test set."""
     lesions = pd.read_csv(test / "lesions.csv")
-    cases, groups, dices, fps = [], [], [], []
+    cases, groups, fps = [], [], []
+    overlap = predicted = reference = 0
     for case_id in sorted(lesions.case_id.unique()):
         _, instances, _ = read_case(test, case_id)
         with np.load(predictions / f"{case_id}.npz", allow_pickle=False) as arrays:
@@ -309,12 +312,14 @@ def evaluate(test: Path, predictions: Path, threshold: float) -> dict[str, Any]:
         cases.append(case)
         rows = lesions[(lesions.case_id == case_id) & (lesions.lesion > 0)]
         groups.append({int(r.lesion): int(np.floor(r.malignancy + 0.5)) for r in rows.itertuples()})
-        dices.append(dice(foreground >= threshold, instances > 0))
+        overlap += int(((foreground >= threshold) & (instances > 0)).sum())
+        predicted, reference = predicted + int((foreground >= threshold).sum()), reference + int((instances > 0).sum())
         fps.append(case.false_positives(threshold))
     result = froc(cases)
     return {"cpm": result.cpm, "sensitivity_at": {str(k): v for k, v in result.at_rates.items()},
             "sensitivity": sum(len(c.true_positives(threshold)) for c in cases) / max(result.lesions, 1),
-            "false_positives_per_slice": float(np.mean(fps)), "dice": float(np.mean(dices)),
+            "false_positives_per_slice": float(np.mean(fps)),
+            "dice": 2 * overlap / (predicted + reference) if predicted + reference else 1.0,  # over the whole test set
             "sensitivity_by_malignancy": {str(k): v for k, v in sensitivity_by_group(cases, groups, threshold).items()},
             "lesions": result.lesions, "slices": result.images}
 

@@ -40,7 +40,8 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer: str 
     """Train one fold as ``nnUNetv2_train`` would (single process); returns the output folder.
 
     ``validate=False`` skips nnU-Net's final validation; ``predict=(images folder, output folder)`` then
-    predicts those images with the trained network, saving the softmax probabilities (``.npz``) too.
+    predicts those images with the trained network, saving the softmax probabilities (``.npz``) too
+    (``mirroring``: nnU-Net's test-time mirroring).
     """
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.run.run_training import maybe_load_checkpoint
@@ -64,15 +65,15 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer: str 
     if validate:
         nnunet_trainer.perform_actual_validation(False)
     if predict is not None:
-        predict_folder(nnunet_trainer, *predict)
+        predict_folder(nnunet_trainer, *predict, mirroring=mirroring)
     return Path(nnunet_trainer.output_folder)
 
 
-def predict_folder(trainer, images: str | Path, output: str | Path) -> None:
+def predict_folder(trainer, images: str | Path, output: str | Path, mirroring: bool = True) -> None:
     """Predict every image of ``images`` with a trained nnU-Net trainer's network (probabilities saved)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
                                 perform_everything_on_device=True, device=trainer.device, verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=False)
     trainer.set_deep_supervision_enabled(False)  # one output, as nnU-Net's own validation does
@@ -92,7 +93,8 @@ def _main(job_json: str) -> None:
     train on fold "all" without validation and predict a folder (what ``lsdm-aug benchmark detection`` runs)."""
     job = json.loads(job_json)
     train(job["dataset"], job["configuration"], "all", job.get("trainer", "nnUNetTrainerNoduleSynth"),
-          device=job.get("device", "cpu"), validate=False, predict=(job["test"], job["predictions"]))
+          device=job.get("device", "cpu"), validate=False, predict=(job["test"], job["predictions"]),
+          mirroring=job.get("mirroring", True))
 
 
 if __name__ == "__main__":
