@@ -36,7 +36,7 @@ def trainer_class(name: str = "nnUNetTrainerNoduleSynth"):
 
 def train(dataset: str | int, configuration: str, fold: int | str, trainer: str = "nnUNetTrainerNoduleSynth",
           plans: str = "nnUNetPlans", device: str = "cpu", continue_training: bool = False, validate: bool = True,
-          predict: tuple[str, str] | None = None) -> Path:
+          predict: tuple[str, str] | None = None, mirroring: bool = True) -> Path:
     """Train one fold as ``nnUNetv2_train`` would (single process); returns the output folder.
 
     ``validate=False`` skips nnU-Net's final validation; ``predict=(images folder, output folder)`` then
