@@ -41,7 +41,12 @@ VERSION = 1
 
 @dataclass(frozen=True)
 class BankEntry:
-    """One banked nodule: a patch in HU centred on it, its mask, the pixel spacing and the manifest row."""
+    """One banked nodule: a patch in HU centred on it, its mask, the pixel spacing and the manifest row.
+
+    Example:
+        >>> entry = NoduleBank("banks/phantom-128").entry(0)  # doctest: +SKIP
+        >>> entry.features, entry.patch_hu[entry.mask].mean()  # doctest: +SKIP
+    """
 
     index: int
     patch_hu: np.ndarray

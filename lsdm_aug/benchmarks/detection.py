@@ -54,7 +54,12 @@ CONFIGURATION = "2d_cpu"
 @dataclass
 class DetectionRecipe:
     """The detection benchmark's settings (see the module docstring); ``prepared`` takes real data from a
-    prepared dataset's train / test splits (e.g. LIDC) instead of the phantom."""
+    prepared dataset's train / test splits (e.g. LIDC) instead of the phantom.
+
+    Example:
+        >>> DetectionRecipe(arms=("real", "real+synthetic"), seeds=(0,)).validate().num_epochs
+        30
+    """
 
     name: str = "bench-detection-phantom"
     image_size: int = 128

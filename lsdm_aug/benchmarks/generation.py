@@ -48,7 +48,12 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 @dataclass
 class GenerationRecipe:
-    """Settings of the generation benchmark (see the module docstring)."""
+    """Settings of the generation benchmark (see the module docstring).
+
+    Example:
+        >>> GenerationRecipe(data="prepared/phantom-128", seeds=(0,), scales=(0.0, 1.0)).validate().count
+        48
+    """
 
     name: str = "bench-generation"
     data: str = "prepared/phantom-128"
@@ -137,6 +142,12 @@ def _ensure_spade_gan(recipe: GenerationRecipe) -> Path:
 
 @dataclass
 class HeldOut:
+    """Held-out slices: images, maps, each slice's first nodule centre and rounded ratings (see :func:`held_out`).
+
+    Example:
+        >>> data = held_out("prepared/phantom-128", count=8)  # doctest: +SKIP
+    """
+
     images: np.ndarray  # (N, H, W) in [-1, 1]
     maps: np.ndarray  # (N, H, W)
     centres: list[tuple[float, float]]

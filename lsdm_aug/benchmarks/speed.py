@@ -42,7 +42,11 @@ __all__ = ["SpeedSettings", "run_speed", "speed_markdown"]
 @dataclass
 class SpeedSettings:
     """What to measure. ``repeats``: samples per timing; ``steps``: DDIM step counts compared;
-    ``transform_steps``: DDIM steps of the transforms, the bank and ``synthesize``."""
+    ``transform_steps``: DDIM steps of the transforms, the bank and ``synthesize``.
+
+    Example:
+        >>> SpeedSettings(model="models/phantom-128", steps=(10, 50)).validate()
+    """
 
     model: str = "default"
     out: str = "reports/speed"

@@ -44,7 +44,12 @@ MIN_RADIUS_PX = 2.0
 
 @dataclass(frozen=True)
 class Candidate:
-    """A detection: its score and the reference lesion it hits (1..n), 0 for a false positive."""
+    """A detection: its score and the reference lesion it hits (1..n), 0 for a false positive.
+
+    Example:
+        >>> Candidate(score=0.9, lesion=0)  # a false positive
+        Candidate(score=0.9, lesion=0)
+    """
 
     score: float
     lesion: int
@@ -52,7 +57,13 @@ class Candidate:
 
 @dataclass
 class CaseDetections:
-    """One image's candidates (best score first) and its reference lesions' ids (1..n)."""
+    """One image's candidates (best score first) and its reference lesions' ids (1..n).
+
+    Example:
+        >>> case = CaseDetections([Candidate(0.9, 1), Candidate(0.4, 0)], lesions=[1, 2])
+        >>> case.true_positives(0.5), case.false_positives(0.3)
+        ({1}, 1)
+    """
 
     candidates: list[Candidate]
     lesions: list[int] = field(default_factory=list)
@@ -105,7 +116,12 @@ def detect_case(probability: np.ndarray, reference: np.ndarray, threshold: float
 
 @dataclass(frozen=True)
 class FROCResult:
-    """FROC curve (false positives per image, sensitivity), sensitivity at each rate, and CPM."""
+    """FROC curve (false positives per image, sensitivity), sensitivity at each rate, and CPM.
+
+    Example:
+        >>> froc([CaseDetections([Candidate(0.9, 1)], [1, 2])]).at_rates[1.0]
+        0.5
+    """
 
     fps_per_image: np.ndarray
     sensitivity: np.ndarray
