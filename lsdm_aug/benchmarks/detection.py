@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from lsdm_aug.benchmarks.recipes import load_benchmark_recipe
 from lsdm_aug.data.nnunet_format import read_case, write_case, write_dataset_json
 from lsdm_aug.data.phantom import SUPPORTED_SIZES, ChestPhantom, PhantomConfig, free_site
 from lsdm_aug.data.prepared import atomic_write_text
@@ -47,7 +47,6 @@ from lsdm_aug.metrics.detection import LUNA16_FP_RATES, detect_case, froc, sensi
 __all__ = ["DetectionRecipe", "load_detection_recipe", "run_detection", "ARMS"]
 
 ARMS = ("real", "real+synthetic", "real+on-the-fly", "real+copy-paste")
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 CONFIGURATION = "2d_cpu"
 
 
@@ -103,20 +102,7 @@ class DetectionRecipe:
 
 def load_detection_recipe(name_or_path: str | Path) -> DetectionRecipe:
     """A shipped recipe by name (``bench-detection-phantom``, ``bench-detection-lidc-512``) or a YAML path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = RECIPES_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        shipped = sorted(p.stem for p in RECIPES_DIR.glob("bench-detection-*.yaml"))
-        raise FileNotFoundError(f"detection recipe {str(name_or_path)!r} not found; shipped: {shipped}")
-    values = yaml.safe_load(path.read_text()) or {}
-    known = set(DetectionRecipe.__dataclass_fields__)
-    if set(values) - known:
-        raise ValueError(f"{path.name}: unknown keys {sorted(set(values) - known)}; known: {sorted(known)}")
-    for key in ("arms", "seeds", "features_per_stage"):
-        if values.get(key) is not None:
-            values[key] = tuple(values[key])
-    return DetectionRecipe(**values).validate()
+    return load_benchmark_recipe(DetectionRecipe, name_or_path, "detection", ("arms", "seeds", "features_per_stage"))
 
 
 # ---- data ----------------------------------------------------------------------------------------------------

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from monai.metrics import MultiScaleSSIMMetric, SSIMMetric, compute_roc_auc
 
+from lsdm_aug.benchmarks.recipes import load_benchmark_recipe
 from lsdm_aug.config import FEATURES, load_recipe
 from lsdm_aug.data.prepared import PreparedDataset, atomic_write_text
 from lsdm_aug.metrics.evaluator import NoduleEvaluator, nodule_crops
@@ -42,9 +42,6 @@ from lsdm_aug.metrics.features import SliceFeatures, frechet_distance, train_sli
 from lsdm_aug.pipeline import LSDMPipeline
 
 __all__ = ["GenerationRecipe", "load_generation_recipe", "run_generation"]
-
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
-
 
 @dataclass
 class GenerationRecipe:
@@ -84,20 +81,7 @@ class GenerationRecipe:
 
 def load_generation_recipe(name_or_path: str | Path) -> GenerationRecipe:
     """A shipped recipe by name (``bench-generation``) or a YAML path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = RECIPES_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"generation recipe {str(name_or_path)!r} not found; shipped: "
-                                f"{sorted(p.stem for p in RECIPES_DIR.glob('bench-generation*.yaml'))}")
-    values = yaml.safe_load(path.read_text()) or {}
-    unknown = set(values) - set(GenerationRecipe.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"{path.name}: unknown keys {sorted(unknown)}")
-    for key in ("seeds", "scales"):
-        if key in values:
-            values[key] = tuple(values[key])
-    return GenerationRecipe(**values).validate()
+    return load_benchmark_recipe(GenerationRecipe, name_or_path, "generation", ("seeds", "scales"))
 
 
 # ---- models ---------------------------------------------------------------------------------------------------

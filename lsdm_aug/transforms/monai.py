@@ -100,6 +100,15 @@ class NoduleSynth(RandomizableTransform):
         return result, label_out
 
 
+def _has_key(data: Mapping[Hashable, Any], key: Hashable, allow_missing: bool) -> bool:
+    """Whether the image key is there; a missing one is an error unless ``allow_missing``."""
+    if key in data:
+        return True
+    if allow_missing:
+        return False
+    raise KeyError(f"key {key!r} is not in the data (keys: {list(data)})")
+
+
 def _record(x: Any, info: dict) -> None:
     """Append the draw to the MetaTensor's metadata as JSON text (any batch of it collates)."""
     if isinstance(x, MetaTensor):
@@ -149,10 +158,8 @@ class NoduleSynthd(RandomizableTransform, MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         key = self.keys[0]
-        if key not in d:
-            if self.allow_missing_keys:
-                return d
-            raise KeyError(f"key {key!r} is not in the data (keys: {list(d)})")
+        if not _has_key(d, key, self.allow_missing_keys):
+            return d
         self.randomize(None)
         if not self._do_transform:
             return d
@@ -212,10 +219,8 @@ class NoduleSynthBatchd(RandomizableTransform, MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         key = self.keys[0]
-        if key not in d:
-            if self.allow_missing_keys:
-                return d
-            raise KeyError(f"key {key!r} is not in the data (keys: {list(d)})")
+        if not _has_key(d, key, self.allow_missing_keys):
+            return d
         images = _numpy(d[key])[:, 0]
         labels = _numpy(d[self.label_key])[:, 0] if self.label_key and self.label_key in d else None
         spacings = self._spacings(d[key], images.ndim - 1)
