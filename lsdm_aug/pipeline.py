@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,11 @@ def validate_features(features: Mapping[str, float] | None) -> dict[str, float]:
         if not isinstance(value, (int, float, np.integer, np.floating)) or not 1 <= float(value) <= 5:
             raise ValueError(f"{name} must be in 1..5, got {value!r}")
     return {k: float(v) for k, v in features.items()}
+
+
+def _nodule_pixels(semantic_maps: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the nodule labels (5, 6, 7) of a map tensor."""
+    return torch.isin(semantic_maps, torch.tensor([int(x) for x in NODULE_LABELS], device=semantic_maps.device))
 
 
 @dataclass
@@ -180,8 +185,7 @@ class LSDMPipeline:
         if any({f for f in item if f in self.classifiers} != names for item in per_sample):
             raise ValueError("every sample of a batch must request the same features, got "
                              f"{sorted({tuple(sorted(item)) for item in per_sample})}")
-        labels = torch.tensor([int(x) for x in NODULE_LABELS], device=semantic_maps.device)
-        nodule = torch.isin(semantic_maps, labels)
+        nodule = _nodule_pixels(semantic_maps)
         if scale == 0 or not names or not bool(nodule.flatten(1).any(1).all()):
             return None
         latent_shape = (semantic_maps.shape[-2] // self.factor, semantic_maps.shape[-1] // self.factor)
@@ -196,38 +200,53 @@ class LSDMPipeline:
         return ClassifierGuidance(self.decode, self.classifiers, targets, boxes, mask, scale)
 
     # ---- generation ------------------------------------------------------------------------------------------
-    def generate(self, semantic_maps: np.ndarray | torch.Tensor, features: Mapping[str, float] | None = None,
-                 steps: int = 50, guidance_scale: float = 1.0, seed: int = 0, sampler: str = "ddim") -> np.ndarray:
+    def generate(self, semantic_maps: np.ndarray | torch.Tensor,
+                 features: Mapping[str, float] | Sequence[Mapping[str, float]] | None = None,
+                 steps: int = 50, guidance_scale: float = 1.0, seed: int = 0, sampler: str = "ddim",
+                 batch_size: int = 1) -> np.ndarray:
         """Whole slices from semantic maps, each map's nodule steered towards ``features``.
 
         Args:
             semantic_maps: (B, H, W) or (H, W) labels 0..7.
-            features: requested values 1..5 of any of malignancy, lobulation, spiculation, texture.
+            features: requested values 1..5 of any of malignancy, lobulation, spiculation, texture; one dict for
+                every map or a list with one dict per map (all requesting the same features).
             steps: reverse steps (DDIM or DDPM).
             guidance_scale: classifier guidance scale ``s`` (0: none).
             seed: seeds every random draw.
             sampler: ``"ddim"`` or ``"ddpm"``.
+            batch_size: maps denoised together. With DDIM the result does not depend on it (sample ``i`` starts
+                from the ``i``-th noise draw of the seeded generator); with DDPM the step noise does.
 
         Returns:
             (B, H, W) float32 images in [-1, 1].
         """
-        features = validate_features(features)
         maps = self._tensor(semantic_maps, torch.long)
         if maps.ndim == 4 and maps.shape[1] != 1:
             maps = maps.reshape(-1, 1, *maps.shape[-2:])
         self._check_map(maps)
+        if isinstance(features, Sequence):
+            if len(features) != len(maps):
+                raise ValueError(f"{len(features)} feature dicts for {len(maps)} semantic maps")
+            per_map = [validate_features(item) for item in features]
+        else:
+            per_map = [validate_features(features)] * len(maps)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         scheduler = build_scheduler(self.recipe.diffusion, sampler, steps)
         generator = torch.Generator().manual_seed(int(seed))
-        latent_shape = (self.recipe.autoencoder.latent_channels, maps.shape[-2] // self.factor, maps.shape[-1] // self.factor)
-        images = []
-        for semantic_map in maps:  # one sample at a time: each has its own nodule window
-            semantic_map = semantic_map[None]
-            noise = torch.randn((1, *latent_shape), generator=generator)
-            latent = sample_latents(self.unet, scheduler, self.condition(semantic_map), generator=generator,
-                                    initial_noise=noise, guidance=self._guidance(semantic_map, features, guidance_scale))
-            with torch.no_grad():
-                images.append(self.decode(latent).clamp(-1, 1)[0, 0].cpu().numpy())
-        return np.stack(images).astype(np.float32)
+        latent_shape = (self.recipe.autoencoder.latent_channels, maps.shape[-2] // self.factor,
+                        maps.shape[-1] // self.factor)
+        noise = torch.randn((len(maps), *latent_shape), generator=generator)
+        images = np.empty((len(maps), *maps.shape[-2:]), np.float32)
+        has_nodule = _nodule_pixels(maps).flatten(1).any(1).cpu()
+        for group in (torch.nonzero(has_nodule).flatten(), torch.nonzero(~has_nodule).flatten()):
+            for chunk in group.split(batch_size) if len(group) else ():  # guided maps are never batched with unguided ones
+                latent = sample_latents(self.unet, scheduler, self.condition(maps[chunk]), generator=generator,
+                                        initial_noise=noise[chunk], guidance=self._guidance(
+                                            maps[chunk], [per_map[i] for i in chunk.tolist()], guidance_scale))
+                with torch.no_grad():
+                    images[chunk.numpy()] = self.decode(latent).clamp(-1, 1)[:, 0].cpu().numpy()
+        return images
 
     # ---- local edits ------------------------------------------------------------------------------------------
     def _window_size(self, region: np.ndarray, margin_px: float) -> int:

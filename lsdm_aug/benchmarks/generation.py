@@ -57,7 +57,9 @@ class GenerationRecipe:
     lsdm: str = "default"
     model_recipe: str = "phantom-128"
     ldm: str | None = "work/generation/ldm"
+    ldm_steps: int | None = None
     spade_gan: str | None = "work/generation/spade-gan"
+    spade_gan_steps: int | None = None
     feature_extractor: str | None = None
     feature_steps: int = 1500
     perceptual_weights: str | None = None
@@ -74,6 +76,9 @@ class GenerationRecipe:
         if self.count < 2 or self.control_count < 2 or not self.seeds:
             raise ValueError(f"count and control_count must be >= 2 and seeds non-empty, got {self.count}, "
                              f"{self.control_count}, {list(self.seeds)}")
+        for name in ("ldm_steps", "spade_gan_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or null (the model recipe's), got {getattr(self, name)}")
         if min(self.scales, default=0) < 0:
             raise ValueError(f"guidance scales must be >= 0, got {list(self.scales)}")
         return self
@@ -95,6 +100,7 @@ def _ensure_ldm(recipe: GenerationRecipe, pipe: LSDMPipeline) -> Path:
     model_recipe = load_recipe(recipe.model_recipe)
     model_recipe.diffusion.spade = False
     model_recipe.name = f"{model_recipe.name}-ldm"
+    model_recipe.train_diffusion.steps = recipe.ldm_steps or model_recipe.train_diffusion.steps
     if not (folder / UNET_FILE).is_file() or json.loads((folder / "unet.json").read_text())["steps"] < \
             model_recipe.train_diffusion.steps:
         source = Path(pipe_folder(recipe.lsdm))
@@ -116,6 +122,7 @@ def _ensure_spade_gan(recipe: GenerationRecipe) -> Path:
     from lsdm_aug.training.spade_gan import SPADE_GAN_FILE, train_spade_gan
 
     folder, model_recipe = Path(recipe.spade_gan), load_recipe(recipe.model_recipe)
+    model_recipe.train_spade_gan.steps = recipe.spade_gan_steps or model_recipe.train_spade_gan.steps
     if not (folder / SPADE_GAN_FILE).is_file() or json.loads((folder / "spade_gan.json").read_text())["steps"] < \
             model_recipe.train_spade_gan.steps:
         train_spade_gan(model_recipe, recipe.data, folder, progress=True)
@@ -151,11 +158,10 @@ def held_out(data: str, count: int) -> HeldOut:
 
 
 def _generate_lsdm(pipe: LSDMPipeline, data: HeldOut, guided: tuple[str, ...], scale: float, steps: int,
-                   seed: int, requested: list[dict[str, float]] | None = None) -> np.ndarray:
+                   seed: int, requested: list[dict[str, float]] | None = None, batch_size: int = 16) -> np.ndarray:
     requested = requested or data.ratings
-    return np.stack([pipe.generate(m, {f: r[f] for f in guided}, steps=steps, guidance_scale=scale if guided else 0.0,
-                                   seed=seed * 100_003 + i)[0]
-                     for i, (m, r) in enumerate(zip(data.maps, requested))])
+    return pipe.generate(data.maps, [{f: r[f] for f in guided} for r in requested], steps=steps,
+                         guidance_scale=scale if guided else 0.0, seed=seed, batch_size=batch_size)
 
 
 def _models(recipe: GenerationRecipe, pipe: LSDMPipeline) -> dict[str, Any]:
@@ -284,15 +290,41 @@ def run_generation(recipe: GenerationRecipe, work_dir: str | Path, out_dir: str 
     perceptual = _perceptual(recipe, extractor)
     report: dict[str, Any] = {"recipe": asdict(recipe), "model": pipe.model_id, "crop_px": crop_px,
                               "evaluators": evaluator_reports, "models": {}, "control": []}
-    for name, generate in _models(recipe, pipe).items():
-        runs = [quality(data, generate(data, seed), extractor, perceptual, evaluators["malignancy"])
+    models = _models(recipe, pipe)
+    report["training_steps"] = _training_steps(recipe, pipe)
+    for name, generate in models.items():
+        runs = [_cached(work / "results" / f"{name}-seed{seed}.json",
+                        lambda: quality(data, generate(data, seed), extractor, perceptual, evaluators["malignancy"]))
                 for seed in recipe.seeds]
         report["models"][name] = {k: _spread([r[k] for r in runs]) for k in runs[0]}
-    report["control"] = [control(pipe, control_data, evaluators, recipe, seed) for seed in recipe.seeds]
+    report["control"] = [_cached(work / "results" / f"control-seed{seed}.json",
+                                 lambda: control(pipe, control_data, evaluators, recipe, seed))
+                         for seed in recipe.seeds]
     draw_grid(pipe, control_data, recipe, out / "grid.png")
     atomic_write_text(out / "generation.json", json.dumps(report, indent=1))
     atomic_write_text(out / "generation.md", generation_markdown(report))
     return report
+
+
+def _cached(path: Path, compute) -> dict:
+    """``compute()``, written atomically to ``path``; a rerun reads it back (delete the work folder's ``results``
+    after changing a model or the recipe)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = compute()
+    atomic_write_text(path, json.dumps(result, indent=1))
+    return result
+
+
+def _training_steps(recipe: GenerationRecipe, pipe: LSDMPipeline) -> dict[str, int]:
+    """Training steps of each compared network, read from the weight files' JSON."""
+    steps = {"lsdm": json.loads((pipe_folder(recipe.lsdm) / "unet.json").read_text())["steps"]}
+    if recipe.ldm is not None:
+        steps["ldm"] = json.loads((Path(recipe.ldm) / "unet.json").read_text())["steps"]
+    if recipe.spade_gan is not None:
+        steps["spade-gan"] = json.loads((Path(recipe.spade_gan) / "spade_gan.json").read_text())["steps"]
+    return steps
 
 
 def generation_markdown(report: dict[str, Any]) -> str:
@@ -303,7 +335,8 @@ def generation_markdown(report: dict[str, Any]) -> str:
              f"{r['steps']} steps, guidance scale {r['guidance_scale']} towards the real nodule's rounded ratings; "
              f"seeds {list(r['seeds'])}, mean ± std. FID: in-project slice features"
              f"{'' if r['feature_extractor'] is None else ' from ' + r['feature_extractor']}; crop FID: "
-             f"{report['crop_px']} px nodule crops, malignancy-evaluator features.", "",
+             f"{report['crop_px']} px nodule crops, malignancy-evaluator features. Training steps: "
+             + ", ".join(f"{k} {v}" for k, v in report.get("training_steps", {}).items()) + ".", "",
              "| model | FID | SSIM | MS-SSIM | perceptual | crop FID |", "| --- | --- | --- | --- | --- | --- |"]
     for name, m in report["models"].items():
         lines.append(f"| {name} | " + " | ".join(f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}"

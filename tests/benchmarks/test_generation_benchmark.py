@@ -18,6 +18,8 @@ def test_shipped_recipe_loads_and_ms_ssim_fits_the_slice_size():
     assert torch.allclose(_ms_ssim(64)(image, image), torch.ones(2, 1), atol=1e-5)
     with pytest.raises(ValueError, match="count and control_count must be >= 2"):
         GenerationRecipe(count=1).validate()
+    with pytest.raises(ValueError, match="ldm_steps must be >= 1 or null"):
+        GenerationRecipe(ldm_steps=0).validate()
 
 
 @pytest.mark.slow
@@ -28,7 +30,8 @@ def test_generation_benchmark_reports_every_model(tmp_path, smoke_models):
     prepare_phantom(data, count=60, config=PhantomConfig(size=64, slices_per_patient=2, nodule_free_fraction=0.0,
                                                          balance=("malignancy",)), seed=1)
     recipe = GenerationRecipe(data=str(data), lsdm=str(smoke_models), model_recipe="phantom-smoke",
-                              ldm=str(tmp_path / "ldm"), spade_gan=str(tmp_path / "gan"), feature_steps=5, count=2,
+                              ldm=str(tmp_path / "ldm"), ldm_steps=3, spade_gan=str(tmp_path / "gan"),
+                              spade_gan_steps=2, feature_steps=5, count=2,
                               seeds=(0, 1), steps=2, scales=(0.0, 1.0), control_count=2, evaluator_steps=3)
     report = run_generation(recipe, tmp_path / "work", tmp_path / "report")
     assert list(report["models"]) == ["spade-gan", "ldm", "lsdm", "lsdm+all", "lsdm+malignancy", "lsdm+lobulation",
@@ -42,3 +45,12 @@ def test_generation_benchmark_reports_every_model(tmp_path, smoke_models):
     assert (tmp_path / "report" / "grid.png").stat().st_size > 1000
     assert json.loads((tmp_path / "report" / "generation.json").read_text())["crop_px"] == 16
     assert "| lsdm+texture |" in (tmp_path / "report" / "generation.md").read_text()
+    assert report["training_steps"]["ldm"] == 3 and report["training_steps"]["spade-gan"] == 2
+
+    # a rerun reuses each finished (model, seed) result instead of generating again
+    cached = tmp_path / "work" / "results" / "ldm-seed1.json"
+    cached.write_text(json.dumps(dict.fromkeys(("fid", "ssim", "ms_ssim", "perceptual", "crop_fid"), 7.0)))
+    seed0 = json.loads((tmp_path / "work" / "results" / "ldm-seed0.json").read_text())["fid"]
+    again = run_generation(recipe, tmp_path / "work", tmp_path / "report")
+    assert again["models"]["ldm"]["fid"]["mean"] == pytest.approx((seed0 + 7.0) / 2)
+    assert again["models"]["lsdm"] == report["models"]["lsdm"]
