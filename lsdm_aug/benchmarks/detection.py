@@ -42,7 +42,7 @@ from lsdm_aug.benchmarks.recipes import load_benchmark_recipe
 from lsdm_aug.data.nnunet_format import read_case, write_case, write_dataset_json
 from lsdm_aug.data.phantom import SUPPORTED_SIZES, ChestPhantom, PhantomConfig, free_site
 from lsdm_aug.data.prepared import atomic_write_text
-from lsdm_aug.metrics.detection import LUNA16_FP_RATES, detect_case, froc, sensitivity_by_group
+from lsdm_aug.metrics.detection import LUNA16_FP_RATES, detect_case, froc, score_at_rate, sensitivity_by_group
 
 __all__ = ["DetectionRecipe", "load_detection_recipe", "run_detection", "ARMS"]
 
@@ -57,7 +57,7 @@ class DetectionRecipe:
 
     Example:
         >>> DetectionRecipe(arms=("real", "real+synthetic"), seeds=(0,)).validate().num_epochs
-        30
+        80
     """
 
     name: str = "bench-detection-phantom"
@@ -65,7 +65,7 @@ class DetectionRecipe:
     model: str = "default"
     prepared: str | None = None
     train_patients: int = 8
-    test_patients: int = 10
+    test_patients: int = 40
     slices_per_patient: int = 6
     nodule_free_fraction: float = 0.7
     data_seed: int = 100
@@ -76,12 +76,14 @@ class DetectionRecipe:
     arms: tuple[str, ...] = ARMS
     seeds: tuple[int, ...] = (0, 1, 2)
     features_per_stage: tuple[int, ...] | None = (8, 16, 32, 64, 64, 64)
-    batch_size: int | None = 8
-    num_epochs: int = 30
+    batch_size: int | None = None
+    num_epochs: int = 80
     iterations_per_epoch: int = 25
     val_iterations_per_epoch: int = 2
     dataset_id: int = 900
     threshold: float = 0.5
+    candidates_per_slice: int = 16
+    operating_fps: float = 2.0
     test_time_mirroring: bool = True
     device: str = "cpu"
 
@@ -95,6 +97,9 @@ class DetectionRecipe:
             raise ValueError("train_patients, test_patients, slices_per_patient and seeds must be >= 1")
         if not 0 < self.threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.candidates_per_slice < 0 or self.operating_fps <= 0:
+            raise ValueError(f"candidates_per_slice must be >= 0 and operating_fps > 0, got "
+                             f"{self.candidates_per_slice} and {self.operating_fps}")
         if not 1 <= self.dataset_id <= 995:
             raise ValueError(f"dataset_id must be in 1..995 (ids id .. id+3 are used), got {self.dataset_id}")
         return self
@@ -290,16 +295,22 @@ def _train_and_predict(recipe: DetectionRecipe, work: Path, arm: str, seed: int)
 
 # ---- evaluation -----------------------------------------------------------------------------------------------
 
-def evaluate(test: Path, predictions: Path, threshold: float) -> dict[str, Any]:
-    """Lesion-level detection figures of one trained model on the test set."""
+def evaluate(test: Path, predictions: Path, threshold: float, peaks: int = 0,
+             operating_fps: float = 2.0) -> dict[str, Any]:
+    """Lesion-level detection figures of one trained model on the test set.
+
+    Candidates are the ``peaks`` highest local maxima of each slice's foreground probability (0: connected
+    components above ``threshold``). Sensitivity, false positives and Dice are read at ``threshold``; the
+    per-malignancy sensitivity also at the score where the FROC reaches ``operating_fps`` per slice."""
     lesions = pd.read_csv(test / "lesions.csv")
     cases, groups, fps = [], [], []
     overlap = predicted = reference = 0
     for case_id in sorted(lesions.case_id.unique()):
         _, instances, _ = read_case(test, case_id)
         with np.load(predictions / f"{case_id}.npz", allow_pickle=False) as arrays:
-            foreground = 1.0 - arrays["probabilities"][0].reshape(instances.shape)
-        case = detect_case(foreground, instances, threshold, instances=True)
+            # the foreground channels themselves: 1 - background loses probabilities below float precision
+            foreground = arrays["probabilities"][1:].astype(np.float64).sum(0).reshape(instances.shape)
+        case = detect_case(foreground, instances, threshold, instances=True, peaks=peaks)
         cases.append(case)
         rows = lesions[(lesions.case_id == case_id) & (lesions.lesion > 0)]
         groups.append({int(r.lesion): int(np.floor(r.malignancy + 0.5)) for r in rows.itertuples()})
@@ -307,12 +318,15 @@ def evaluate(test: Path, predictions: Path, threshold: float) -> dict[str, Any]:
         predicted, reference = predicted + int((foreground >= threshold).sum()), reference + int((instances > 0).sum())
         fps.append(case.false_positives(threshold))
     result = froc(cases)
+    operating = score_at_rate(cases, operating_fps)
     return {"cpm": result.cpm, "sensitivity_at": {str(k): v for k, v in result.at_rates.items()},
             "sensitivity": sum(len(c.true_positives(threshold)) for c in cases) / max(result.lesions, 1),
             "false_positives_per_slice": float(np.mean(fps)),
             "dice": 2 * overlap / (predicted + reference) if predicted + reference else 1.0,  # over the whole test set
             "sensitivity_by_malignancy": {str(k): v for k, v in sensitivity_by_group(cases, groups, threshold).items()},
-            "lesions": result.lesions, "slices": result.images}
+            "sensitivity_by_malignancy_at_operating_point": {
+                str(k): v for k, v in sensitivity_by_group(cases, groups, operating).items()},
+            "operating_score": operating, "lesions": result.lesions, "slices": result.images}
 
 
 def _summary(runs: list[dict]) -> dict[str, Any]:
@@ -322,8 +336,8 @@ def _summary(runs: list[dict]) -> dict[str, Any]:
     keys = ("cpm", "sensitivity", "false_positives_per_slice", "dice")
     summary = {k: spread([r[k] for r in runs]) for k in keys}
     levels = sorted({level for r in runs for level in r["sensitivity_by_malignancy"]})
-    summary["sensitivity_by_malignancy"] = {level: spread([r["sensitivity_by_malignancy"].get(level, np.nan)
-                                                           for r in runs]) for level in levels}
+    for key in ("sensitivity_by_malignancy", "sensitivity_by_malignancy_at_operating_point"):
+        summary[key] = {level: spread([r[key].get(level, np.nan) for r in runs]) for level in levels}
     summary["sensitivity_at"] = {rate: spread([r["sensitivity_at"][rate] for r in runs])
                                  for rate in runs[0]["sensitivity_at"]}
     return summary
@@ -343,7 +357,8 @@ def run_detection(recipe: DetectionRecipe, work_dir: str | Path, out_dir: str | 
         _plan(recipe, work, dataset)
     report: dict[str, Any] = {"recipe": asdict(recipe), "arms": {}}
     for arm in recipe.arms:
-        runs = [evaluate(test, _train_and_predict(recipe, work, arm, seed), recipe.threshold) for seed in recipe.seeds]
+        runs = [evaluate(test, _train_and_predict(recipe, work, arm, seed), recipe.threshold,
+                         recipe.candidates_per_slice, recipe.operating_fps) for seed in recipe.seeds]
         report["arms"][arm] = {"runs": runs, "summary": _summary(runs)}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "detection.json", json.dumps(report, indent=1))
@@ -362,6 +377,7 @@ def detection_markdown(report: dict[str, Any]) -> str:
              f"cases (model `{r['model']}`). nnU-Net 2D, configuration `{CONFIGURATION}` = nnU-Net's 2d with "
              f"features per stage {r['features_per_stage']} and batch size {r['batch_size']}; {r['num_epochs']} epochs "
              f"x {r['iterations_per_epoch']} iterations; seeds {list(r['seeds'])}. Mean ± std over seeds.", "",
+             _candidates_sentence(r), "",
              "| arm | CPM | sensitivity | FPs / slice | Dice | " + " | ".join(f"sens @ {x}" for x in rates) + " |",
              "| --- " * (5 + len(rates)) + "|"]
     for arm, result in report["arms"].items():
@@ -370,11 +386,21 @@ def detection_markdown(report: dict[str, Any]) -> str:
                                                                     "dice")]
         cells += [f"{s['sensitivity_at'][x]['mean']:.2f}" for x in rates]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    lines += ["", "Sensitivity per malignancy level (threshold "
-              f"{r['threshold']}):", "", "| arm | " + " | ".join(f"malignancy {m}" for m in range(1, 6)) + " |",
-              "| --- " * 6 + "|"]
-    for arm, result in report["arms"].items():
-        by = result["summary"]["sensitivity_by_malignancy"]
-        lines.append(f"| {arm} | " + " | ".join(f"{by[str(m)]['mean']:.2f}" if str(m) in by else "-"
-                                                for m in range(1, 6)) + " |")
+    for key, title in (("sensitivity_by_malignancy", f"at threshold {r['threshold']}"),
+                       ("sensitivity_by_malignancy_at_operating_point",
+                        f"at the FROC operating point of {r['operating_fps']:g} FPs per slice")):
+        lines += ["", f"Sensitivity per malignancy level, {title}:", "",
+                  "| arm | " + " | ".join(f"malignancy {m}" for m in range(1, 6)) + " |", "| --- " * 6 + "|"]
+        for arm, result in report["arms"].items():
+            by = result["summary"][key]
+            lines.append(f"| {arm} | " + " | ".join(f"{by[str(m)]['mean']:.2f} ± {by[str(m)]['std']:.2f}"
+                                                    if str(m) in by else "-" for m in range(1, 6)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _candidates_sentence(r: dict[str, Any]) -> str:
+    if r["candidates_per_slice"]:
+        return (f"Candidates: the {r['candidates_per_slice']} highest local maxima of each slice's foreground "
+                f"probability, so the FROC ranks the network's output even below the {r['threshold']} threshold; "
+                f"sensitivity, FPs / slice and Dice are read at {r['threshold']}.")
+    return f"Candidates: connected components of the foreground probability >= {r['threshold']}."

@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = ["LUNA16_FP_RATES", "MIN_RADIUS_PX", "Candidate", "CaseDetections", "FROCResult", "detect_case", "froc", "dice",
-           "sensitivity_by_group"]
+           "score_at_rate", "sensitivity_by_group"]
 
 LUNA16_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 MIN_RADIUS_PX = 2.0
@@ -76,11 +76,16 @@ class CaseDetections:
 
 
 def detect_case(probability: np.ndarray, reference: np.ndarray, threshold: float = 0.5,
-                instances: bool = False) -> CaseDetections:
+                instances: bool = False, peaks: int = 0, peak_distance: int = 2) -> CaseDetections:
     """Candidates of a foreground ``probability`` map (2D or 3D) matched against a ``reference`` label (> 0).
 
     Reference lesions are the connected components of ``reference > 0``, or, with ``instances``, the
-    reference's own values 1..n (an instance map: lesion ids stay those of the reference)."""
+    reference's own values 1..n (an instance map: lesion ids stay those of the reference).
+
+    Candidates are the connected components of ``probability >= threshold``; with ``peaks`` > 0 they are
+    instead the ``peaks`` highest local maxima of the probability (within ``peak_distance`` px; a plateau is
+    one maximum), whatever their value: the FROC then ranks a network's output even where it never reaches
+    the threshold (an under-confident model), while sensitivity at ``threshold`` counts the same peaks."""
     probability, reference = np.asarray(probability, float), np.asarray(reference)
     if probability.shape != reference.shape:
         raise ValueError(f"probability {probability.shape} and reference {reference.shape} differ in shape")
@@ -93,7 +98,10 @@ def detect_case(probability: np.ndarray, reference: np.ndarray, threshold: float
         lesions, count = ndimage.label(reference > 0)
         lesion_ids = list(range(1, count + 1))
     n_lesions = len(lesion_ids)
-    components, n_components = ndimage.label(probability >= threshold)
+    if peaks < 0 or peak_distance < 1:
+        raise ValueError(f"peaks must be >= 0 and peak_distance >= 1, got {peaks} and {peak_distance}")
+    components, n_components = ndimage.label(_local_maxima(probability, peaks, peak_distance) if peaks
+                                             else probability >= threshold)
     scores = ndimage.maximum(probability, components, range(1, n_components + 1)) if n_components else []
     centres = np.atleast_2d(ndimage.center_of_mass(np.ones_like(probability), components, range(1, n_components + 1)))
     lesion_centres = np.atleast_2d(ndimage.center_of_mass(np.ones_like(probability), lesions, lesion_ids))
@@ -112,6 +120,17 @@ def detect_case(probability: np.ndarray, reference: np.ndarray, threshold: float
             found.append(Candidate(float(scores[index]), 0))
         # a candidate on an already detected lesion: ignored
     return CaseDetections(found, lesion_ids)
+
+
+def _local_maxima(probability: np.ndarray, count: int, distance: int) -> np.ndarray:
+    """Mask of the ``count`` highest local maxima of ``probability`` (plateaus kept whole)."""
+    peak = (probability == ndimage.maximum_filter(probability, size=2 * distance + 1)) & (probability > 0)
+    plateaus, n = ndimage.label(peak)
+    if n > count:
+        heights = ndimage.maximum(probability, plateaus, range(1, n + 1))
+        keep = np.argsort(-np.asarray(heights), kind="stable")[:count] + 1
+        peak = np.isin(plateaus, keep)
+    return peak
 
 
 @dataclass(frozen=True)
@@ -149,6 +168,23 @@ def froc(cases: Sequence[CaseDetections], fp_rates: Sequence[float] = LUNA16_FP_
     at_rates = {float(rate): float(np.interp(rate, fps_array, sensitivity_array)) for rate in fp_rates}
     return FROCResult(fps_array, sensitivity_array, at_rates, float(np.mean(list(at_rates.values()))), lesions,
                       len(cases))
+
+
+def score_at_rate(cases: Sequence[CaseDetections], fps_per_image: float) -> float:
+    """The lowest candidate score whose threshold keeps the mean false positives per image at or below
+    ``fps_per_image`` (an FROC operating point); ``inf`` when even the best candidate is too many.
+
+    Example:
+        >>> cases = [CaseDetections([Candidate(0.9, 1), Candidate(0.5, 0), Candidate(0.2, 0)], [1])]
+        >>> score_at_rate(cases, 1.0), score_at_rate(cases, 0.5)
+        (0.5, 0.9)
+    """
+    best = float("inf")
+    for threshold in sorted({c.score for case in cases for c in case.candidates}, reverse=True):
+        if sum(case.false_positives(threshold) for case in cases) / len(cases) > fps_per_image:
+            break
+        best = threshold
+    return best
 
 
 def sensitivity_by_group(cases: Sequence[CaseDetections], groups: Sequence[Mapping[int, object]],

@@ -69,6 +69,7 @@ def test_every_arm_trains_predicts_and_is_scored_then_a_rerun_skips_them(tmp_pat
         run = report["arms"][arm]["runs"][0]
         assert 0 <= run["cpm"] <= 1 and run["slices"] == 6 and run["lesions"] >= 1
         assert list(run["sensitivity_at"]) == ["0.125", "0.25", "0.5", "1.0", "2.0", "4.0", "8.0"]
+        assert set(run["sensitivity_by_malignancy_at_operating_point"]) == set(run["sensitivity_by_malignancy"])
     plans = json.loads((tmp_path / "work" / "preprocessed" / "Dataset960_real" / "nnUNetPlans.json").read_text())
     assert plans["configurations"]["2d_cpu"]["inherits_from"] == "2d"
     synthetic = json.loads((tmp_path / "work" / "raw" / "Dataset961_realsynthetic" / "dataset.json").read_text())
@@ -78,4 +79,5 @@ def test_every_arm_trains_predicts_and_is_scored_then_a_rerun_skips_them(tmp_pat
     stamps = [p.stat().st_mtime_ns for p in done]
     again = run_detection(recipe, tmp_path / "work", tmp_path / "report")  # finished arms are not retrained
     assert [p.stat().st_mtime_ns for p in done] == stamps and again["arms"] == report["arms"]
-    assert "| real+copy-paste |" in (tmp_path / "report" / "detection.md").read_text()
+    markdown = (tmp_path / "report" / "detection.md").read_text()
+    assert "| real+copy-paste |" in markdown and "16 highest local maxima" in markdown

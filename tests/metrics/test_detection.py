@@ -7,7 +7,7 @@ import pytest
 from monai.metrics import compute_froc_curve_data
 
 from lsdm_aug.metrics.detection import (LUNA16_FP_RATES, Candidate, CaseDetections, detect_case, dice, froc,
-                                        sensitivity_by_group)
+                                        score_at_rate, sensitivity_by_group)
 
 
 def _square(shape, top, left, size=3, value=1.0):
@@ -78,3 +78,32 @@ def test_instance_maps_keep_their_lesion_ids():
     case = detect_case(probability, reference, instances=True)
     assert case.lesions == [3, 5] and case.candidates == [Candidate(0.8, 5)]
     assert detect_case(probability, reference).lesions == [1, 2]  # connected components, numbered anew
+
+
+def test_peak_candidates_rank_an_under_confident_map():
+    """Every value far below the threshold: components find nothing, peaks still rank the lesion first."""
+    reference = _square((40, 40), 10, 10, 3).astype(np.uint8)
+    probability = np.random.default_rng(0).uniform(0, 1e-12, (40, 40))  # network output is never exactly flat
+    probability[11, 11] = 3e-9  # the lesion's peak
+    probability[30, 30] = 2e-9  # a weaker false peak
+    probability[30:32, 5:8] = 1e-9  # a plateau: one candidate, not six
+    assert detect_case(probability, reference).candidates == []
+    case = detect_case(probability, reference, peaks=8)
+    assert len(case.candidates) == 8 and [c.lesion for c in case.candidates[:3]] == [1, 0, 0]
+    assert [c.score for c in case.candidates[:3]] == pytest.approx([3e-9, 2e-9, 1e-9])
+    assert case.candidates[3].score < 1e-12
+    assert froc([case]).cpm == 1.0
+    assert case.true_positives(0.5) == set()  # nothing at the operating threshold
+    assert len(detect_case(probability, reference, peaks=2).candidates) == 2  # only the highest peaks
+    with pytest.raises(ValueError, match="peaks must be >= 0 and peak_distance >= 1, got -1 and 2"):
+        detect_case(probability, reference, peaks=-1)
+
+
+def test_score_at_rate_is_the_froc_operating_point():
+    cases = [CaseDetections([Candidate(0.9, 1), Candidate(0.6, 0), Candidate(0.4, 2)], [1, 2]),
+             CaseDetections([Candidate(0.7, 0), Candidate(0.3, 0)], [])]
+    assert score_at_rate(cases, 0.5) == 0.7  # one FP over two images
+    assert score_at_rate(cases, 1.0) == 0.4  # two FPs over two images: both lesions found
+    assert score_at_rate(cases, 0.0) == 0.9
+    assert score_at_rate([CaseDetections([Candidate(0.9, 0)], [1])], 0.5) == float("inf")
+    assert sensitivity_by_group(cases, [{1: "a", 2: "b"}, {}], score_at_rate(cases, 1.0)) == {"a": 1.0, "b": 1.0}
