@@ -16,8 +16,11 @@ nnU-Net's ``2d`` (same preprocessed data, same patch size and stages) with ``fea
 its own process (nnU-Net reads its folders at import); a finished arm is skipped on rerun.
 
 Detection is measured at lesion level from the predicted foreground probabilities
-(:mod:`lsdm_aug.metrics.detection`): FROC and CPM at the LUNA16 rates (false positives per slice),
-sensitivity per malignancy level and false positives per slice at ``threshold``, and Dice.
+(:mod:`lsdm_aug.metrics.detection`): candidates are the ``candidates_per_slice`` highest probability peaks
+of each slice (0: connected components above ``threshold``), so that the FROC ranks what a short-trained,
+under-confident network outputs; FROC and CPM at the LUNA16 rates (false positives per slice),
+sensitivity per malignancy level at ``threshold`` and at the FROC operating point of ``operating_fps``,
+false positives per slice at ``threshold``, and Dice.
 
 Example:
     >>> report = run_detection(load_detection_recipe("bench-detection-phantom"), "work/detection",

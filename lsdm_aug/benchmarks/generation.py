@@ -39,6 +39,7 @@ from lsdm_aug.config import FEATURES, load_recipe
 from lsdm_aug.data.prepared import PreparedDataset, atomic_write_text
 from lsdm_aug.metrics.evaluator import NoduleEvaluator, nodule_crops
 from lsdm_aug.metrics.features import SliceFeatures, frechet_distance, train_slice_features
+from lsdm_aug.models.perceptual import PerceptualDistance
 from lsdm_aug.pipeline import LSDMPipeline
 
 __all__ = ["GenerationRecipe", "load_generation_recipe", "run_generation"]
@@ -61,6 +62,7 @@ class GenerationRecipe:
     spade_gan: str | None = "work/generation/spade-gan"
     spade_gan_steps: int | None = None
     feature_extractor: str | None = None
+    feature_extractor_depth: int | None = None
     feature_steps: int = 1500
     perceptual_weights: str | None = None
     perceptual_depth: int = 50
@@ -79,6 +81,9 @@ class GenerationRecipe:
         for name in ("ldm_steps", "spade_gan_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 or null (the model recipe's), got {getattr(self, name)}")
+        if self.feature_extractor_depth is not None and self.feature_extractor is None:
+            raise ValueError(f"feature_extractor_depth {self.feature_extractor_depth} needs a feature_extractor "
+                             "weight file")
         if min(self.scales, default=0) < 0:
             raise ValueError(f"guidance scales must be >= 0, got {list(self.scales)}")
         return self
@@ -185,11 +190,20 @@ def _models(recipe: GenerationRecipe, pipe: LSDMPipeline) -> dict[str, Any]:
 
 # ---- metrics ------------------------------------------------------------------------------------------------
 
-def _perceptual(recipe: GenerationRecipe, extractor: SliceFeatures):
+def _feature_extractor(recipe: GenerationRecipe, work: Path) -> SliceFeatures | PerceptualDistance:
+    """FID features: a local ResNet weight file (``feature_extractor_depth`` 18 / 34 / 50, e.g. RadImageNet), an
+    in-project slice network file, or by default one trained here into the work folder."""
+    if recipe.feature_extractor is not None and recipe.feature_extractor_depth is not None:
+        return PerceptualDistance(recipe.feature_extractor, recipe.feature_extractor_depth)
+    path = Path(recipe.feature_extractor or work / "slice_features.safetensors")
+    if recipe.feature_extractor is None and not path.is_file():
+        train_slice_features(recipe.data, path, steps=recipe.feature_steps, progress=True)
+    return SliceFeatures.from_file(path)
+
+
+def _perceptual(recipe: GenerationRecipe, extractor: SliceFeatures | PerceptualDistance):
     if recipe.perceptual_weights is None:
         return extractor.distance
-    from lsdm_aug.models.perceptual import PerceptualDistance
-
     return PerceptualDistance(recipe.perceptual_weights, recipe.perceptual_depth)
 
 
@@ -271,10 +285,7 @@ def run_generation(recipe: GenerationRecipe, work_dir: str | Path, out_dir: str 
     work, out = Path(work_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe = LSDMPipeline.from_pretrained(recipe.lsdm, device="cpu")
-    features_path = Path(recipe.feature_extractor or work / "slice_features.safetensors")
-    if recipe.feature_extractor is None and not features_path.is_file():
-        train_slice_features(recipe.data, features_path, steps=recipe.feature_steps, progress=True)
-    extractor = SliceFeatures.from_file(features_path)
+    extractor = _feature_extractor(recipe, work)
     crop_px = max(16, pipe.recipe.image_size // 8)  # 64 px at 512, as the thesis; the evaluator needs >= 16
     evaluators, evaluator_reports = {}, {}
     for feature in FEATURES:
@@ -327,14 +338,21 @@ def _training_steps(recipe: GenerationRecipe, pipe: LSDMPipeline) -> dict[str, i
     return steps
 
 
+def _extractor_words(r: dict[str, Any]) -> str:
+    if r["feature_extractor"] is None:
+        return "in-project slice features (trained on the data's training split)"
+    if r.get("feature_extractor_depth"):
+        return f"ResNet{r['feature_extractor_depth']} pooled features from `{r['feature_extractor']}`"
+    return f"in-project slice features from `{r['feature_extractor']}`"
+
+
 def generation_markdown(report: dict[str, Any]) -> str:
     r = report["recipe"]
     lines = ["# Generation quality and control", "",
              f"Command: `lsdm-aug benchmark generation --recipe {r['name']}`", "",
              f"{r['count']} held-out test slices with a nodule from `{r['data']}`; LSDM `{report['model']}`, DDIM "
              f"{r['steps']} steps, guidance scale {r['guidance_scale']} towards the real nodule's rounded ratings; "
-             f"seeds {list(r['seeds'])}, mean ± std. FID: in-project slice features"
-             f"{'' if r['feature_extractor'] is None else ' from ' + r['feature_extractor']}; crop FID: "
+             f"seeds {list(r['seeds'])}, mean ± std. FID: {_extractor_words(r)}; crop FID: "
              f"{report['crop_px']} px nodule crops, malignancy-evaluator features. Training steps: "
              + ", ".join(f"{k} {v}" for k, v in report.get("training_steps", {}).items()) + ".", "",
              "| model | FID | SSIM | MS-SSIM | perceptual | crop FID |", "| --- | --- | --- | --- | --- | --- |"]

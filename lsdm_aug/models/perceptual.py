@@ -49,6 +49,11 @@ class PerceptualDistance(torch.nn.Module):
     Args:
         weights_path: local ResNet weights (see the module docstring).
         depth: 18, 34 or 50.
+
+    Example:
+        >>> distance = PerceptualDistance("resnet18.safetensors", depth=18)  # doctest: +SKIP
+        >>> distance(images, others).shape, distance.embed(images).shape  # doctest: +SKIP
+        (torch.Size([8]), torch.Size([8, 512]))
     """
 
     def __init__(self, weights_path: str | Path, depth: int = 50) -> None:
@@ -66,16 +71,32 @@ class PerceptualDistance(torch.nn.Module):
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
-    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def _stages(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Each ResNet stage's activations, images in [-1, 1] mapped to ImageNet-normalised RGB."""
         x = ((images.clamp(-1, 1) + 1) / 2).repeat(1, 3, 1, 1)
-        x = (x - self.mean) / self.std
         net = self.network
-        x = net.maxpool(net.act(net.bn1(net.conv1(x))))
+        x = net.maxpool(net.act(net.bn1(net.conv1((x - self.mean) / self.std))))
         out = []
         for name in _LAYERS:
             x = getattr(net, name)(x)
-            out.append(F.normalize(x, dim=1))
+            out.append(x)
         return out
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Channel-normalised stage activations (the LPIPS-style features)."""
+        return [F.normalize(x, dim=1) for x in self._stages(images)]
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+        """Pooled last-stage features (B, 512 for ResNet18/34, 2048 for ResNet50): FID features, as Inception's
+        pool features are."""
+        return torch.cat([self._stages(images[i:i + batch_size])[-1].mean(dim=(-2, -1))
+                          for i in range(0, len(images), batch_size)])
+
+    @torch.no_grad()
+    def distance(self, images: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+        """``forward`` without gradients (the metric interface shared with the in-project slice features)."""
+        return self(images, others)
 
     def forward(self, images: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
         return sum((a - b).pow(2).mean(dim=(1, 2, 3)) for a, b in zip(self.features(images), self.features(others))) / len(_LAYERS)

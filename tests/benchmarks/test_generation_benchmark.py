@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lsdm_aug.benchmarks.generation import GenerationRecipe, _ms_ssim, load_generation_recipe, run_generation
+from lsdm_aug.benchmarks.generation import (GenerationRecipe, _feature_extractor, _ms_ssim, load_generation_recipe,
+                                            run_generation)
 
 
 def test_shipped_recipe_loads_and_ms_ssim_fits_the_slice_size():
@@ -20,6 +21,21 @@ def test_shipped_recipe_loads_and_ms_ssim_fits_the_slice_size():
         GenerationRecipe(count=1).validate()
     with pytest.raises(ValueError, match="ldm_steps must be >= 1 or null"):
         GenerationRecipe(ldm_steps=0).validate()
+
+
+
+def test_a_local_resnet_weight_file_gives_the_fid_features(tmp_path):
+    from monai.networks.nets import resnet18
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "radimagenet-like-resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in resnet18(spatial_dims=2, n_input_channels=3).state_dict().items()},
+              weights)
+    recipe = GenerationRecipe(feature_extractor=str(weights), feature_extractor_depth=18).validate()
+    assert _feature_extractor(recipe, tmp_path / "work").embed(torch.zeros(2, 1, 64, 64)).shape == (2, 512)
+    assert not (tmp_path / "work").exists()  # nothing trained
+    with pytest.raises(ValueError, match="feature_extractor_depth 18 needs a feature_extractor weight file"):
+        GenerationRecipe(feature_extractor_depth=18).validate()
 
 
 @pytest.mark.slow
