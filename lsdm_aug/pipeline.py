@@ -238,9 +238,12 @@ class LSDMPipeline:
                         maps.shape[-1] // self.factor)
         noise = torch.randn((len(maps), *latent_shape), generator=generator)
         images = np.empty((len(maps), *maps.shape[-2:]), np.float32)
-        has_nodule = _nodule_pixels(maps).flatten(1).any(1).cpu()
-        for group in (torch.nonzero(has_nodule).flatten(), torch.nonzero(~has_nodule).flatten()):
-            for chunk in group.split(batch_size) if len(group) else ():  # guided maps are never batched with unguided ones
+        has_nodule = _nodule_pixels(maps).flatten(1).any(1).cpu().tolist()
+        groups: dict[tuple, list[int]] = {}  # guided maps are batched only with maps guided by the same features
+        for index, (nodule, requested) in enumerate(zip(has_nodule, per_map)):
+            groups.setdefault((nodule, tuple(sorted(requested))), []).append(index)
+        for group in groups.values():
+            for chunk in torch.tensor(group).split(batch_size):
                 latent = sample_latents(self.unet, scheduler, self.condition(maps[chunk]), generator=generator,
                                         initial_noise=noise[chunk], guidance=self._guidance(
                                             maps[chunk], [per_map[i] for i in chunk.tolist()], guidance_scale))

@@ -115,13 +115,17 @@ def test_generate_takes_a_batch_of_maps(pipe, cases):
 
 
 
-def test_a_ddim_batch_gives_what_each_map_gives_alone(pipe, cases):
-    """Guided and unguided maps mixed, one feature dict per map: batching changes nothing with DDIM."""
-    maps = np.stack([cases["nodule"]["semantic_map"], cases["free"]["semantic_map"], cases["nodule"]["semantic_map"]])
-    requested = [{"malignancy": 5.0}, {"malignancy": 1.0}, {"malignancy": 1.0}]
-    batched = pipe.generate(maps, requested, steps=STEPS, guidance_scale=20.0, seed=5, batch_size=3)
+def test_a_ddim_batch_gives_what_one_by_one_generation_gives(pipe, cases):
+    """Guided and unguided maps and different feature sets mixed, one dict per map: batching changes nothing
+    with DDIM, and the first map is what a call with that map alone gives."""
+    nodule, free = cases["nodule"]["semantic_map"], cases["free"]["semantic_map"]
+    maps = np.stack([nodule, free, nodule, nodule])
+    requested = [{"malignancy": 5.0}, {"malignancy": 1.0}, {"malignancy": 1.0}, {"texture": 1.0}]
+    batched = pipe.generate(maps, requested, steps=STEPS, guidance_scale=20.0, seed=5, batch_size=4)
     one_by_one = pipe.generate(maps, requested, steps=STEPS, guidance_scale=20.0, seed=5, batch_size=1)
     np.testing.assert_allclose(batched, one_by_one, atol=2e-5)
+    alone = pipe.generate(maps[:1], requested[:1], steps=STEPS, guidance_scale=20.0, seed=5)
+    np.testing.assert_allclose(batched[:1], alone, atol=2e-5)
     assert not np.allclose(batched[0], batched[2], atol=1e-3)  # same map, different noise and target
 
 

@@ -255,6 +255,11 @@ def _plan(recipe: DetectionRecipe, work: Path, dataset: str) -> None:
     atomic_write_text(plans_file, json.dumps(plans, indent=1))
 
 
+def _planned_batch_size(work: Path, dataset: str) -> int:
+    plans = json.loads((work / "preprocessed" / dataset / "nnUNetPlans.json").read_text())
+    return int(plans["configurations"]["2d"]["batch_size"])
+
+
 def reduced_configuration(configuration_2d: dict, recipe: DetectionRecipe) -> dict:
     """The ``2d_cpu`` configuration: inherits ``2d``; fewer features per stage and another batch size."""
     reduced: dict[str, Any] = {"inherits_from": "2d"}
@@ -329,7 +334,8 @@ def evaluate(test: Path, predictions: Path, threshold: float, peaks: int = 0,
             "sensitivity_by_malignancy": {str(k): v for k, v in sensitivity_by_group(cases, groups, threshold).items()},
             "sensitivity_by_malignancy_at_operating_point": {
                 str(k): v for k, v in sensitivity_by_group(cases, groups, operating).items()},
-            "operating_score": operating, "lesions": result.lesions, "slices": result.images}
+            "operating_score": operating if np.isfinite(operating) else None,  # None: no candidate fits the rate
+            "lesions": result.lesions, "slices": result.images}
 
 
 def _summary(runs: list[dict]) -> dict[str, Any]:
@@ -358,7 +364,8 @@ def run_detection(recipe: DetectionRecipe, work_dir: str | Path, out_dir: str | 
         _write_copy_paste_arm(recipe, raw, real_cases)
     for dataset in sorted({_dataset_name(recipe, "real" if a == "real+on-the-fly" else a) for a in recipe.arms}):
         _plan(recipe, work, dataset)
-    report: dict[str, Any] = {"recipe": asdict(recipe), "arms": {}}
+    report: dict[str, Any] = {"recipe": asdict(recipe), "arms": {}, "planned_batch_size": _planned_batch_size(
+        work, _dataset_name(recipe, "real" if recipe.arms[0] == "real+on-the-fly" else recipe.arms[0]))}
     for arm in recipe.arms:
         runs = [evaluate(test, _train_and_predict(recipe, work, arm, seed), recipe.threshold,
                          recipe.candidates_per_slice, recipe.operating_fps) for seed in recipe.seeds]
@@ -378,7 +385,8 @@ def detection_markdown(report: dict[str, Any]) -> str:
              f"patients and {r['test_patients']} test patients x {r['slices_per_patient']} slices "
              f"({r['nodule_free_fraction']:.0%} nodule-free), {r['image_size']} px. Synthetic: {r['synthetic_count']} "
              f"cases (model `{r['model']}`). nnU-Net 2D, configuration `{CONFIGURATION}` = nnU-Net's 2d with "
-             f"features per stage {r['features_per_stage']} and batch size {r['batch_size']}; {r['num_epochs']} epochs "
+             f"features per stage {r['features_per_stage'] or 'as planned'} and batch size "
+             f"{r['batch_size'] or str(report.get('planned_batch_size', '?')) + ' (as nnU-Net planned it)'}; {r['num_epochs']} epochs "
              f"x {r['iterations_per_epoch']} iterations; seeds {list(r['seeds'])}. Mean ± std over seeds.", "",
              _candidates_sentence(r), "",
              "| arm | CPM | sensitivity | FPs / slice | Dice | " + " | ".join(f"sens @ {x}" for x in rates) + " |",

@@ -303,12 +303,15 @@ def run_generation(recipe: GenerationRecipe, work_dir: str | Path, out_dir: str 
                               "evaluators": evaluator_reports, "models": {}, "control": []}
     models = _models(recipe, pipe)
     report["training_steps"] = _training_steps(recipe, pipe)
+    settings = {k: v for k, v in asdict(recipe).items() if k not in ("name", "seeds")}
+    fingerprint = json.loads(json.dumps({"recipe": settings, "model": pipe.model_id,
+                                         "training_steps": report["training_steps"]}))
     for name, generate in models.items():
-        runs = [_cached(work / "results" / f"{name}-seed{seed}.json",
+        runs = [_cached(work / "results" / f"{name}-seed{seed}.json", fingerprint,
                         lambda: quality(data, generate(data, seed), extractor, perceptual, evaluators["malignancy"]))
                 for seed in recipe.seeds]
         report["models"][name] = {k: _spread([r[k] for r in runs]) for k in runs[0]}
-    report["control"] = [_cached(work / "results" / f"control-seed{seed}.json",
+    report["control"] = [_cached(work / "results" / f"control-seed{seed}.json", fingerprint,
                                  lambda: control(pipe, control_data, evaluators, recipe, seed))
                          for seed in recipe.seeds]
     draw_grid(pipe, control_data, recipe, out / "grid.png")
@@ -317,14 +320,16 @@ def run_generation(recipe: GenerationRecipe, work_dir: str | Path, out_dir: str 
     return report
 
 
-def _cached(path: Path, compute) -> dict:
-    """``compute()``, written atomically to ``path``; a rerun reads it back (delete the work folder's ``results``
-    after changing a model or the recipe)."""
+def _cached(path: Path, fingerprint: dict, compute) -> dict:
+    """``compute()``, written atomically to ``path`` with the settings that made it; a rerun with the same
+    ``fingerprint`` (recipe, model, baselines' training steps) reads it back, any other setting recomputes it."""
     if path.is_file():
-        return json.loads(path.read_text())
+        stored = json.loads(path.read_text())
+        if stored.get("fingerprint") == fingerprint:
+            return stored["result"]
     path.parent.mkdir(parents=True, exist_ok=True)
     result = compute()
-    atomic_write_text(path, json.dumps(result, indent=1))
+    atomic_write_text(path, json.dumps({"fingerprint": fingerprint, "result": result}, indent=1))
     return result
 
 
@@ -352,7 +357,9 @@ def generation_markdown(report: dict[str, Any]) -> str:
              f"Command: `lsdm-aug benchmark generation --recipe {r['name']}`", "",
              f"{r['count']} held-out test slices with a nodule from `{r['data']}`; LSDM `{report['model']}`, DDIM "
              f"{r['steps']} steps, guidance scale {r['guidance_scale']} towards the real nodule's rounded ratings; "
-             f"seeds {list(r['seeds'])}, mean ± std. FID: {_extractor_words(r)}; crop FID: "
+             f"seeds {list(r['seeds'])}, mean ± std. FID: {_extractor_words(r)}; perceptual: "
+             f"{'the same network' if r['perceptual_weights'] is None else 'ResNet' + str(r['perceptual_depth']) + ' from `' + r['perceptual_weights'] + '`'}"
+             "'s channel-normalised stage features; crop FID: "
              f"{report['crop_px']} px nodule crops, malignancy-evaluator features. Training steps: "
              + ", ".join(f"{k} {v}" for k, v in report.get("training_steps", {}).items()) + ".", "",
              "| model | FID | SSIM | MS-SSIM | perceptual | crop FID |", "| --- | --- | --- | --- | --- | --- |"]

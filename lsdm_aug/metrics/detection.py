@@ -85,7 +85,9 @@ def detect_case(probability: np.ndarray, reference: np.ndarray, threshold: float
     Candidates are the connected components of ``probability >= threshold``; with ``peaks`` > 0 they are
     instead the ``peaks`` highest local maxima of the probability (within ``peak_distance`` px; a plateau is
     one maximum), whatever their value: the FROC then ranks a network's output even where it never reaches
-    the threshold (an under-confident model), while sensitivity at ``threshold`` counts the same peaks."""
+    the threshold (an under-confident model), while sensitivity and false positives at ``threshold`` count the
+    same peaks (a blob with several maxima farther apart than ``peak_distance``, off any lesion, is several false
+    positives, so these counts are not those of the component mode)."""
     probability, reference = np.asarray(probability, float), np.asarray(reference)
     if probability.shape != reference.shape:
         raise ValueError(f"probability {probability.shape} and reference {reference.shape} differ in shape")

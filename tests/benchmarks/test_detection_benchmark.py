@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from lsdm_aug.benchmarks.detection import (ARMS, DetectionRecipe, copy_paste_cases, load_detection_recipe,
@@ -69,7 +70,11 @@ def test_every_arm_trains_predicts_and_is_scored_then_a_rerun_skips_them(tmp_pat
         run = report["arms"][arm]["runs"][0]
         assert 0 <= run["cpm"] <= 1 and run["slices"] == 6 and run["lesions"] >= 1
         assert list(run["sensitivity_at"]) == ["0.125", "0.25", "0.5", "1.0", "2.0", "4.0", "8.0"]
-        assert set(run["sensitivity_by_malignancy_at_operating_point"]) == set(run["sensitivity_by_malignancy"])
+        lesions = pd.read_csv(tmp_path / "work" / "test" / "lesions.csv").query("lesion > 0")
+        levels = {str(int(np.floor(m + 0.5))) for m in lesions.malignancy}
+        at_operating_point = run["sensitivity_by_malignancy_at_operating_point"]
+        assert set(at_operating_point) == levels and all(0 <= v <= 1 for v in at_operating_point.values())
+        assert run["operating_score"] is None or 0 <= run["operating_score"] <= 1
     plans = json.loads((tmp_path / "work" / "preprocessed" / "Dataset960_real" / "nnUNetPlans.json").read_text())
     assert plans["configurations"]["2d_cpu"]["inherits_from"] == "2d"
     synthetic = json.loads((tmp_path / "work" / "raw" / "Dataset961_realsynthetic" / "dataset.json").read_text())

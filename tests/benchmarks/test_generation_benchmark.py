@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -65,8 +66,13 @@ def test_generation_benchmark_reports_every_model(tmp_path, smoke_models):
 
     # a rerun reuses each finished (model, seed) result instead of generating again
     cached = tmp_path / "work" / "results" / "ldm-seed1.json"
-    cached.write_text(json.dumps(dict.fromkeys(("fid", "ssim", "ms_ssim", "perceptual", "crop_fid"), 7.0)))
-    seed0 = json.loads((tmp_path / "work" / "results" / "ldm-seed0.json").read_text())["fid"]
+    stored = json.loads(cached.read_text())
+    stored["result"] = dict.fromkeys(("fid", "ssim", "ms_ssim", "perceptual", "crop_fid"), 7.0)
+    cached.write_text(json.dumps(stored))
+    seed0 = json.loads((tmp_path / "work" / "results" / "ldm-seed0.json").read_text())["result"]["fid"]
     again = run_generation(recipe, tmp_path / "work", tmp_path / "report")
     assert again["models"]["ldm"]["fid"]["mean"] == pytest.approx((seed0 + 7.0) / 2)
     assert again["models"]["lsdm"] == report["models"]["lsdm"]
+    # ... but not under other settings: another step count recomputes every result
+    other = run_generation(dataclasses.replace(recipe, steps=3), tmp_path / "work", tmp_path / "report")
+    assert other["models"]["ldm"]["fid"]["mean"] != pytest.approx((seed0 + 7.0) / 2)
