@@ -303,21 +303,27 @@ def _train_and_predict(recipe: DetectionRecipe, work: Path, arm: str, seed: int)
 
 # ---- evaluation -----------------------------------------------------------------------------------------------
 
-def evaluate(test: Path, predictions: Path, threshold: float, peaks: int = 0,
+def evaluate(test: Path, predictions: Path | int, threshold: float, peaks: int = 0,
              operating_fps: float = 2.0) -> dict[str, Any]:
     """Lesion-level detection figures of one trained model on the test set.
 
-    Candidates are the ``peaks`` highest local maxima of each slice's foreground probability (0: connected
-    components above ``threshold``). Sensitivity, false positives and Dice are read at ``threshold``; the
-    per-malignancy sensitivity also at the score where the FROC reaches ``operating_fps`` per slice."""
+    ``predictions``: the folder of nnU-Net's ``.npz`` probabilities, or an integer seed for the chance level
+    (uniform noise as the foreground probability: candidates at random places). Candidates are the ``peaks``
+    highest local maxima of each slice's foreground probability (0: connected components above
+    ``threshold``). Sensitivity, false positives and Dice are read at ``threshold``; the per-malignancy
+    sensitivity also at the score where the FROC reaches ``operating_fps`` per slice."""
     lesions = pd.read_csv(test / "lesions.csv")
     cases, groups, fps = [], [], []
     overlap = predicted = reference = 0
+    noise = np.random.default_rng(predictions) if isinstance(predictions, int) else None
     for case_id in sorted(lesions.case_id.unique()):
         _, instances, _ = read_case(test, case_id)
-        with np.load(predictions / f"{case_id}.npz", allow_pickle=False) as arrays:
-            # the foreground channels themselves: 1 - background loses probabilities below float precision
-            foreground = arrays["probabilities"][1:].astype(np.float64).sum(0).reshape(instances.shape)
+        if noise is not None:
+            foreground = noise.uniform(0.0, 1e-3, instances.shape)
+        else:
+            with np.load(predictions / f"{case_id}.npz", allow_pickle=False) as arrays:
+                # the foreground channels themselves: 1 - background loses probabilities below float precision
+                foreground = arrays["probabilities"][1:].astype(np.float64).sum(0).reshape(instances.shape)
         case = detect_case(foreground, instances, threshold, instances=True, peaks=peaks)
         cases.append(case)
         rows = lesions[(lesions.case_id == case_id) & (lesions.lesion > 0)]
@@ -370,6 +376,9 @@ def run_detection(recipe: DetectionRecipe, work_dir: str | Path, out_dir: str | 
         runs = [evaluate(test, _train_and_predict(recipe, work, arm, seed), recipe.threshold,
                          recipe.candidates_per_slice, recipe.operating_fps) for seed in recipe.seeds]
         report["arms"][arm] = {"runs": runs, "summary": _summary(runs)}
+    chance = [evaluate(test, seed, recipe.threshold, recipe.candidates_per_slice, recipe.operating_fps)
+              for seed in recipe.seeds]
+    report["chance"] = {"runs": chance, "summary": _summary(chance)}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "detection.json", json.dumps(report, indent=1))
     atomic_write_text(out / "detection.md", detection_markdown(report))
@@ -391,7 +400,8 @@ def detection_markdown(report: dict[str, Any]) -> str:
              _candidates_sentence(r), "",
              "| arm | CPM | sensitivity | FPs / slice | Dice | " + " | ".join(f"sens @ {x}" for x in rates) + " |",
              "| --- " * (5 + len(rates)) + "|"]
-    for arm, result in report["arms"].items():
+    rows = {**report["arms"], **({"chance (random candidates)": report["chance"]} if "chance" in report else {})}
+    for arm, result in rows.items():
         s = result["summary"]
         cells = [f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" for k in ("cpm", "sensitivity", "false_positives_per_slice",
                                                                     "dice")]

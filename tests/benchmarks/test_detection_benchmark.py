@@ -75,6 +75,8 @@ def test_every_arm_trains_predicts_and_is_scored_then_a_rerun_skips_them(tmp_pat
         at_operating_point = run["sensitivity_by_malignancy_at_operating_point"]
         assert set(at_operating_point) == levels and all(0 <= v <= 1 for v in at_operating_point.values())
         assert run["operating_score"] is None or 0 <= run["operating_score"] <= 1
+    chance = report["chance"]["runs"][0]
+    assert 0 <= chance["cpm"] <= 1 and chance["sensitivity"] == 0  # noise never reaches the threshold
     plans = json.loads((tmp_path / "work" / "preprocessed" / "Dataset960_real" / "nnUNetPlans.json").read_text())
     assert plans["configurations"]["2d_cpu"]["inherits_from"] == "2d"
     synthetic = json.loads((tmp_path / "work" / "raw" / "Dataset961_realsynthetic" / "dataset.json").read_text())
@@ -86,3 +88,4 @@ def test_every_arm_trains_predicts_and_is_scored_then_a_rerun_skips_them(tmp_pat
     assert [p.stat().st_mtime_ns for p in done] == stamps and again["arms"] == report["arms"]
     markdown = (tmp_path / "report" / "detection.md").read_text()
     assert "| real+copy-paste |" in markdown and "16 highest local maxima" in markdown
+    assert "| chance (random candidates) |" in markdown
