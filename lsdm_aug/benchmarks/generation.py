@@ -303,21 +303,33 @@ def run_generation(recipe: GenerationRecipe, work_dir: str | Path, out_dir: str 
                               "evaluators": evaluator_reports, "models": {}, "control": []}
     models = _models(recipe, pipe)
     report["training_steps"] = _training_steps(recipe, pipe)
-    settings = {k: v for k, v in asdict(recipe).items() if k not in ("name", "seeds")}
-    fingerprint = json.loads(json.dumps({"recipe": settings, "model": pipe.model_id,
-                                         "training_steps": report["training_steps"]}))
+    settings = asdict(recipe)
+    quality_print = _fingerprint(settings, _QUALITY_KEYS, pipe.model_id, report["training_steps"])
+    control_print = _fingerprint(settings, _CONTROL_KEYS, pipe.model_id, report["training_steps"])
     for name, generate in models.items():
-        runs = [_cached(work / "results" / f"{name}-seed{seed}.json", fingerprint,
+        runs = [_cached(work / "results" / f"{name}-seed{seed}.json", quality_print,
                         lambda: quality(data, generate(data, seed), extractor, perceptual, evaluators["malignancy"]))
                 for seed in recipe.seeds]
         report["models"][name] = {k: _spread([r[k] for r in runs]) for k in runs[0]}
-    report["control"] = [_cached(work / "results" / f"control-seed{seed}.json", fingerprint,
+    report["control"] = [_cached(work / "results" / f"control-seed{seed}.json", control_print,
                                  lambda: control(pipe, control_data, evaluators, recipe, seed))
                          for seed in recipe.seeds]
     draw_grid(pipe, control_data, recipe, out / "grid.png")
     atomic_write_text(out / "generation.json", json.dumps(report, indent=1))
     atomic_write_text(out / "generation.md", generation_markdown(report))
     return report
+
+
+_COMMON_KEYS = ("data", "lsdm", "model_recipe", "steps", "guidance_scale", "evaluator_steps")
+_QUALITY_KEYS = _COMMON_KEYS + ("count", "ldm", "ldm_steps", "spade_gan", "spade_gan_steps", "feature_extractor",
+                                "feature_extractor_depth", "feature_steps", "perceptual_weights", "perceptual_depth")
+_CONTROL_KEYS = _COMMON_KEYS + ("control_count", "scales")
+
+
+def _fingerprint(settings: dict, keys: tuple[str, ...], model_id: str, training_steps: dict) -> dict:
+    """What a cached result depends on, in its JSON form."""
+    return json.loads(json.dumps({"recipe": {k: settings[k] for k in keys}, "model": model_id,
+                                  "training_steps": training_steps}))
 
 
 def _cached(path: Path, fingerprint: dict, compute) -> dict:
