@@ -275,12 +275,29 @@ def reduced_configuration(configuration_2d: dict, recipe: DetectionRecipe) -> di
     return reduced
 
 
-def _trainer_settings(recipe: DetectionRecipe, arm: str, seed: int) -> dict[str, Any]:
+def _trainer_settings(recipe: DetectionRecipe, arm: str, seed: int, work: Path | None = None) -> dict[str, Any]:
     settings = {"num_epochs": recipe.num_epochs, "num_iterations_per_epoch": recipe.iterations_per_epoch,
                 "num_val_iterations_per_epoch": recipe.val_iterations_per_epoch, "seed": seed, "prob": 0.0}
     if arm == "real+on-the-fly":
-        settings.update({"model": recipe.model, **recipe.on_the_fly})
+        on_the_fly = {k: v for k, v in recipe.on_the_fly.items() if k != "bank_count"}
+        if on_the_fly.get("bank") == "build":  # the bank that _ensure_bank builds in the work folder
+            on_the_fly["bank"] = str((work or Path(".")) / "bank")
+        settings.update({"model": recipe.model, **on_the_fly})
     return settings
+
+
+def _ensure_bank(recipe: DetectionRecipe, work: Path) -> None:
+    """With ``on_the_fly: {bank: build, bank_count: N}``: N LSDM nodules (malignancy balanced) generated once
+    into ``work/bank`` (resumable), which the on-the-fly arm then places in its training patches."""
+    if recipe.on_the_fly.get("bank") != "build":
+        return
+    from lsdm_aug.bank import build_bank
+    from lsdm_aug.synthesis import SynthesisRequest
+
+    request = SynthesisRequest(count=int(recipe.on_the_fly.get("bank_count", 200)), size=recipe.image_size,
+                               seed=recipe.data_seed + 1, steps=recipe.synthetic_steps,
+                               guidance_scale=recipe.guidance_scale, model=recipe.model, source=recipe.prepared)
+    build_bank(work / "bank", request, device=recipe.device, batch_size=8)
 
 
 def _train_and_predict(recipe: DetectionRecipe, work: Path, arm: str, seed: int) -> Path:
@@ -290,7 +307,7 @@ def _train_and_predict(recipe: DetectionRecipe, work: Path, arm: str, seed: int)
     if done.is_file():
         return predictions
     dataset = _dataset_name(recipe, "real" if arm == "real+on-the-fly" else arm)
-    env = _environment(work, seed) | {"LSDM_AUG_NNUNET": json.dumps(_trainer_settings(recipe, arm, seed))}
+    env = _environment(work, seed) | {"LSDM_AUG_NNUNET": json.dumps(_trainer_settings(recipe, arm, seed, work))}
     if arm == "real+on-the-fly":
         env["nnUNet_results"] = str(work / "results" / f"seed{seed}-onthefly")
     job = {"dataset": dataset, "configuration": CONFIGURATION, "device": recipe.device,
@@ -368,6 +385,8 @@ def run_detection(recipe: DetectionRecipe, work_dir: str | Path, out_dir: str | 
         _write_synthetic_arm(recipe, raw, work, real_cases)
     if "real+copy-paste" in recipe.arms:
         _write_copy_paste_arm(recipe, raw, real_cases)
+    if "real+on-the-fly" in recipe.arms:
+        _ensure_bank(recipe, work)
     for dataset in sorted({_dataset_name(recipe, "real" if a == "real+on-the-fly" else a) for a in recipe.arms}):
         _plan(recipe, work, dataset)
     report: dict[str, Any] = {"recipe": asdict(recipe), "arms": {}, "planned_batch_size": _planned_batch_size(

@@ -8,14 +8,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lsdm_aug.benchmarks.detection import (ARMS, DetectionRecipe, copy_paste_cases, load_detection_recipe,
-                                           reduced_configuration, run_detection)
+from lsdm_aug.benchmarks.detection import (ARMS, DetectionRecipe, _trainer_settings, copy_paste_cases,
+                                           load_detection_recipe, reduced_configuration, run_detection)
+from lsdm_aug.bank import NoduleBank
 from lsdm_aug.data.nnunet_format import write_case
 
 
 def test_shipped_recipes_load_and_bad_ones_are_named(tmp_path):
     phantom = load_detection_recipe("bench-detection-phantom")
-    assert phantom.arms == ARMS and len(phantom.seeds) >= 3 and phantom.prepared is None
+    assert phantom.arms == ARMS[:3] and len(phantom.seeds) >= 3 and phantom.prepared is None
+    assert load_detection_recipe("bench-detection-phantom-copy-paste").arms == ("real+copy-paste",)
     lidc = load_detection_recipe("bench-detection-lidc-512")
     assert lidc.image_size == 512 and lidc.features_per_stage is None and lidc.device == "cuda"
     bad = tmp_path / "bad.yaml"
@@ -61,7 +63,8 @@ def test_copy_paste_moves_real_nodule_pixels_into_lung(tmp_path):
 def test_every_arm_trains_predicts_and_is_scored_then_a_rerun_skips_them(tmp_path, smoke_models):
     recipe = DetectionRecipe(name="smoke", image_size=64, model=str(smoke_models), train_patients=2, test_patients=2,
                              slices_per_patient=3, nodule_free_fraction=0.3, synthetic_count=3, synthetic_steps=2,
-                             on_the_fly={"prob": 0.5, "malignancy": "balanced", "steps": 2}, seeds=(0,),
+                             on_the_fly={"prob": 0.5, "malignancy": "balanced", "bank": "build", "bank_count": 3},
+                             seeds=(0,),
                              features_per_stage=(4, 8, 8, 8), batch_size=2, num_epochs=1, iterations_per_epoch=2,
                              val_iterations_per_epoch=1, dataset_id=960)
     report = run_detection(recipe, tmp_path / "work", tmp_path / "report")
@@ -75,6 +78,7 @@ def test_every_arm_trains_predicts_and_is_scored_then_a_rerun_skips_them(tmp_pat
         at_operating_point = run["sensitivity_by_malignancy_at_operating_point"]
         assert set(at_operating_point) == levels and all(0 <= v <= 1 for v in at_operating_point.values())
         assert run["operating_score"] is None or 0 <= run["operating_score"] <= 1
+    assert len(NoduleBank(tmp_path / "work" / "bank")) == 3  # built once for the on-the-fly arm
     chance = report["chance"]["runs"][0]
     assert 0 <= chance["cpm"] <= 1 and chance["sensitivity"] == 0  # noise never reaches the threshold
     plans = json.loads((tmp_path / "work" / "preprocessed" / "Dataset960_real" / "nnUNetPlans.json").read_text())
@@ -89,3 +93,11 @@ def test_every_arm_trains_predicts_and_is_scored_then_a_rerun_skips_them(tmp_pat
     markdown = (tmp_path / "report" / "detection.md").read_text()
     assert "| real+copy-paste |" in markdown and "16 highest local maxima" in markdown
     assert "| chance (random candidates) |" in markdown
+
+
+def test_the_on_the_fly_arm_gets_the_work_folder_bank_and_no_bank_count(tmp_path):
+    recipe = DetectionRecipe(on_the_fly={"prob": 0.3, "malignancy": "balanced", "bank": "build", "bank_count": 50})
+    settings = _trainer_settings(recipe, "real+on-the-fly", 2, tmp_path)
+    assert settings["bank"] == str(tmp_path / "bank") and "bank_count" not in settings
+    assert settings["seed"] == 2 and settings["prob"] == 0.3
+    assert _trainer_settings(recipe, "real", 2, tmp_path)["prob"] == 0.0  # the other arms insert nothing
