@@ -6,7 +6,8 @@ set, split patient-wise. Arms, each trained with the same nnU-Net budget for eve
 * ``real``: the real slices only;
 * ``real+synthetic``: plus ``synthetic_count`` cases from ``synthesize`` (malignancy balanced);
 * ``real+on-the-fly``: the real slices, with ``nnUNetTrainerNoduleSynth`` inserting nodules in the
-  training patches (``on_the_fly`` settings, e.g. ``prob``, ``steps`` or a ``bank``);
+  training patches (``on_the_fly`` settings, e.g. ``prob``, ``steps``, or ``bank: build`` with ``bank_count``:
+  LSDM nodules generated once into ``<work>/bank`` and placed on the fly);
 * ``real+copy-paste``: plus ``synthetic_count`` cases made by pasting real training nodules, pixels
   as they are, into other real training slices' lungs (the naive baseline).
 
