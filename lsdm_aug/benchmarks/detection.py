@@ -35,7 +35,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -388,10 +388,13 @@ def run_detection(recipe: DetectionRecipe, work_dir: str | Path, out_dir: str | 
         _write_copy_paste_arm(recipe, raw, real_cases)
     if "real+on-the-fly" in recipe.arms:
         _ensure_bank(recipe, work)
+    # one budget for every arm: without a recipe batch size, the batch nnU-Net plans for the real set (it plans
+    # larger batches for the larger real+synthetic sets)
+    _plan(recipe, work, _dataset_name(recipe, "real"))
+    planned = _planned_batch_size(work, _dataset_name(recipe, "real"))
     for dataset in sorted({_dataset_name(recipe, "real" if a == "real+on-the-fly" else a) for a in recipe.arms}):
-        _plan(recipe, work, dataset)
-    report: dict[str, Any] = {"recipe": asdict(recipe), "arms": {}, "planned_batch_size": _planned_batch_size(
-        work, _dataset_name(recipe, "real" if recipe.arms[0] == "real+on-the-fly" else recipe.arms[0]))}
+        _plan(replace(recipe, batch_size=recipe.batch_size or planned), work, dataset)
+    report: dict[str, Any] = {"recipe": asdict(recipe), "arms": {}, "planned_batch_size": planned}
     for arm in recipe.arms:
         runs = [evaluate(test, _train_and_predict(recipe, work, arm, seed), recipe.threshold,
                          recipe.candidates_per_slice, recipe.operating_fps) for seed in recipe.seeds]
@@ -415,7 +418,8 @@ def detection_markdown(report: dict[str, Any]) -> str:
              f"({r['nodule_free_fraction']:.0%} nodule-free), {r['image_size']} px. Synthetic: {r['synthetic_count']} "
              f"cases (model `{r['model']}`). nnU-Net 2D, configuration `{CONFIGURATION}` = nnU-Net's 2d with "
              f"features per stage {r['features_per_stage'] or 'as planned'} and batch size "
-             f"{r['batch_size'] or str(report.get('planned_batch_size', '?')) + ' (as nnU-Net planned it)'}; {r['num_epochs']} epochs "
+             f"{r['batch_size'] or str(report.get('planned_batch_size', '?')) + ' (as nnU-Net planned it for the real set)'} in "
+             f"every arm; {r['num_epochs']} epochs "
              f"x {r['iterations_per_epoch']} iterations; seeds {list(r['seeds'])}. Mean ± std over seeds.", "",
              _candidates_sentence(r), "",
              "| arm | CPM | sensitivity | FPs / slice | Dice | " + " | ".join(f"sens @ {x}" for x in rates) + " |",

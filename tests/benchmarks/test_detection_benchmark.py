@@ -83,6 +83,9 @@ def test_every_arm_trains_predicts_and_is_scored_then_a_rerun_skips_them(tmp_pat
     assert len(NoduleBank(tmp_path / "work" / "bank")) == 3  # built once for the on-the-fly arm
     chance = report["chance"]["runs"][0]
     assert 0 <= chance["cpm"] <= 1 and chance["sensitivity"] == 0  # noise never reaches the threshold
+    for dataset in ("Dataset960_real", "Dataset961_realsynthetic", "Dataset962_realcopypaste"):  # one budget
+        configuration = json.loads((tmp_path / "work" / "preprocessed" / dataset / "nnUNetPlans.json").read_text())
+        assert configuration["configurations"]["2d_cpu"]["batch_size"] == 2
     plans = json.loads((tmp_path / "work" / "preprocessed" / "Dataset960_real" / "nnUNetPlans.json").read_text())
     assert plans["configurations"]["2d_cpu"]["inherits_from"] == "2d"
     synthetic = json.loads((tmp_path / "work" / "raw" / "Dataset961_realsynthetic" / "dataset.json").read_text())
