@@ -46,7 +46,7 @@ from lsdm_aug.benchmarks.recipes import load_benchmark_recipe
 from lsdm_aug.data.nnunet_format import read_case, write_case, write_dataset_json
 from lsdm_aug.data.phantom import SUPPORTED_SIZES, ChestPhantom, PhantomConfig, free_site
 from lsdm_aug.data.prepared import atomic_write_text
-from lsdm_aug.metrics.detection import LUNA16_FP_RATES, detect_case, froc, score_at_rate, sensitivity_by_group
+from lsdm_aug.metrics.detection import LUNA16_FP_RATES, detect_case, dice, froc, score_at_rate, sensitivity_by_group
 
 __all__ = ["DetectionRecipe", "load_detection_recipe", "run_detection", "ARMS"]
 
@@ -244,21 +244,20 @@ def _environment(work: Path, seed: int) -> dict[str, str]:
             "nnUNet_compile": "false"}
 
 
-def _plan(recipe: DetectionRecipe, work: Path, dataset: str) -> None:
-    """nnU-Net's planning and 2D preprocessing, then the reduced configuration ``2d_cpu`` in the plans."""
+def _preprocess(work: Path, dataset: str) -> dict:
+    """nnU-Net's planning and 2D preprocessing of ``dataset`` (once); returns its plans."""
     plans_file = work / "preprocessed" / dataset / "nnUNetPlans.json"
     if not plans_file.is_file():
         subprocess.run([sys.executable, "-m", "nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "-d",
                         dataset.split("_")[0].removeprefix("Dataset"), "-c", "2d", "-np", "1"],
                        env=_environment(work, 0), check=True, capture_output=True)
-    plans = json.loads(plans_file.read_text())
+    return json.loads(plans_file.read_text())
+
+
+def _write_reduced_configuration(recipe: DetectionRecipe, work: Path, dataset: str, plans: dict) -> None:
+    """The reduced configuration ``2d_cpu`` added to ``dataset``'s plans file."""
     plans["configurations"][CONFIGURATION] = reduced_configuration(plans["configurations"]["2d"], recipe)
-    atomic_write_text(plans_file, json.dumps(plans, indent=1))
-
-
-def _planned_batch_size(work: Path, dataset: str) -> int:
-    plans = json.loads((work / "preprocessed" / dataset / "nnUNetPlans.json").read_text())
-    return int(plans["configurations"]["2d"]["batch_size"])
+    atomic_write_text(work / "preprocessed" / dataset / "nnUNetPlans.json", json.dumps(plans, indent=1))
 
 
 def reduced_configuration(configuration_2d: dict, recipe: DetectionRecipe) -> dict:
@@ -276,13 +275,13 @@ def reduced_configuration(configuration_2d: dict, recipe: DetectionRecipe) -> di
     return reduced
 
 
-def _trainer_settings(recipe: DetectionRecipe, arm: str, seed: int, work: Path | None = None) -> dict[str, Any]:
+def _trainer_settings(recipe: DetectionRecipe, arm: str, seed: int, work: Path) -> dict[str, Any]:
     settings = {"num_epochs": recipe.num_epochs, "num_iterations_per_epoch": recipe.iterations_per_epoch,
                 "num_val_iterations_per_epoch": recipe.val_iterations_per_epoch, "seed": seed, "prob": 0.0}
     if arm == "real+on-the-fly":
         on_the_fly = {k: v for k, v in recipe.on_the_fly.items() if k != "bank_count"}
         if on_the_fly.get("bank") == "build":  # the bank that _ensure_bank builds in the work folder
-            on_the_fly["bank"] = str((work or Path(".")) / "bank")
+            on_the_fly["bank"] = str(work / "bank")
         settings.update({"model": recipe.model, **on_the_fly})
     return settings
 
@@ -331,8 +330,7 @@ def evaluate(test: Path, predictions: Path | int, threshold: float, peaks: int =
     ``threshold``). Sensitivity, false positives and Dice are read at ``threshold``; the per-malignancy
     sensitivity also at the score where the FROC reaches ``operating_fps`` per slice."""
     lesions = pd.read_csv(test / "lesions.csv")
-    cases, groups, fps = [], [], []
-    overlap = predicted = reference = 0
+    cases, groups, fps, predicted, reference = [], [], [], [], []
     noise = np.random.default_rng(predictions) if isinstance(predictions, int) else None
     for case_id in sorted(lesions.case_id.unique()):
         _, instances, _ = read_case(test, case_id)
@@ -346,15 +344,15 @@ def evaluate(test: Path, predictions: Path | int, threshold: float, peaks: int =
         cases.append(case)
         rows = lesions[(lesions.case_id == case_id) & (lesions.lesion > 0)]
         groups.append({int(r.lesion): int(np.floor(r.malignancy + 0.5)) for r in rows.itertuples()})
-        overlap += int(((foreground >= threshold) & (instances > 0)).sum())
-        predicted, reference = predicted + int((foreground >= threshold).sum()), reference + int((instances > 0).sum())
+        predicted.append((foreground >= threshold).ravel())
+        reference.append((instances > 0).ravel())
         fps.append(case.false_positives(threshold))
     result = froc(cases)
     operating = score_at_rate(cases, operating_fps)
     return {"cpm": result.cpm, "sensitivity_at": {str(k): v for k, v in result.at_rates.items()},
             "sensitivity": sum(len(c.true_positives(threshold)) for c in cases) / max(result.lesions, 1),
             "false_positives_per_slice": float(np.mean(fps)),
-            "dice": 2 * overlap / (predicted + reference) if predicted + reference else 1.0,  # over the whole test set
+            "dice": dice(np.concatenate(predicted), np.concatenate(reference)),  # over the whole test set
             "sensitivity_by_malignancy": {str(k): v for k, v in sensitivity_by_group(cases, groups, threshold).items()},
             "sensitivity_by_malignancy_at_operating_point": {
                 str(k): v for k, v in sensitivity_by_group(cases, groups, operating).items()},
@@ -390,10 +388,12 @@ def run_detection(recipe: DetectionRecipe, work_dir: str | Path, out_dir: str | 
         _ensure_bank(recipe, work)
     # one budget for every arm: without a recipe batch size, the batch nnU-Net plans for the real set (it plans
     # larger batches for the larger real+synthetic sets)
-    _plan(recipe, work, _dataset_name(recipe, "real"))
-    planned = _planned_batch_size(work, _dataset_name(recipe, "real"))
-    for dataset in sorted({_dataset_name(recipe, "real" if a == "real+on-the-fly" else a) for a in recipe.arms}):
-        _plan(replace(recipe, batch_size=recipe.batch_size or planned), work, dataset)
+    datasets = sorted({_dataset_name(recipe, "real" if a == "real+on-the-fly" else a) for a in recipe.arms})
+    plans = {dataset: _preprocess(work, dataset) for dataset in {_dataset_name(recipe, "real"), *datasets}}
+    planned = int(plans[_dataset_name(recipe, "real")]["configurations"]["2d"]["batch_size"])
+    for dataset in datasets:
+        _write_reduced_configuration(replace(recipe, batch_size=recipe.batch_size or planned), work, dataset,
+                                     plans[dataset])
     report: dict[str, Any] = {"recipe": asdict(recipe), "arms": {}, "planned_batch_size": planned}
     for arm in recipe.arms:
         runs = [evaluate(test, _train_and_predict(recipe, work, arm, seed), recipe.threshold,
