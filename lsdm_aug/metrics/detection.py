@@ -152,19 +152,36 @@ class FROCResult:
     images: int
 
 
+def _operating_points(cases: Sequence[CaseDetections]) -> tuple[list[float], list[float], list[int]]:
+    """Every distinct candidate score (best first) with the mean false positives per image and the number of
+    lesions found at that threshold, in one pass over the candidates sorted by score."""
+    ranked = sorted(((c.score, index, c.lesion) for index, case in enumerate(cases) for c in case.candidates),
+                    key=lambda item: -item[0])
+    thresholds: list[float] = []
+    fps: list[float] = []
+    found: list[int] = []
+    false_positives, hit = 0, set()
+    for position, (score, index, lesion) in enumerate(ranked):
+        if lesion:
+            hit.add((index, lesion))  # a lesion counts once, at its best-scored hit
+        else:
+            false_positives += 1
+        if position + 1 == len(ranked) or ranked[position + 1][0] != score:  # last candidate at this score
+            thresholds.append(score)
+            fps.append(false_positives / len(cases))
+            found.append(len(hit))
+    return thresholds, fps, found
+
+
 def froc(cases: Sequence[CaseDetections], fp_rates: Sequence[float] = LUNA16_FP_RATES) -> FROCResult:
     """The FROC of ``cases`` (every distinct score a threshold) and the CPM over ``fp_rates``."""
     lesions = sum(len(c.lesions) for c in cases)
     if not cases or lesions == 0:
         raise ValueError(f"FROC needs images with reference lesions, got {len(cases)} images and {lesions} lesions")
-    scores = sorted({c.score for case in cases for c in case.candidates}, reverse=True)
-    fps, sensitivity = [0.0], [0.0]
-    for threshold in scores:
-        fps.append(sum(case.false_positives(threshold) for case in cases) / len(cases))
-        sensitivity.append(sum(len(case.true_positives(threshold)) for case in cases) / lesions)
-    best: dict[float, float] = {}
-    for fp, sens in zip(fps, sensitivity):  # one point per false-positive level: the best sensitivity there
-        best[fp] = max(best.get(fp, 0.0), sens)
+    _, point_fps, point_found = _operating_points(cases)
+    best: dict[float, float] = {0.0: 0.0}
+    for fp, found in zip(point_fps, point_found):  # one point per false-positive level: the best sensitivity there
+        best[fp] = max(best.get(fp, 0.0), found / lesions)
     fps_array, sensitivity_array = np.asarray(sorted(best)), np.asarray([best[fp] for fp in sorted(best)])
     # beyond the last operating point the sensitivity stays at its maximum (no more candidates to add)
     at_rates = {float(rate): float(np.interp(rate, fps_array, sensitivity_array)) for rate in fp_rates}
@@ -182,8 +199,8 @@ def score_at_rate(cases: Sequence[CaseDetections], fps_per_image: float) -> floa
         (0.5, 0.9)
     """
     best = float("inf")
-    for threshold in sorted({c.score for case in cases for c in case.candidates}, reverse=True):
-        if sum(case.false_positives(threshold) for case in cases) / len(cases) > fps_per_image:
+    for threshold, fp, _ in zip(*_operating_points(cases)):
+        if fp > fps_per_image:
             break
         best = threshold
     return best

@@ -107,3 +107,29 @@ def test_score_at_rate_is_the_froc_operating_point():
     assert score_at_rate(cases, 0.0) == 0.9
     assert score_at_rate([CaseDetections([Candidate(0.9, 0)], [1])], 0.5) == float("inf")
     assert sensitivity_by_group(cases, [{1: "a", 2: "b"}, {}], score_at_rate(cases, 1.0)) == {"a": 1.0, "b": 1.0}
+
+
+def test_froc_single_pass_matches_the_threshold_by_threshold_definition():
+    """froc and score_at_rate sweep sorted candidates once; every threshold must still give the FP and
+    lesion counts that CaseDetections reports for it, including tied scores and repeat hits."""
+    rng = np.random.default_rng(3)
+    cases = []
+    for _ in range(12):
+        lesions = list(range(1, int(rng.integers(0, 4)) + 1))
+        candidates = [Candidate(float(rng.choice([0.1, 0.3, 0.5, 0.7, 0.9])),  # tied scores on purpose
+                                int(rng.choice([0, *lesions])) if lesions else 0)
+                      for _ in range(int(rng.integers(0, 6)))]
+        cases.append(CaseDetections(sorted(candidates, key=lambda c: -c.score), lesions))
+    total = sum(len(c.lesions) for c in cases)
+    best = {0.0: 0.0}
+    for threshold in {c.score for case in cases for c in case.candidates}:
+        fp = sum(case.false_positives(threshold) for case in cases) / len(cases)
+        found = sum(len(case.true_positives(threshold)) for case in cases) / total
+        best[fp] = max(best.get(fp, 0.0), found)
+    result = froc(cases)
+    np.testing.assert_allclose(result.fps_per_image, sorted(best))
+    np.testing.assert_allclose(result.sensitivity, [best[fp] for fp in sorted(best)])
+    for rate in (0.25, 0.5, 1.0, 2.0):
+        expected = min((t for t in {c.score for case in cases for c in case.candidates}
+                        if sum(case.false_positives(t) for case in cases) / len(cases) <= rate), default=float("inf"))
+        assert score_at_rate(cases, rate) == expected
