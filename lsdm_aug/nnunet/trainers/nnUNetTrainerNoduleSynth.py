@@ -3,6 +3,10 @@
 Found by nnU-Net through ``nnUNet_extTrainer`` (see :mod:`lsdm_aug.nnunet`). Only
 ``get_training_transforms`` changes (as nnU-Net's own ``nnUNetTrainerDA5`` does), plus the optional
 epoch budget and seed from ``LSDM_AUG_NNUNET``.
+
+A seed makes a run repeatable: it seeds the initial weights and, through seeds handed to nnU-Net's
+background augmenters (which nnU-Net starts unseeded, so their patch sampling and augmentation differ
+between runs), every training batch. Same seed, same ``nnUNet_n_proc_DA``, same weights on CPU.
 """
 
 from __future__ import annotations
@@ -10,10 +14,13 @@ from __future__ import annotations
 import json
 import os
 import random
+from unittest import mock
 
 import numpy as np
 import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as nnunet_trainer_module
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from lsdm_aug.transforms.nnunet import NoduleSynthTransform
@@ -41,11 +48,12 @@ class nnUNetTrainerNoduleSynth(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming
                  device: torch.device = torch.device("cuda")) -> None:
         super().__init__(plans, configuration, fold, dataset_json, device)
         settings = _settings()
-        if "seed" in settings:  # the benchmark's seeds: initial weights, sampling and augmentation draws
-            seed = int(settings.pop("seed"))
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.manual_seed(seed)
+        seed = settings.pop("seed", None)
+        self.seed = None if seed is None else int(seed)
+        if self.seed is not None:  # initial weights here; sampling and augmentation in get_dataloaders
+            random.seed(self.seed)
+            np.random.seed(self.seed)
+            torch.manual_seed(self.seed)
         for key in _BUDGET_KEYS:
             if key in settings:
                 setattr(self, key, int(settings[key]))
@@ -62,3 +70,19 @@ class nnUNetTrainerNoduleSynth(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming
                                      hu_std=properties["std"], label_value=max(foreground_labels or [1]),
                                      **{"device": "cpu", **self.nodule_synth_settings})
         return ComposeTransforms([synth, *base.transforms])
+
+    def get_dataloaders(self):
+        """nnU-Net's loaders; with a seed, its background augmenters get seeds drawn from the seeded NumPy state
+        (nnU-Net passes ``seeds=None``: each worker then reseeds itself from the operating system)."""
+        if self.seed is None:
+            return super().get_dataloaders()
+        with mock.patch.object(nnunet_trainer_module, "NonDetMultiThreadedAugmenter", _SeededAugmenter):
+            return super().get_dataloaders()
+
+
+class _SeededAugmenter(NonDetMultiThreadedAugmenter):
+    """nnU-Net's background augmenter with one seed per worker, drawn from the (seeded) global NumPy state."""
+
+    def __init__(self, data_loader, transform, num_processes, *args, seeds=None, **kwargs) -> None:
+        seeds = [int(s) for s in np.random.randint(0, 2**31 - 1, num_processes)] if seeds is None else seeds
+        super().__init__(data_loader, transform, num_processes, *args, seeds=seeds, **kwargs)
