@@ -35,6 +35,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -313,9 +314,15 @@ def _train_and_predict(recipe: DetectionRecipe, work: Path, arm: str, seed: int)
     job = {"dataset": dataset, "configuration": CONFIGURATION, "device": recipe.device,
            "test": str(work / "test" / "imagesTr"), "predictions": str(predictions),
            "mirroring": recipe.test_time_mirroring}
+    started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "lsdm_aug.nnunet.training", json.dumps(job)], env=env, check=True)
-    atomic_write_text(done, json.dumps(job))
+    atomic_write_text(done, json.dumps(job | {"minutes": (time.perf_counter() - started) / 60}))
     return predictions
+
+
+def _run_minutes(predictions: Path) -> float | None:
+    """Wall minutes that training and predicting one (arm, seed) took, as its ``done.json`` recorded them."""
+    return json.loads((predictions / "done.json").read_text()).get("minutes")
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------------
@@ -394,10 +401,14 @@ def run_detection(recipe: DetectionRecipe, work_dir: str | Path, out_dir: str | 
     for dataset in datasets:
         _write_reduced_configuration(replace(recipe, batch_size=recipe.batch_size or planned), work, dataset,
                                      plans[dataset])
-    report: dict[str, Any] = {"recipe": asdict(recipe), "arms": {}, "planned_batch_size": planned}
+    report: dict[str, Any] = {"recipe": asdict(recipe), "arms": {}, "planned_batch_size": planned,
+                              "cpu_count": os.cpu_count()}
     for arm in recipe.arms:
-        runs = [evaluate(test, _train_and_predict(recipe, work, arm, seed), recipe.threshold,
-                         recipe.candidates_per_slice, recipe.operating_fps) for seed in recipe.seeds]
+        runs = []
+        for seed in recipe.seeds:
+            predictions = _train_and_predict(recipe, work, arm, seed)
+            runs.append(evaluate(test, predictions, recipe.threshold, recipe.candidates_per_slice,
+                                 recipe.operating_fps) | {"minutes": _run_minutes(predictions)})
         report["arms"][arm] = {"runs": runs, "summary": _summary(runs)}
     chance = [evaluate(test, seed, recipe.threshold, recipe.candidates_per_slice, recipe.operating_fps)
               for seed in recipe.seeds]
@@ -440,7 +451,17 @@ def detection_markdown(report: dict[str, Any]) -> str:
             by = result["summary"][key]
             lines.append(f"| {arm} | " + " | ".join(f"{by[str(m)]['mean']:.2f} ± {by[str(m)]['std']:.2f}"
                                                     if str(m) in by else "-" for m in range(1, 6)) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _time_lines(report)) + "\n"
+
+
+def _time_lines(report: dict[str, Any]) -> list[str]:
+    """Training and prediction time per (arm, seed), from the runs that recorded it."""
+    minutes = [run["minutes"] for arm in report["arms"].values() for run in arm["runs"] if run.get("minutes")]
+    if not minutes:
+        return []
+    return ["", f"Training and predicting took {np.mean(minutes):.1f} min per (arm, seed) run (range "
+                f"{min(minutes):.1f} to {max(minutes):.1f}), {sum(minutes):.0f} min for the {len(minutes)} runs "
+                f"timed, on device `{report['recipe']['device']}` with {report.get('cpu_count', '?')} CPU cores."]
 
 
 def _candidates_sentence(r: dict[str, Any]) -> str:

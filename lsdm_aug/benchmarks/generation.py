@@ -106,8 +106,7 @@ def _ensure_ldm(recipe: GenerationRecipe, pipe: LSDMPipeline) -> Path:
     model_recipe.diffusion.spade = False
     model_recipe.name = f"{model_recipe.name}-ldm"
     model_recipe.train_diffusion.steps = recipe.ldm_steps or model_recipe.train_diffusion.steps
-    if not (folder / UNET_FILE).is_file() or json.loads((folder / "unet.json").read_text())["steps"] < \
-            model_recipe.train_diffusion.steps:
+    if not (folder / UNET_FILE).is_file() or _steps_in(folder / "unet.json") < model_recipe.train_diffusion.steps:
         source = Path(pipe_folder(recipe.lsdm))
         folder.mkdir(parents=True, exist_ok=True)
         for name in (AUTOENCODER_FILE, AUTOENCODER_FILE.replace(".safetensors", ".json")):
@@ -128,8 +127,8 @@ def _ensure_spade_gan(recipe: GenerationRecipe) -> Path:
 
     folder, model_recipe = Path(recipe.spade_gan), load_recipe(recipe.model_recipe)
     model_recipe.train_spade_gan.steps = recipe.spade_gan_steps or model_recipe.train_spade_gan.steps
-    if not (folder / SPADE_GAN_FILE).is_file() or json.loads((folder / "spade_gan.json").read_text())["steps"] < \
-            model_recipe.train_spade_gan.steps:
+    if not (folder / SPADE_GAN_FILE).is_file() or \
+            _steps_in(folder / "spade_gan.json") < model_recipe.train_spade_gan.steps:
         train_spade_gan(model_recipe, recipe.data, folder, progress=True)
     return folder
 
@@ -347,12 +346,17 @@ def _cached(path: Path, fingerprint: dict, compute) -> dict:
 
 def _training_steps(recipe: GenerationRecipe, pipe: LSDMPipeline) -> dict[str, int]:
     """Training steps of each compared network, read from the weight files' JSON."""
-    steps = {"lsdm": json.loads((pipe_folder(recipe.lsdm) / "unet.json").read_text())["steps"]}
+    steps = {"lsdm": _steps_in(pipe_folder(recipe.lsdm) / "unet.json")}
     if recipe.ldm is not None:
-        steps["ldm"] = json.loads((Path(recipe.ldm) / "unet.json").read_text())["steps"]
+        steps["ldm"] = _steps_in(Path(recipe.ldm) / "unet.json")
     if recipe.spade_gan is not None:
-        steps["spade-gan"] = json.loads((Path(recipe.spade_gan) / "spade_gan.json").read_text())["steps"]
+        steps["spade-gan"] = _steps_in(Path(recipe.spade_gan) / "spade_gan.json")
     return steps
+
+
+def _steps_in(settings_file: Path) -> int:
+    """The training steps recorded in a weight file's JSON settings."""
+    return int(json.loads(settings_file.read_text())["steps"])
 
 
 def _extractor_words(r: dict[str, Any]) -> str:

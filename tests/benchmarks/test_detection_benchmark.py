@@ -80,6 +80,7 @@ def test_every_arm_trains_predicts_and_is_scored_then_a_rerun_skips_them(tmp_pat
         at_operating_point = run["sensitivity_by_malignancy_at_operating_point"]
         assert set(at_operating_point) == levels and all(0 <= v <= 1 for v in at_operating_point.values())
         assert run["operating_score"] is None or 0 <= run["operating_score"] <= 1
+        assert run["minutes"] > 0  # the wall time the run's done.json recorded
     assert len(NoduleBank(tmp_path / "work" / "bank")) == 3  # built once for the on-the-fly arm
     chance = report["chance"]["runs"][0]
     assert 0 <= chance["cpm"] <= 1 and chance["sensitivity"] == 0  # noise never reaches the threshold
@@ -98,6 +99,7 @@ def test_every_arm_trains_predicts_and_is_scored_then_a_rerun_skips_them(tmp_pat
     markdown = (tmp_path / "report" / "detection.md").read_text()
     assert "| real+copy-paste |" in markdown and "16 highest local maxima" in markdown
     assert "| chance (random candidates) |" in markdown
+    assert "min per (arm, seed) run" in markdown and "for the 4 runs timed" in markdown
 
 
 def test_the_on_the_fly_arm_gets_the_work_folder_bank_and_no_bank_count(tmp_path):
