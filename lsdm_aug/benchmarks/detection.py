@@ -48,6 +48,7 @@ from lsdm_aug.data.nnunet_format import read_case, write_case, write_dataset_jso
 from lsdm_aug.data.phantom import SUPPORTED_SIZES, ChestPhantom, PhantomConfig, free_site
 from lsdm_aug.data.prepared import atomic_write_text
 from lsdm_aug.metrics.detection import LUNA16_FP_RATES, detect_case, dice, froc, score_at_rate, sensitivity_by_group
+from lsdm_aug.nnunet.plans import plan_and_preprocess
 
 __all__ = ["DetectionRecipe", "load_detection_recipe", "run_detection", "ARMS"]
 
@@ -82,6 +83,7 @@ class DetectionRecipe:
     seeds: tuple[int, ...] = (0, 1, 2)
     features_per_stage: tuple[int, ...] | None = (8, 16, 32, 64, 64, 64)
     batch_size: int | None = None
+    ct_window: tuple[float, float] | None = (-1024.0, 800.0)
     num_epochs: int = 80
     iterations_per_epoch: int = 25
     val_iterations_per_epoch: int = 2
@@ -105,6 +107,9 @@ class DetectionRecipe:
         if self.candidates_per_slice < 0 or self.operating_fps <= 0:
             raise ValueError(f"candidates_per_slice must be >= 0 and operating_fps > 0, got "
                              f"{self.candidates_per_slice} and {self.operating_fps}")
+        if self.ct_window is not None and not (len(self.ct_window) == 2 and self.ct_window[0] < self.ct_window[1]):
+            raise ValueError(f"ct_window must be [low, high] HU with low < high (or null for nnU-Net's foreground "
+                             f"percentiles), got {self.ct_window!r}")
         if not 1 <= self.dataset_id <= 995:
             raise ValueError(f"dataset_id must be in 1..995 (ids id .. id+3 are used), got {self.dataset_id}")
         return self
@@ -112,7 +117,8 @@ class DetectionRecipe:
 
 def load_detection_recipe(name_or_path: str | Path) -> DetectionRecipe:
     """A shipped recipe by name (``bench-detection-phantom``, ``bench-detection-lidc-512``) or a YAML path."""
-    return load_benchmark_recipe(DetectionRecipe, name_or_path, "detection", ("arms", "seeds", "features_per_stage"))
+    return load_benchmark_recipe(DetectionRecipe, name_or_path, "detection", ("arms", "seeds", "features_per_stage",
+                                                                                   "ct_window"))
 
 
 # ---- data ----------------------------------------------------------------------------------------------------
@@ -245,14 +251,15 @@ def _environment(work: Path, seed: int) -> dict[str, str]:
             "nnUNet_compile": "false"}
 
 
-def _preprocess(work: Path, dataset: str) -> dict:
-    """nnU-Net's planning and 2D preprocessing of ``dataset`` (once); returns its plans."""
-    plans_file = work / "preprocessed" / dataset / "nnUNetPlans.json"
-    if not plans_file.is_file():
-        subprocess.run([sys.executable, "-m", "nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "-d",
-                        dataset.split("_")[0].removeprefix("Dataset"), "-c", "2d", "-np", "1"],
-                       env=_environment(work, 0), check=True, capture_output=True)
-    return json.loads(plans_file.read_text())
+def _preprocess(work: Path, dataset: str, ct_window: tuple[float, float] | None) -> dict:
+    """nnU-Net's planning and 2D preprocessing of ``dataset`` (once), the plans' CT window widened to
+    ``ct_window`` in between (see :mod:`lsdm_aug.nnunet.plans`); returns its plans."""
+    folder = work / "preprocessed" / dataset
+    if not (folder / "preprocessed.json").is_file():
+        plan_and_preprocess(int(dataset.split("_")[0].removeprefix("Dataset")), ("2d",), ct_window,
+                            env=_environment(work, 0))
+        atomic_write_text(folder / "preprocessed.json", json.dumps({"ct_window": ct_window}))
+    return json.loads((folder / "nnUNetPlans.json").read_text())
 
 
 def _write_reduced_configuration(recipe: DetectionRecipe, work: Path, dataset: str, plans: dict) -> None:
@@ -396,7 +403,8 @@ def run_detection(recipe: DetectionRecipe, work_dir: str | Path, out_dir: str | 
     # one budget for every arm: without a recipe batch size, the batch nnU-Net plans for the real set (it plans
     # larger batches for the larger real+synthetic sets)
     datasets = sorted({_dataset_name(recipe, "real" if a == "real+on-the-fly" else a) for a in recipe.arms})
-    plans = {dataset: _preprocess(work, dataset) for dataset in {_dataset_name(recipe, "real"), *datasets}}
+    plans = {dataset: _preprocess(work, dataset, recipe.ct_window)
+             for dataset in {_dataset_name(recipe, "real"), *datasets}}
     planned = int(plans[_dataset_name(recipe, "real")]["configurations"]["2d"]["batch_size"])
     for dataset in datasets:
         _write_reduced_configuration(replace(recipe, batch_size=recipe.batch_size or planned), work, dataset,
@@ -430,7 +438,7 @@ def detection_markdown(report: dict[str, Any]) -> str:
              f"cases (model `{r['model']}`). nnU-Net 2D, configuration `{CONFIGURATION}` = nnU-Net's 2d with "
              f"features per stage {r['features_per_stage'] or 'as planned'} and batch size "
              f"{r['batch_size'] or str(report.get('planned_batch_size', '?')) + ' (as nnU-Net planned it for the real set)'} in "
-             f"every arm; {r['num_epochs']} epochs "
+             f"every arm, CT clipped to {_window_words(r.get('ct_window'))}; {r['num_epochs']} epochs "
              f"x {r['iterations_per_epoch']} iterations; seeds {list(r['seeds'])}. Mean ± std over seeds.", "",
              _candidates_sentence(r), "",
              "| arm | CPM | sensitivity | FPs / slice | Dice | " + " | ".join(f"sens @ {x}" for x in rates) + " |",
@@ -462,6 +470,12 @@ def _time_lines(report: dict[str, Any]) -> list[str]:
     return ["", f"Training and predicting took {np.mean(minutes):.1f} min per (arm, seed) run (range "
                 f"{min(minutes):.1f} to {max(minutes):.1f}), {sum(minutes):.0f} min for the {len(minutes)} runs "
                 f"timed, on device `{report['recipe']['device']}` with {report.get('cpu_count', '?')} CPU cores."]
+
+
+def _window_words(window: list[float] | tuple[float, ...] | None) -> str:
+    if window is None:
+        return "nnU-Net's foreground 0.5 / 99.5 percentiles"
+    return f"[{window[0]:g}, {window[1]:g}] HU"
 
 
 def _candidates_sentence(r: dict[str, Any]) -> str:

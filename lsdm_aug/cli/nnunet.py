@@ -1,4 +1,5 @@
-"""``lsdm-aug nnunet``: nnU-Net v2 helpers (trainer path, training with the NoduleSynth trainer)."""
+"""``lsdm-aug nnunet``: nnU-Net v2 helpers (planning with a CT window that keeps the lung, trainer path, training
+with the NoduleSynth trainer)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,25 @@ import typer
 from lsdm_aug.cli.errors import user_errors
 
 app = typer.Typer(help="nnU-Net v2 with on-the-fly nodule synthesis.", no_args_is_help=True)
+
+
+@app.command("plan")
+def plan(
+    dataset: Annotated[int, typer.Argument(help="Dataset id in nnUNet_raw.")],
+    configurations: Annotated[list[str], typer.Option("-c", help="nnU-Net configurations to preprocess.")] = ["2d"],
+    ct_low: Annotated[float, typer.Option(help="Lower CT clip in HU (nnU-Net's: the nodules' 0.5 percentile).")] = -1024.0,
+    ct_high: Annotated[float, typer.Option(help="Upper CT clip in HU.")] = 800.0,
+    num_processes: Annotated[int, typer.Option("--np", help="Preprocessing processes per configuration.")] = 1,
+) -> None:
+    """nnUNetv2_plan_and_preprocess with the CT window set to [ct-low, ct-high] HU before preprocessing.
+
+    nnU-Net clips CT to the 0.5 / 99.5 percentiles of the labelled voxels; for nodules that flattens the lung,
+    which the network then never sees and in which nnUNetTrainerNoduleSynth cannot place nodules."""
+    from lsdm_aug.nnunet.plans import plan_and_preprocess
+
+    with user_errors():
+        plans_file = plan_and_preprocess(dataset, tuple(configurations), (ct_low, ct_high), num_processes)
+    typer.echo(f"planned and preprocessed with CT clipped to [{ct_low:g}, {ct_high:g}] HU: {plans_file}")
 
 
 @app.command("trainer-path")

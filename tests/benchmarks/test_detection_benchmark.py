@@ -91,6 +91,13 @@ def test_every_arm_trains_predicts_and_is_scored_then_a_rerun_skips_them(tmp_pat
     assert plans["configurations"]["2d_cpu"]["inherits_from"] == "2d"
     synthetic = json.loads((tmp_path / "work" / "raw" / "Dataset961_realsynthetic" / "dataset.json").read_text())
     assert synthetic["numTraining"] == 6 + 3
+    predictions = tmp_path / "work" / "predictions"
+    inserted = [np.load(f)["probabilities"] for f in sorted((predictions / "real_on-the-fly" / "seed0").glob("*.npz"))]
+    real = [np.load(f)["probabilities"] for f in sorted((predictions / "real" / "seed0").glob("*.npz"))]
+    # one seed, one data stream: only inserted nodules can make the on-the-fly arm's network differ
+    assert len(real) == 6 and any(np.abs(a - b).max() > 0 for a, b in zip(real, inserted))
+    assert json.loads((tmp_path / "work" / "preprocessed" / "Dataset960_real" / "preprocessed.json").read_text()) == {
+        "ct_window": [-1024.0, 800.0]}
     done = sorted((tmp_path / "work" / "predictions").rglob("done.json"))
     assert len(done) == 4
     stamps = [p.stat().st_mtime_ns for p in done]

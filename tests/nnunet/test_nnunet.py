@@ -57,8 +57,10 @@ def nnunet_dirs(tmp_path_factory, smoke_models):
     synthesize(root / "raw" / "Dataset988_LsdmTrain", SynthesisRequest(count=6, size=64, steps=2, model=str(smoke_models)))
     env = {**os.environ, "nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
            "nnUNet_results": str(root / "res")}
-    subprocess.run([sys.executable, "-m", "nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "-d", "988",
-                    "-c", "2d", "-np", "1"], env=env, check=True, capture_output=True, timeout=900)
+    # lsdm-aug's planning: nnU-Net's, with the CT window widened so that the lung survives preprocessing
+    result = subprocess.run([sys.executable, "-m", "lsdm_aug.cli", "nnunet", "plan", "988"], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return env
 
 
@@ -120,3 +122,26 @@ def test_a_seed_makes_training_repeatable_and_another_seed_differs(nnunet_dirs, 
     first, again, other = run(3, "first"), run(3, "again"), run(4, "other")
     np.testing.assert_array_equal(first, again)
     assert np.abs(first - other).max() > 1e-4
+
+
+@pytest.mark.slow
+def test_plan_widens_the_ct_window_and_the_trainer_refuses_nnunets_own(nnunet_dirs, smoke_models, monkeypatch):
+    """nnU-Net's own CT window for a nodule dataset starts near the nodules' density: the planned dataset
+    keeps the lung, and a trainer given nnU-Net's fingerprint percentiles refuses to insert."""
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(key, nnunet_dirs[key])
+    monkeypatch.setenv("LSDM_AUG_NNUNET", json.dumps({"prob": 0.5, "model": str(smoke_models), "steps": 2}))
+    from lsdm_aug.nnunet.trainers.nnUNetTrainerNoduleSynth import nnUNetTrainerNoduleSynth
+
+    folder = Path(nnunet_dirs["nnUNet_preprocessed"]) / "Dataset988_LsdmTrain"
+    plans = json.loads((folder / "nnUNetPlans.json").read_text()) | {"continue_training": False}
+    window = plans["foreground_intensity_properties_per_channel"]["0"]
+    assert (window["percentile_00_5"], window["percentile_99_5"]) == (-1024.0, 800.0)
+    fingerprint = json.loads((folder / "dataset_fingerprint.json").read_text())
+    own = fingerprint["foreground_intensity_properties_per_channel"]["0"]
+    assert own["percentile_00_5"] > -400  # the nodules' own lower percentile: the lung would be flattened
+    plans["foreground_intensity_properties_per_channel"]["0"] = own
+    trainer = nnUNetTrainerNoduleSynth(plans, "2d", 0, json.loads((folder / "dataset.json").read_text()),
+                                       device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="NoduleSynth finds no lung"):
+        trainer.get_training_transforms(np.array([64, 64]), (0, 0), None, (0, 1), False, foreground_labels=[1])

@@ -23,6 +23,7 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as nnunet_trainer_module
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from lsdm_aug.nnunet.plans import check_lung_window
 from lsdm_aug.transforms.nnunet import NoduleSynthTransform
 
 _BUDGET_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch")
@@ -66,6 +67,9 @@ class nnUNetTrainerNoduleSynth(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming
             patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
             use_mask_for_norm, is_cascaded, foreground_labels, regions, ignore_label)
         properties = self.plans_manager.foreground_intensity_properties_per_channel["0"]
+        if float(self.nodule_synth_settings.get("prob", 0.3)) > 0 and \
+                self.nodule_synth_settings.get("mode", "insert") == "insert":
+            check_lung_window(properties)
         synth = NoduleSynthTransform(spacing_mm=self.configuration_manager.spacing, hu_mean=properties["mean"],
                                      hu_std=properties["std"], label_value=max(foreground_labels or [1]),
                                      **{"device": "cpu", **self.nodule_synth_settings})
