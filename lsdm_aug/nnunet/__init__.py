@@ -7,8 +7,11 @@ nnU-Net finds ``nnUNetTrainerNoduleSynth`` through its ``nnUNet_extTrainer`` pat
     nnUNetv2_train 501 2d 0 -tr nnUNetTrainerNoduleSynth
 
 Settings come from the ``LSDM_AUG_NNUNET`` environment variable (JSON): NoduleSynth arguments
-(``prob``, ``malignancy``, ``model``, ``steps``, ...) and the trainer's ``num_epochs``,
-``num_iterations_per_epoch`` and ``num_val_iterations_per_epoch``.
+(``prob``, ``malignancy``, ``model``, ``steps``, ...), the trainer's ``num_epochs``,
+``num_iterations_per_epoch`` and ``num_val_iterations_per_epoch``, and a ``seed``.
+
+Plan and preprocess with :func:`lsdm_aug.nnunet.plans.plan_and_preprocess` (``lsdm-aug nnunet plan``):
+nnU-Net's own CT window for a nodule dataset flattens the lung (see :mod:`lsdm_aug.nnunet.plans`).
 """
 
 from pathlib import Path
