@@ -46,7 +46,7 @@ import pandas as pd
 from lsdm_aug.benchmarks.recipes import load_benchmark_recipe
 from lsdm_aug.data.nnunet_format import read_case, write_case, write_dataset_json
 from lsdm_aug.data.phantom import SUPPORTED_SIZES, ChestPhantom, PhantomConfig, free_site
-from lsdm_aug.data.prepared import atomic_write_text
+from lsdm_aug.data.prepared import HU_RANGE, atomic_write_text
 from lsdm_aug.metrics.detection import LUNA16_FP_RATES, detect_case, dice, froc, score_at_rate, sensitivity_by_group
 from lsdm_aug.nnunet.plans import plan_and_preprocess
 
@@ -83,7 +83,7 @@ class DetectionRecipe:
     seeds: tuple[int, ...] = (0, 1, 2)
     features_per_stage: tuple[int, ...] | None = (8, 16, 32, 64, 64, 64)
     batch_size: int | None = None
-    ct_window: tuple[float, float] | None = (-1024.0, 800.0)
+    ct_window: tuple[float, float] | None = HU_RANGE
     num_epochs: int = 80
     iterations_per_epoch: int = 25
     val_iterations_per_epoch: int = 2

@@ -27,12 +27,14 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from lsdm_aug.data.prepared import HU_RANGE, atomic_write_text
+
 __all__ = ["LUNG_VISIBLE_HU", "check_lung_window", "plan_and_preprocess", "widen_ct_window"]
 
 LUNG_VISIBLE_HU = -400.0  # the semantic map's lung / body boundary: a lower clip above it erases the lung
 
 
-def widen_ct_window(plans: Mapping, low: float = -1024.0, high: float = 800.0) -> dict:
+def widen_ct_window(plans: Mapping, low: float = HU_RANGE[0], high: float = HU_RANGE[1]) -> dict:
     """A copy of ``plans`` whose CT clip window is [``low``, ``high``] HU for every channel (mean and std kept)."""
     if not low < high:
         raise ValueError(f"the CT window needs low < high, got low={low!r} and high={high!r}")
@@ -58,7 +60,7 @@ def check_lung_window(properties: Mapping[str, float]) -> None:
 
 
 def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d",),
-                        ct_window: tuple[float, float] | None = (-1024.0, 800.0), num_processes: int = 1,
+                        ct_window: tuple[float, float] | None = HU_RANGE, num_processes: int = 1,
                         env: Mapping[str, str] | None = None) -> Path:
     """nnU-Net's ``nnUNetv2_plan_and_preprocess`` with the CT window of :func:`widen_ct_window` set between
     planning and preprocessing (``ct_window=None``: nnU-Net's own). Runs nnU-Net in subprocesses with ``env``
@@ -79,9 +81,7 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d",)
         _run([sys.executable, "-c", entry.format("plan_and_preprocess_entry"), *arguments, "--no_pp"], env)
     if ct_window is not None:
         plans = widen_ct_window(json.loads(plans_file.read_text()), *ct_window)
-        temporary = plans_file.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(plans, indent=1))
-        os.replace(temporary, plans_file)
+        atomic_write_text(plans_file, json.dumps(plans, indent=1))
     _run([sys.executable, "-c", entry.format("preprocess_entry"), *arguments], env)
     return plans_file
 

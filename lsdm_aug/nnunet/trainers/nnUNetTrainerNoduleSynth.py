@@ -67,12 +67,11 @@ class nnUNetTrainerNoduleSynth(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming
             patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
             use_mask_for_norm, is_cascaded, foreground_labels, regions, ignore_label)
         properties = self.plans_manager.foreground_intensity_properties_per_channel["0"]
-        if float(self.nodule_synth_settings.get("prob", 0.3)) > 0 and \
-                self.nodule_synth_settings.get("mode", "insert") == "insert":
-            check_lung_window(properties)
         synth = NoduleSynthTransform(spacing_mm=self.configuration_manager.spacing, hu_mean=properties["mean"],
                                      hu_std=properties["std"], label_value=max(foreground_labels or [1]),
                                      **{"device": "cpu", **self.nodule_synth_settings})
+        if synth.prob > 0 and synth.synthesizer.mode == "insert":  # insertion looks for lung in the patch
+            check_lung_window(properties)
         return ComposeTransforms([synth, *base.transforms])
 
     def get_dataloaders(self):
