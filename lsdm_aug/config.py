@@ -70,7 +70,8 @@ class DiffusionConfig:
     """Latent semantic diffusion U-Net (MONAI ``SPADEDiffusionModelUNet``) and its noise schedule.
 
     ``spade: false`` builds the LDM baseline instead: MONAI's plain ``DiffusionModelUNet``, conditioned
-    only by the encoded map concatenated to the noisy latent.
+    only by the encoded map concatenated to the noisy latent. ``feature_conditioning`` adds the nodule
+    feature vector (see :class:`lsdm_aug.models.unet.FeatureEmbedding`), for classifier-free guidance.
     """
 
     channels: tuple[int, ...] = (32, 64, 64)
@@ -84,8 +85,11 @@ class DiffusionConfig:
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     spade: bool = True
+    feature_conditioning: bool = False
 
     def validate(self) -> None:
+        if self.feature_conditioning and not self.spade:
+            raise RecipeError("diffusion.feature_conditioning needs the SPADE U-Net (spade: true)")
         if len(self.attention_levels) != len(self.channels):
             raise RecipeError(f"diffusion.attention_levels needs one entry per level of channels {self.channels}, "
                               f"got {self.attention_levels}")
@@ -131,6 +135,8 @@ class SpadeGanTraining:
 
 @dataclass
 class AutoencoderTraining:
+    """How the autoencoder trains; ``init_from`` starts from another model folder's autoencoder."""
+
     steps: int = 6000
     batch_size: int = 16
     crop_px: int = 64
@@ -142,15 +148,38 @@ class AutoencoderTraining:
     perceptual_weights_path: str | None = None
     perceptual_depth: int = 50
     validate_every: int = 500
+    init_from: str | None = None
 
 
 @dataclass
 class DiffusionTraining:
+    """How the U-Net trains.
+
+    ``crop_px`` (image pixels, a multiple of the downsampling; 0 = whole slices) is the training window,
+    ``nodule_share`` the share of windows placed around a nodule. ``feature_dropout_all`` /
+    ``feature_dropout`` drop the feature vector of a feature-conditioned U-Net (all four / each alone) for
+    classifier-free guidance. ``init_from`` starts from another model folder's U-Net (keys that the other
+    net lacks, such as the feature embedding, keep their initial values).
+    """
+
     steps: int = 8000
     batch_size: int = 16
     learning_rate: float = 2e-4
     ema_decay: float = 0.999
     validate_every: int = 1000
+    crop_px: int = 0
+    nodule_share: float = 0.5
+    feature_dropout_all: float = 0.15
+    feature_dropout: float = 0.15
+    init_from: str | None = None
+
+    def validate(self, downsampling: int) -> None:
+        if self.crop_px < 0 or self.crop_px % downsampling:
+            raise RecipeError(f"train_diffusion.crop_px must be 0 or a positive multiple of {downsampling}, "
+                              f"got {self.crop_px}")
+        for name in ("nodule_share", "feature_dropout_all", "feature_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise RecipeError(f"train_diffusion.{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass
@@ -203,6 +232,7 @@ class Recipe:
                               f"{self.autoencoder.downsampling}")
         for part in (self.autoencoder, self.diffusion, self.classifiers, self.train_classifiers):
             part.validate()
+        self.train_diffusion.validate(self.autoencoder.downsampling)
         return self
 
     def to_dict(self) -> dict[str, Any]:

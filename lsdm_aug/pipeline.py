@@ -28,9 +28,10 @@ from scipy import ndimage
 from lsdm_aug.config import FEATURES, Recipe, recipe_from_dict
 from lsdm_aug.data.semantic import SemanticLabel, malignancy_label
 from lsdm_aug.models.autoencoder import build_autoencoder, encode_mean
-from lsdm_aug.models.checkpoint import CheckpointError, load_weights, read_config
+from lsdm_aug.models.checkpoint import CheckpointError, load_weights, read_config, resolve_model_dir
 from lsdm_aug.models.classifiers import build_classifier
-from lsdm_aug.models.unet import SemanticCondition, build_unet, semantic_onehot, semantic_to_unit
+from lsdm_aug.models.unet import (SemanticCondition, build_unet, feature_levels, is_feature_conditioned,
+                                  semantic_onehot, semantic_to_unit)
 from lsdm_aug.sampling.guidance import ClassifierGuidance, LatentBox, latent_nodule_mask
 from lsdm_aug.sampling.sampler import KnownRegion, random_normal, sample_latents
 from lsdm_aug.sampling.schedulers import build_scheduler
@@ -41,7 +42,7 @@ from lsdm_aug.training.diffusion import UNET_FILE
 
 __all__ = ["LSDMPipeline", "EditResult", "DEFAULT_MODEL_DIR", "validate_features"]
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "default"
+DEFAULT_MODEL_DIR = resolve_model_dir("default")
 NODULE_LABELS = (SemanticLabel.NODULE_BENIGN, SemanticLabel.NODULE_INDETERMINATE, SemanticLabel.NODULE_MALIGNANT)
 
 
@@ -109,8 +110,9 @@ class LSDMPipeline:
 
     def __init__(self, recipe: Recipe, autoencoder: torch.nn.Module, unet: torch.nn.Module,
                  classifiers: Mapping[str, torch.nn.Module], scale_factor: float, device: str | None = None,
-                 model_id: str = "custom") -> None:
+                 model_id: str = "custom", default_cfg_scale: float = 1.0) -> None:
         self.recipe, self.scale_factor, self.model_id = recipe, float(scale_factor), model_id
+        self._default_cfg_scale = float(default_cfg_scale)
         self.device = select_device(device)
         self.autoencoder = autoencoder.to(self.device).eval().requires_grad_(False)
         self.unet = unet.to(self.device).eval().requires_grad_(False)
@@ -125,9 +127,7 @@ class LSDMPipeline:
         Raises:
             CheckpointError: unknown name, missing folder or file, corrupt or mismatched weights.
         """
-        folder = DEFAULT_MODEL_DIR if str(name_or_path) == "default" else Path(name_or_path)
-        if not folder.is_dir():
-            raise CheckpointError(f"model {str(name_or_path)!r} is neither 'default' nor a model folder")
+        folder = resolve_model_dir(name_or_path)
         autoencoder_config = read_config(folder / AUTOENCODER_FILE)
         unet_config = read_config(folder / UNET_FILE)
         recipe = recipe_from_dict({"name": autoencoder_config.get("recipe", "custom"),
@@ -147,7 +147,8 @@ class LSDMPipeline:
                 classifiers[feature] = build_classifier(recipe.classifiers, feature)
                 load_weights(path, classifiers[feature])
         return cls(recipe, autoencoder, unet, classifiers, autoencoder_config["scale_factor"], device,
-                   model_id=f"{folder.name}@{autoencoder_config.get('steps', 0)}/{unet_config.get('steps', 0)}")
+                   model_id=f"{folder.name}@{autoencoder_config.get('steps', 0)}/{unet_config.get('steps', 0)}",
+                   default_cfg_scale=float(unet_config.get("default_cfg_scale", 1.0)))
 
     # ---- building blocks ------------------------------------------------------------------------------------
     def _tensor(self, array: np.ndarray | torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -166,9 +167,34 @@ class LSDMPipeline:
         return self.autoencoder.decode(latents / self.scale_factor)
 
     @torch.no_grad()
-    def condition(self, semantic_maps: torch.Tensor) -> SemanticCondition:
-        """The U-Net's condition for (B, 1, H, W) integer maps."""
-        return SemanticCondition(self.encode(semantic_to_unit(semantic_maps)), semantic_onehot(semantic_maps))
+    def condition(self, semantic_maps: torch.Tensor, features: Sequence[Mapping[str, float]] | None = None
+                  ) -> SemanticCondition:
+        """The U-Net's condition for (B, 1, H, W) integer maps, with one requested feature dict per map."""
+        levels = None
+        if features is not None and is_feature_conditioned(self.unet):
+            levels = torch.cat([feature_levels(item) for item in features]).to(self.device)
+        return SemanticCondition(self.encode(semantic_to_unit(semantic_maps)), semantic_onehot(semantic_maps), levels)
+
+    @property
+    def feature_conditioned(self) -> bool:
+        """Whether the U-Net takes the feature vector (classifier-free guidance)."""
+        return is_feature_conditioned(self.unet)
+
+    @property
+    def default_cfg_scale(self) -> float:
+        """The classifier-free guidance scale used when none is given (0 for a U-Net without features)."""
+        return self._default_cfg_scale if self.feature_conditioned else 0.0
+
+    def _cfg_scale(self, cfg_scale: float | None, features: Sequence[Mapping[str, float]]) -> float:
+        """Check a requested classifier-free guidance scale against the model."""
+        if cfg_scale is None:
+            return self.default_cfg_scale
+        if not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be a number >= 0, got {cfg_scale!r}")
+        if cfg_scale > 0 and not self.feature_conditioned and any(features):
+            raise ValueError(f"cfg_scale {cfg_scale} needs a feature-conditioned U-Net; model {self.model_id} has "
+                             "none (use cfg_scale=0 and classifier guidance, guidance_scale)")
+        return float(cfg_scale)
 
     def _check_map(self, semantic_maps: torch.Tensor) -> None:
         size = semantic_maps.shape[-1]
@@ -203,7 +229,7 @@ class LSDMPipeline:
     def generate(self, semantic_maps: np.ndarray | torch.Tensor,
                  features: Mapping[str, float] | Sequence[Mapping[str, float]] | None = None,
                  steps: int = 50, guidance_scale: float = 1.0, seed: int = 0, sampler: str = "ddim",
-                 batch_size: int = 1) -> np.ndarray:
+                 batch_size: int = 1, cfg_scale: float | None = None) -> np.ndarray:
         """Whole slices from semantic maps, each map's nodule steered towards ``features``.
 
         Args:
@@ -216,6 +242,8 @@ class LSDMPipeline:
             sampler: ``"ddim"`` or ``"ddpm"``.
             batch_size: maps denoised together. With DDIM the result does not depend on it (sample ``i`` starts
                 from the ``i``-th noise draw of the seeded generator); with DDPM the step noise does.
+            cfg_scale: classifier-free guidance scale ``w`` on the requested features (feature-conditioned U-Nets;
+                ``None``: the model's default, see :attr:`default_cfg_scale`; 0: none).
 
         Returns:
             (B, H, W) float32 images in [-1, 1].
@@ -232,6 +260,7 @@ class LSDMPipeline:
             per_map = [validate_features(features)] * len(maps)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        cfg_scale = self._cfg_scale(cfg_scale, per_map)
         scheduler = build_scheduler(self.recipe.diffusion, sampler, steps)
         generator = torch.Generator().manual_seed(int(seed))
         latent_shape = (self.recipe.autoencoder.latent_channels, maps.shape[-2] // self.factor,
@@ -244,9 +273,10 @@ class LSDMPipeline:
             groups.setdefault((nodule, tuple(sorted(requested))), []).append(index)
         for group in groups.values():
             for chunk in torch.tensor(group).split(batch_size):
-                latent = sample_latents(self.unet, scheduler, self.condition(maps[chunk]), generator=generator,
-                                        initial_noise=noise[chunk], guidance=self._guidance(
-                                            maps[chunk], [per_map[i] for i in chunk.tolist()], guidance_scale))
+                requested = [per_map[i] if has_nodule[i] else {} for i in chunk.tolist()]
+                latent = sample_latents(self.unet, scheduler, self.condition(maps[chunk], requested),
+                                        generator=generator, initial_noise=noise[chunk], cfg_scale=cfg_scale,
+                                        guidance=self._guidance(maps[chunk], requested, guidance_scale))
                 with torch.no_grad():
                     images[chunk.numpy()] = self.decode(latent).clamp(-1, 1)[:, 0].cpu().numpy()
         return images
@@ -282,7 +312,7 @@ class LSDMPipeline:
         return _EditPlan(image, semantic_map, pixels, footprint, alpha)
 
     def _edit_batch(self, plans: list[_EditPlan], features: list[dict[str, float]], steps: int,
-                    guidance_scale: float, seeds: list[int], sampler: str) -> list[np.ndarray]:
+                    guidance_scale: float, seeds: list[int], sampler: str, cfg_scale: float) -> list[np.ndarray]:
         """Regenerate each plan's footprint under its (already edited) semantic map, all windows in one batch."""
         images = torch.cat([self._tensor(p.image[p.pixels]) for p in plans])
         maps = torch.cat([self._tensor(p.semantic_map[p.pixels], torch.long) for p in plans])
@@ -292,34 +322,39 @@ class LSDMPipeline:
         scheduler = build_scheduler(self.recipe.diffusion, sampler, steps)
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
         noise = random_normal(latent.shape, generators)
-        result = sample_latents(self.unet, scheduler, self.condition(maps), generator=generators, initial_noise=noise,
-                                guidance=self._guidance(maps, features, guidance_scale), known=known)
+        result = sample_latents(self.unet, scheduler, self.condition(maps, features), generator=generators,
+                                initial_noise=noise, guidance=self._guidance(maps, features, guidance_scale), known=known,
+                                cfg_scale=cfg_scale)
         with torch.no_grad():
             windows = self.decode(result).clamp(-1, 1)[:, 0].cpu().numpy()
         return [plan.blend(window) for plan, window in zip(plans, windows)]
 
     def _edit(self, image: np.ndarray, semantic_map: np.ndarray, region: np.ndarray, features: dict[str, float],
-              steps: int, guidance_scale: float, seed: int, sampler: str, feather_px: float) -> tuple[np.ndarray, np.ndarray]:
+              steps: int, guidance_scale: float, seed: int, sampler: str, feather_px: float,
+              cfg_scale: float) -> tuple[np.ndarray, np.ndarray]:
         """Regenerate ``region`` (bool, image pixels) of ``image`` under the (already edited) ``semantic_map``."""
         plan = self._plan(image, semantic_map, region, feather_px, self._window_size(region, feather_px))
-        (out,) = self._edit_batch([plan], [features], steps, guidance_scale, [seed], sampler)
+        (out,) = self._edit_batch([plan], [features], steps, guidance_scale, [seed], sampler, cfg_scale)
         return out, plan.alpha > 0
 
     def insert(self, image: np.ndarray, semantic_map: np.ndarray, nodule_outline: np.ndarray,
                centre: tuple[int, int], features: Mapping[str, float] | None = None, steps: int = 50,
-               guidance_scale: float = 1.0, seed: int = 0, sampler: str = "ddim", feather_px: float = 2.0) -> EditResult:
+               guidance_scale: float = 1.0, seed: int = 0, sampler: str = "ddim", feather_px: float = 2.0,
+               cfg_scale: float | None = None) -> EditResult:
         """Insert a nodule whose outline is ``nodule_outline`` (bool, any size) centred at ``centre`` (row, col).
 
         The semantic map gets the outline with the class of the requested malignancy (3 if none asked);
-        the nodule is generated there and steered towards ``features``.
+        the nodule is generated there and steered towards ``features`` by classifier guidance
+        (``guidance_scale``) and, with a feature-conditioned U-Net, classifier-free guidance (``cfg_scale``).
         """
         return self.insert_batch([image], [semantic_map], [nodule_outline], [centre], [features or {}], [seed],
-                                 steps=steps, guidance_scale=guidance_scale, sampler=sampler, feather_px=feather_px)[0]
+                                 steps=steps, guidance_scale=guidance_scale, sampler=sampler, feather_px=feather_px,
+                                 cfg_scale=cfg_scale)[0]
 
     def insert_batch(self, images: list[np.ndarray], semantic_maps: list[np.ndarray], nodule_outlines: list[np.ndarray],
                      centres: list[tuple[float, float]], features: list[Mapping[str, float]], seeds: list[int],
                      steps: int = 50, guidance_scale: float = 1.0, sampler: str = "ddim",
-                     feather_px: float = 2.0) -> list[EditResult]:
+                     feather_px: float = 2.0, cfg_scale: float | None = None) -> list[EditResult]:
         """:meth:`insert` on several slices at once: one reverse process over the batch of latent windows.
 
         Every item must request the same feature names (values may differ). With DDIM each result equals
@@ -330,6 +365,7 @@ class LSDMPipeline:
             raise ValueError("images, semantic_maps, nodule_outlines, centres, features and seeds must be "
                              f"non-empty lists of one length, got lengths {sorted(lengths)}")
         features = [validate_features(item) for item in features]
+        cfg_scale = self._cfg_scale(cfg_scale, features)
         regions, edited = [], []
         for image, semantic_map, outline, centre, item in zip(images, semantic_maps, nodule_outlines, centres, features):
             image, semantic_map = np.asarray(image), np.asarray(semantic_map)
@@ -348,14 +384,15 @@ class LSDMPipeline:
         for size in sorted(set(sizes)):  # one batch per window size: each window is what it would be alone
             group = [i for i, s in enumerate(sizes) if s == size]
             for i, out in zip(group, self._edit_batch([plans[i] for i in group], [features[i] for i in group], steps,
-                                                      guidance_scale, [int(seeds[i]) for i in group], sampler)):
+                                                      guidance_scale, [int(seeds[i]) for i in group], sampler,
+                                                      cfg_scale)):
                 outs[i] = out
         results = []
         for out, plan, region, item, seed in zip(outs, plans, regions, features, seeds):
             rows, cols = np.nonzero(region)
             record = {"mode": "insert", **item, "centre_row": float(rows.mean()), "centre_col": float(cols.mean()),
                       "area_px": int(region.sum()), "seed": int(seed), "guidance_scale": guidance_scale,
-                      "steps": steps, "model": self.model_id}
+                      "cfg_scale": cfg_scale, "steps": steps, "model": self.model_id}
             results.append(EditResult(out, plan.semantic_map, region.astype(np.uint8), plan.alpha > 0, record))
         return results
 
@@ -370,7 +407,8 @@ class LSDMPipeline:
         edited_map[region] = malignancy_label(features.get("malignancy", 3.0))
         out, footprint = self._edit(np.asarray(image), edited_map, region, features,
                                     kwargs.get("steps", 50), kwargs.get("guidance_scale", 1.0), kwargs.get("seed", 0),
-                                    kwargs.get("sampler", "ddim"), kwargs.get("feather_px", 2.0))
+                                    kwargs.get("sampler", "ddim"), kwargs.get("feather_px", 2.0),
+                                    self._cfg_scale(kwargs.get("cfg_scale"), [features]))
         return EditResult(out, edited_map, region.astype(np.uint8), footprint,
                           {"mode": "replace", **features, "area_px": int(region.sum()), "model": self.model_id})
 
@@ -382,7 +420,8 @@ class LSDMPipeline:
         edited_map = np.asarray(semantic_map).copy()
         edited_map[region] = SemanticLabel.LUNG
         out, footprint = self._edit(np.asarray(image), edited_map, region, {}, kwargs.get("steps", 50), 0.0,
-                                    kwargs.get("seed", 0), kwargs.get("sampler", "ddim"), kwargs.get("feather_px", 2.0))
+                                    kwargs.get("seed", 0), kwargs.get("sampler", "ddim"), kwargs.get("feather_px", 2.0),
+                                    0.0)
         return EditResult(out, edited_map, np.zeros_like(region, np.uint8), footprint,
                           {"mode": "remove", "area_px": int(region.sum()), "model": self.model_id})
 

@@ -8,7 +8,7 @@ import torch
 from lsdm_aug.config import RecipeError, load_recipe, recipe_from_dict
 from lsdm_aug.models.autoencoder import build_autoencoder
 from lsdm_aug.models.classifiers import build_classifier
-from lsdm_aug.models.unet import build_unet
+from lsdm_aug.models.unet import SemanticCondition, build_unet, predict_noise
 
 BUILT_IN = ("phantom-smoke", "phantom-128", "lidc-512")
 
@@ -36,7 +36,8 @@ def test_small_recipes_build_networks_that_run(name):
     with torch.no_grad():
         latent = autoencoder.encode_stage_2_inputs(torch.zeros(1, 1, size, size))
         assert latent.shape == (1, 3, size // 4, size // 4)
-        noise = unet(torch.cat([latent, latent], 1), torch.tensor([5]), seg=torch.zeros(1, 8, size, size))
+        condition = SemanticCondition(latent, torch.zeros(1, 8, size, size))
+        noise = predict_noise(unet, latent, torch.tensor([5]), condition)
         assert noise.shape == latent.shape
         crop = torch.zeros(2, 1, recipe.classifiers.crop_px, recipe.classifiers.crop_px)
         for feature in recipe.classifiers.features:

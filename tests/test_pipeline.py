@@ -15,6 +15,8 @@ from lsdm_aug.config import FEATURES
 from lsdm_aug.data.prepared import PreparedDataset
 from lsdm_aug.models.checkpoint import CheckpointError
 from lsdm_aug.pipeline import LSDMPipeline
+from lsdm_aug.sampling.sampler import sample_latents
+from lsdm_aug.sampling.schedulers import build_scheduler
 
 STEPS = 4
 LUNG = 4
@@ -137,11 +139,42 @@ def test_feature_list_must_match_the_maps(pipe, cases):
         pipe.generate(maps, steps=STEPS, batch_size=0)
 
 def test_guidance_scale_zero_is_exactly_no_guidance(pipe, cases):
+    """s = 0 and w = 0: exactly the sample with no features asked, at any default w."""
     semantic_map = cases["nodule"]["semantic_map"]
     plain = pipe.generate(semantic_map, steps=STEPS, seed=1)
     unguided = pipe.generate(semantic_map, features={"malignancy": 5, "spiculation": 4}, guidance_scale=0.0,
-                             steps=STEPS, seed=1)
+                             cfg_scale=0.0, steps=STEPS, seed=1)
     assert np.array_equal(plain, unguided)
+    assert np.array_equal(plain, pipe.generate(semantic_map, steps=STEPS, seed=1, cfg_scale=3.0))
+
+
+def test_cfg_scale_one_is_plain_conditional_sampling_and_others_differ(pipe, cases):
+    semantic_map = cases["nodule"]["semantic_map"]
+    assert pipe.feature_conditioned
+    features = {"malignancy": 5, "texture": 1}
+    conditional = pipe.generate(semantic_map, features=features, guidance_scale=0.0, cfg_scale=1.0, steps=STEPS, seed=1)
+    null = pipe.generate(semantic_map, guidance_scale=0.0, steps=STEPS, seed=1)
+    strong = pipe.generate(semantic_map, features=features, guidance_scale=0.0, cfg_scale=4.0, steps=STEPS, seed=1)
+    assert not np.array_equal(conditional, null) and not np.allclose(strong, conditional)
+    scheduler = build_scheduler(pipe.recipe.diffusion, "ddim", STEPS)
+    maps = torch.as_tensor(semantic_map)[None, None].long()
+    noise = torch.randn((1, 3, *[s // pipe.factor for s in semantic_map.shape]), generator=torch.Generator().manual_seed(1))
+    latent = sample_latents(pipe.unet, scheduler, pipe.condition(maps, [features]), initial_noise=noise)
+    by_hand = pipe.decode(latent).clamp(-1, 1)[0, 0].numpy()
+    assert np.allclose(conditional[0], by_hand, atol=1e-5)  # the one loop with the features, nothing else
+
+
+@pytest.mark.parametrize("subset", [{"malignancy": 2}, {"lobulation": 5}, {"spiculation": 1, "texture": 5},
+                                    {"malignancy": 4, "lobulation": 1, "spiculation": 5, "texture": 3}])
+def test_any_subset_of_features_conditions_the_sample(pipe, cases, subset):
+    semantic_map = cases["nodule"]["semantic_map"]
+    null = pipe.generate(semantic_map, guidance_scale=0.0, steps=STEPS, seed=2)
+    assert not np.array_equal(pipe.generate(semantic_map, features=subset, guidance_scale=0.0, steps=STEPS, seed=2), null)
+
+
+def test_cfg_scale_is_checked(pipe, cases):
+    with pytest.raises(ValueError, match="cfg_scale must be a number >= 0, got -2"):
+        pipe.generate(cases["nodule"]["semantic_map"], features={"malignancy": 5}, cfg_scale=-2, steps=STEPS)
 
 
 def test_guidance_changes_the_sample(pipe, cases):

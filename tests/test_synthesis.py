@@ -90,7 +90,7 @@ def test_a_folder_holding_another_dataset_is_refused_and_left_alone(tmp_path, sm
     (["--count", "0"], "--count must be > 0, got 0"),
     (["--malignancy", "7"], "--malignancy must be a level 1..5"),
     (["--texture", "x"], "--texture must be a level 1..5 or a range like 3-5, got 'x'"),
-    (["--model", "nonexistent-model"], "model 'nonexistent-model' is neither 'default' nor a model folder"),
+    (["--model", "nonexistent-model"], "model 'nonexistent-model' is neither 'default', a shipped model"),
     (["--from", "."], "is not a dataset"),
     (["--balance", "malignancy", "--malignancy", "4"], "--balance malignancy needs a range or nothing"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),

@@ -117,9 +117,9 @@ def _ensure_ldm(recipe: GenerationRecipe, pipe: LSDMPipeline) -> Path:
 
 
 def pipe_folder(name_or_path: str) -> Path:
-    from lsdm_aug.pipeline import DEFAULT_MODEL_DIR
+    from lsdm_aug.models.checkpoint import resolve_model_dir
 
-    return DEFAULT_MODEL_DIR if name_or_path == "default" else Path(name_or_path)
+    return resolve_model_dir(name_or_path)
 
 
 def _ensure_spade_gan(recipe: GenerationRecipe) -> Path:

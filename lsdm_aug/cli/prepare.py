@@ -43,12 +43,15 @@ def phantom(
              "empty follows the LIDC database.")] = "",
     val_fraction: Annotated[float, typer.Option(help="Share of patients in the validation split.")] = 0.1,
     test_fraction: Annotated[float, typer.Option(help="Share of patients in the test split.")] = 0.1,
+    workers: Annotated[int, typer.Option(help="Processes drawing slices (the dataset is the same for any number).")] = 1,
 ) -> None:
     """Draw LIDC-style chest-CT phantom slices with real LIDC nodules and write them as a prepared dataset."""
     if count <= 0:
         fail(f"--count must be > 0, got {count}")
     if size not in SIZES:
         fail(f"--size must be one of {', '.join(map(str, SIZES))}, got {size}")
+    if workers < 1:
+        fail(f"--workers must be >= 1, got {workers}")
     _check_out(out)
     fractions = _split_fractions(val_fraction, test_fraction)
     from lsdm_aug.data.phantom import PhantomConfig, prepare_phantom
@@ -57,7 +60,7 @@ def phantom(
         config = PhantomConfig(size=size, slices_per_patient=slices_per_patient,
                                nodule_free_fraction=nodule_free_fraction, max_nodules_per_slice=max_nodules,
                                balance=tuple(b.strip() for b in balance.split(",") if b.strip()) or None)
-        dataset = prepare_phantom(out, count, config, seed, fractions, progress=True)
+        dataset = prepare_phantom(out, count, config, seed, fractions, progress=True, workers=workers)
     typer.echo(f"wrote {len(dataset)} slices with {len(dataset.features)} nodules to {out}")
 
 

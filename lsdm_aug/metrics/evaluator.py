@@ -36,6 +36,8 @@ def nodule_crops(images: np.ndarray, centres: list[tuple[float, float]], crop_px
 
 def _labelled_crops(dataset: PreparedDataset, crop_px: int, feature: str) -> tuple[np.ndarray, np.ndarray]:
     rows = dataset.features[(dataset.features[feature] <= 2) | (dataset.features[feature] >= 4)]
+    if rows.empty:
+        return np.zeros((0, crop_px, crop_px), np.float32), np.zeros(0, np.int64)
     images = np.stack([dataset[case_id]["image"] for case_id in rows.case_id])
     crops = nodule_crops(images, list(zip(rows.centre_row, rows.centre_col)), crop_px)
     return crops, (rows[feature].to_numpy() >= 4).astype(np.int64)
@@ -92,7 +94,9 @@ class NoduleEvaluator:
         evaluator = cls(network, crop_px, feature)
         val_crops, val_labels = _labelled_crops(PreparedDataset(data_dir, split="validation"), crop_px, feature)
         scores = evaluator.high_probability(val_crops)
-        auc = float(compute_roc_auc(torch.from_numpy(scores), torch.from_numpy(val_labels)))
+        auc = float("nan")  # a validation split without both classes has no AUC
+        if len(np.unique(val_labels)) == 2:
+            auc = float(compute_roc_auc(torch.from_numpy(scores), torch.from_numpy(val_labels)))
         return evaluator, {"feature": feature, "validation_auc": auc, "train_nodules": int(len(labels)),
                            "validation_nodules": int(len(val_labels))}
 

@@ -25,8 +25,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointError", "save_weights", "load_weights", "read_config", "save_training_state",
-           "load_training_state", "config_path"]
+__all__ = ["CheckpointError", "save_weights", "load_weights", "load_matching_weights", "read_config",
+           "save_training_state", "load_training_state", "config_path", "resolve_model_dir", "SHIPPED_MODELS_DIR",
+           "DEFAULT_MODEL", "shipped_models"]
+
+SHIPPED_MODELS_DIR = Path(__file__).resolve().parent / "shipped"
+DEFAULT_MODEL = "phantom-128"
 
 
 class CheckpointError(ValueError):
@@ -107,6 +111,45 @@ def load_weights(path: str | Path, module: torch.nn.Module) -> dict[str, Any]:
     config = read_config(path)
     _load_state(path, module, _read_tensors(path))
     return config
+
+
+def load_matching_weights(path: str | Path, module: torch.nn.Module) -> list[str]:
+    """Warm start: load every tensor of ``path`` whose key and shape ``module`` has; return the keys of
+    ``module`` left at their initial values (e.g. a feature embedding the source net lacks)."""
+    path = Path(path)
+    tensors = _read_tensors(path)
+    target = _unwrap(module)
+    expected = target.state_dict()
+    usable = {k: v for k, v in tensors.items() if k in expected and v.shape == expected[k].shape}
+    if not usable:
+        raise CheckpointError(f"checkpoint {str(path)!r} shares no weights with {type(target).__name__}")
+    target.load_state_dict(usable, strict=False)
+    return sorted(set(expected) - set(usable))
+
+
+def shipped_models() -> list[str]:
+    """Names of the model folders shipped in the package."""
+    return sorted(p.name for p in SHIPPED_MODELS_DIR.iterdir() if p.is_dir()) if SHIPPED_MODELS_DIR.is_dir() else []
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """``"default"``, a shipped model's name (``phantom-128``, ...) or a model folder -> the folder.
+
+    Raises:
+        CheckpointError: neither a shipped name nor an existing folder (the message lists the shipped names).
+
+    Example:
+        >>> resolve_model_dir("default").name == DEFAULT_MODEL
+        True
+    """
+    name = DEFAULT_MODEL if str(name_or_path) == "default" else str(name_or_path)
+    if name in shipped_models():
+        return SHIPPED_MODELS_DIR / name
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        raise CheckpointError(f"model {str(name_or_path)!r} is neither 'default', a shipped model "
+                              f"({', '.join(shipped_models())}) nor a model folder")
+    return folder
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -6,6 +6,13 @@
   nearest neighbour, which drops a nodule smaller than the pooling window; max-pooling keeps it, as
   the thesis prescribes). :class:`MaxPoolSPADE` is swapped in for MONAI's ``SPADE`` after the net is
   built; it adds no parameters, so checkpoints stay MONAI-compatible.
+* optionally (``feature_conditioning``, for classifier-free guidance, thesis section 8.2) the nodule's
+  feature vector (malignancy, lobulation, spiculation, texture; each 1..5 or 0 = "not given"), through
+  MONAI's class-embedding path: the U-Net is built with ``num_class_embeds`` and its ``class_embedding``
+  is a :class:`FeatureEmbedding`, whose output MONAI adds to the time embedding of every block. An
+  embedding added to the time embedding, not cross-attention: it reaches every resolution (cross-attention
+  only reaches the attention levels), costs one lookup per sample rather than attention at each level,
+  and a feature vector of four ratings is one global code of the nodule, not a sequence to attend over.
 
 Example:
     >>> import torch
@@ -20,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +38,11 @@ from monai.networks.nets import DiffusionModelUNet, SPADEDiffusionModelUNet
 from lsdm_aug.config import DiffusionConfig
 from lsdm_aug.data.semantic import NUM_LABELS
 
-__all__ = ["MaxPoolSPADE", "build_unet", "semantic_onehot", "semantic_to_unit", "SemanticCondition", "predict_noise"]
+__all__ = ["MaxPoolSPADE", "FeatureEmbedding", "build_unet", "semantic_onehot", "semantic_to_unit",
+           "SemanticCondition", "predict_noise", "is_feature_conditioned", "feature_levels", "NULL_LEVEL", "CONDITIONING_FEATURES"]
+
+CONDITIONING_FEATURES = ("malignancy", "lobulation", "spiculation", "texture")
+NULL_LEVEL = 0  # "not given": the learned null token of each feature
 
 
 class MaxPoolSPADE(SPADE):
@@ -41,6 +53,62 @@ class MaxPoolSPADE(SPADE):
         if segmap.shape[2:] != size and all(s >= t for s, t in zip(segmap.shape[2:], size)):
             segmap = F.adaptive_max_pool2d(segmap, size) if segmap.ndim == 4 else F.adaptive_max_pool3d(segmap, size)
         return super().forward(x, segmap)
+
+
+class FeatureEmbedding(torch.nn.Module):
+    """The nodule feature vector as one embedding added to the U-Net's time embedding.
+
+    Each feature has its own table of 6 rows: row 0 is its learned null token ("not given"), rows 1..5 the
+    rating levels; the embeddings of the features are summed. Zero-initialised, so a U-Net that gains it
+    starts out computing exactly what it computed without it.
+
+    Args:
+        num_features: features in the vector (4: malignancy, lobulation, spiculation, texture).
+        dim: the U-Net's time-embedding width.
+
+    Example:
+        >>> embedding = FeatureEmbedding(4, 8)
+        >>> embedding(torch.tensor([[5, 0, 0, 1]])).shape
+        torch.Size([1, 8])
+    """
+
+    levels = 6
+
+    def __init__(self, num_features: int, dim: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.weight = torch.nn.Parameter(torch.zeros(num_features * self.levels, dim))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.ndim != 2 or features.shape[1] != self.num_features:
+            raise ValueError(f"features must be (batch, {self.num_features}) levels 0..5, got {tuple(features.shape)}")
+        if features.numel() and (features.min() < 0 or features.max() >= self.levels):
+            raise ValueError(f"feature levels must be 0 (not given) or 1..5, got {features.min()}..{features.max()}")
+        offsets = torch.arange(self.num_features, device=features.device) * self.levels
+        return F.embedding(features.long() + offsets, self.weight).sum(1)
+
+
+def feature_levels(features: dict[str, float] | None, count: int = 1) -> torch.Tensor:
+    """(count, 4) long levels of a feature dict (ratings rounded half up; absent -> 0, "not given").
+
+    Example:
+        >>> feature_levels({"malignancy": 4.5, "texture": 1})
+        tensor([[5, 0, 0, 1]])
+    """
+    features = features or {}
+    unknown = sorted(set(features) - set(CONDITIONING_FEATURES))
+    if unknown:
+        raise ValueError(f"unknown features {unknown}; allowed: {list(CONDITIONING_FEATURES)}")
+    row = []
+    for name in CONDITIONING_FEATURES:
+        value = features.get(name)
+        if value is None:
+            row.append(NULL_LEVEL)
+            continue
+        if not 1 <= float(value) <= 5:
+            raise ValueError(f"{name} must be in 1..5, got {value!r}")
+        row.append(int(math.floor(float(value) + 0.5)))
+    return torch.tensor([row] * count, dtype=torch.long)
 
 
 def build_unet(config: DiffusionConfig, latent_channels: int) -> SPADEDiffusionModelUNet | DiffusionModelUNet:
@@ -58,7 +126,10 @@ def build_unet(config: DiffusionConfig, latent_channels: int) -> SPADEDiffusionM
         spatial_dims=2, in_channels=2 * latent_channels, out_channels=latent_channels, label_nc=NUM_LABELS,
         channels=tuple(config.channels), attention_levels=tuple(config.attention_levels),
         num_res_blocks=(config.num_res_blocks,) * levels, norm_num_groups=config.norm_num_groups,
-        num_head_channels=config.num_head_channels, spade_intermediate_channels=config.spade_intermediate_channels)
+        num_head_channels=config.num_head_channels, spade_intermediate_channels=config.spade_intermediate_channels,
+        num_class_embeds=FeatureEmbedding.levels if config.feature_conditioning else None)
+    if config.feature_conditioning:
+        unet.class_embedding = FeatureEmbedding(len(CONDITIONING_FEATURES), unet.class_embedding.embedding_dim)
     for module in unet.modules():
         if type(module) is SPADE:
             module.__class__ = MaxPoolSPADE
@@ -85,25 +156,53 @@ def semantic_to_unit(semantic_map: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SemanticCondition:
-    """What the U-Net is conditioned on: the encoded map (concatenated) and the one-hot map (SPADE)."""
+    """What the U-Net is conditioned on: the encoded map (concatenated), the one-hot map (SPADE) and, for a
+    feature-conditioned U-Net, the (B, 4) feature levels (0 = not given; ``None``: none given)."""
 
     latent: torch.Tensor
     onehot: torch.Tensor
+    features: torch.Tensor | None = None
 
     def crop(self, rows: slice, cols: slice, factor: int) -> SemanticCondition:
         """The condition of a latent window (``rows``, ``cols`` in latent pixels; ``factor`` = downsampling)."""
         image_rows = slice(rows.start * factor, rows.stop * factor)
         image_cols = slice(cols.start * factor, cols.stop * factor)
-        return SemanticCondition(self.latent[..., rows, cols], self.onehot[..., image_rows, image_cols])
+        return SemanticCondition(self.latent[..., rows, cols], self.onehot[..., image_rows, image_cols], self.features)
 
     def repeat(self, times: int) -> SemanticCondition:
-        return SemanticCondition(self.latent.repeat(times, 1, 1, 1), self.onehot.repeat(times, 1, 1, 1))
+        features = None if self.features is None else self.features.repeat(times, 1)
+        return SemanticCondition(self.latent.repeat(times, 1, 1, 1), self.onehot.repeat(times, 1, 1, 1), features)
+
+    def with_features(self, features: torch.Tensor | None) -> SemanticCondition:
+        """The same maps with other feature levels (``None``: not given)."""
+        return SemanticCondition(self.latent, self.onehot, features)
+
+    def levels(self) -> torch.Tensor:
+        """(B, 4) feature levels, zeros (not given) where there are none."""
+        if self.features is None:
+            return torch.zeros(len(self.latent), len(CONDITIONING_FEATURES), dtype=torch.long, device=self.latent.device)
+        return self.features.to(self.latent.device)
+
+    @staticmethod
+    def cat(conditions: list[SemanticCondition]) -> SemanticCondition:
+        """Conditions stacked along the batch (the two passes of classifier-free guidance in one call)."""
+        return SemanticCondition(torch.cat([c.latent for c in conditions]), torch.cat([c.onehot for c in conditions]),
+                                 torch.cat([c.levels() for c in conditions]))
 
 
 def predict_noise(unet: torch.nn.Module, noisy_latent: torch.Tensor, timesteps: torch.Tensor,
                   condition: SemanticCondition) -> torch.Tensor:
-    """epsilon_theta(Concat(z_t, E(m)), t) with SPADE fed the one-hot map (the LDM baseline: no SPADE)."""
+    """epsilon_theta(Concat(z_t, E(m)), t) with SPADE fed the one-hot map (the LDM baseline: no SPADE), and the
+    feature levels when the U-Net is feature-conditioned (none given: the null tokens)."""
     inputs = torch.cat([noisy_latent, condition.latent], dim=1)
-    if isinstance(unet, DiffusionModelUNet) or isinstance(getattr(unet, "module", None), DiffusionModelUNet):
+    network = getattr(unet, "module", unet)
+    if isinstance(network, DiffusionModelUNet):
         return unet(inputs, timesteps)
+    if is_feature_conditioned(network):
+        return unet(inputs, timesteps, seg=condition.onehot, class_labels=condition.levels())
     return unet(inputs, timesteps, seg=condition.onehot)
+
+
+def is_feature_conditioned(unet: torch.nn.Module) -> bool:
+    """Whether ``unet`` takes the nodule feature vector (classifier-free guidance is possible)."""
+    return isinstance(getattr(getattr(unet, "module", unet), "class_embedding", None), FeatureEmbedding)

@@ -1,7 +1,8 @@
 """The one reverse-diffusion loop of lsdm-aug: DDPM or DDIM, optional guidance, optional known region.
 
 MONAI's ``DiffusionInferer.sample`` runs under ``no_grad`` and has no masked in-painting, so the
-loop lives here. Per step it predicts the noise, turns the guidance score into an adjusted noise
+loop lives here. Per step it predicts the noise (with classifier-free guidance, see
+:func:`guided_noise`: both passes in one batched U-Net call), turns the guidance score into an adjusted noise
 (``eps - sqrt(1 - alpha_bar_t) * score``, which for DDPM adds ``~ sigma_t^2 * score`` to the mean and
 works unchanged for DDIM), steps the MONAI scheduler, and, when a known region is given, replaces
 that region with the original latent noised to the next timestep (RePaint), so the generated part
@@ -21,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from monai.networks.schedulers import Scheduler
 
-from lsdm_aug.models.unet import SemanticCondition, predict_noise
+from lsdm_aug.models.unet import SemanticCondition, is_feature_conditioned, predict_noise
 
-__all__ = ["KnownRegion", "sample_latents", "random_normal", "Generators"]
+__all__ = ["KnownRegion", "sample_latents", "random_normal", "Generators", "guided_noise"]
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -54,13 +55,37 @@ class KnownRegion:
         return scheduler.add_noise(self.latent, noise, timesteps)
 
 
+def guided_noise(unet: torch.nn.Module, latent: torch.Tensor, timesteps: torch.Tensor, condition: SemanticCondition,
+                 cfg_scale: float = 1.0) -> torch.Tensor:
+    """The noise prediction with classifier-free guidance: ``eps(null) + w * (eps(features) - eps(null))``.
+
+    ``w = 1`` is the plain conditional prediction and ``w = 0`` the unconditional one (each computed alone,
+    so both are exact); any other ``w`` runs the conditional and the null pass as one batch of ``2 B``.
+    Without given features, or with a U-Net that takes none, it is the plain prediction.
+
+    Example:
+        >>> noise = guided_noise(unet, z_t, t, condition.with_features(levels), cfg_scale=2.0)  # doctest: +SKIP
+    """
+    if cfg_scale < 0:
+        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale!r}")
+    given = condition.features is not None and bool((condition.features != 0).any())
+    if not given or not is_feature_conditioned(unet) or cfg_scale == 1.0:
+        return predict_noise(unet, latent, timesteps, condition)
+    if cfg_scale == 0.0:
+        return predict_noise(unet, latent, timesteps, condition.with_features(None))
+    both = predict_noise(unet, torch.cat([latent, latent]), torch.cat([timesteps, timesteps]),
+                         SemanticCondition.cat([condition, condition.with_features(None)]))
+    conditional, null = both.chunk(2)
+    return null + cfg_scale * (conditional - null)
+
+
 @torch.no_grad()
 def sample_latents(unet: torch.nn.Module, scheduler: Scheduler, condition: SemanticCondition,
                    shape: tuple[int, ...] | None = None, generator: Generators = None,
                    initial_noise: torch.Tensor | None = None,
                    guidance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                    known: KnownRegion | None = None,
-                   on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                   on_step: Callable[[int, int], None] | None = None, cfg_scale: float = 1.0) -> torch.Tensor:
     """Run the reverse process from noise to a clean (scaled) latent.
 
     Args:
@@ -75,6 +100,7 @@ def sample_latents(unet: torch.nn.Module, scheduler: Scheduler, condition: Seman
         guidance: ``score = guidance(z_t, t)``, e.g. :class:`~lsdm_aug.sampling.guidance.ClassifierGuidance`.
         known: region to keep (RePaint-style re-noising at every step).
         on_step: called with (step index, number of steps), e.g. to advance a progress bar.
+        cfg_scale: classifier-free guidance scale ``w`` on ``condition.features`` (see :func:`guided_noise`).
     """
     device = condition.latent.device
     if initial_noise is None:
@@ -87,7 +113,7 @@ def sample_latents(unet: torch.nn.Module, scheduler: Scheduler, condition: Seman
     step_generator = generator if generator is None or isinstance(generator, torch.Generator) else generator[0]
     for index, timestep in enumerate(timesteps):
         batch_timesteps = torch.full((len(latent),), timestep, dtype=torch.long, device=device)
-        noise = predict_noise(unet, latent, batch_timesteps, condition)
+        noise = guided_noise(unet, latent, batch_timesteps, condition, cfg_scale)
         if guidance is not None:
             noise = noise - torch.sqrt(1.0 - alphas_cumprod[timestep]) * guidance(latent, batch_timesteps)
         latent, _ = scheduler.step(noise, timestep, latent, generator=step_generator)

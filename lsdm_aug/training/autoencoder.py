@@ -26,7 +26,7 @@ from lsdm_aug.models.autoencoder import build_autoencoder, build_discriminator, 
 from lsdm_aug.models.perceptual import PerceptualDistance
 from lsdm_aug.models.checkpoint import load_training_state, save_training_state, save_weights
 from lsdm_aug.progress import make_progress
-from lsdm_aug.training.common import DistributedContext, load_split_arrays, random_crops
+from lsdm_aug.training.common import DistributedContext, initialise_from, load_split_arrays, random_crops, training_spacing
 
 __all__ = ["train_autoencoder", "kl_divergence", "reconstruction_metrics", "AUTOENCODER_FILE"]
 
@@ -97,6 +97,8 @@ def train_autoencoder(recipe: Recipe, data_dir: str | Path, out_dir: str | Path,
         meta = load_training_state(state_path, {"autoencoder": autoencoder, "discriminator": discriminator},
                                    {"autoencoder": optimizer, "discriminator": optimizer_d})
         start, history = int(meta["step"]), list(meta["history"])
+    elif settings.init_from:
+        initialise_from(autoencoder, settings.init_from, AUTOENCODER_FILE)
     model, critic = context.wrap(autoencoder), context.wrap(discriminator)
     adversarial = PatchAdversarialLoss(criterion="least_squares")
     perceptual = _perceptual(settings, context.device)
@@ -133,7 +135,7 @@ def train_autoencoder(recipe: Recipe, data_dir: str | Path, out_dir: str | Path,
                     history.append({"step": done, "seconds": round(time.perf_counter() - started, 1), **metrics})
                     bar.console.print(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in history[-1].items()
                                                                      if k != "step"))
-                    _save(out_dir, recipe, autoencoder, train, history, done)
+                    _save(out_dir, recipe, autoencoder, train, history, done, training_spacing(data_dir))
                     save_training_state(state_path, {"autoencoder": autoencoder, "discriminator": discriminator},
                                         {"autoencoder": optimizer, "discriminator": optimizer_d},
                                         {"step": done, "history": history, "recipe": recipe.name})
@@ -143,10 +145,11 @@ def train_autoencoder(recipe: Recipe, data_dir: str | Path, out_dir: str | Path,
 
 
 def _save(out_dir: Path, recipe: Recipe, autoencoder: torch.nn.Module, train: torch.Tensor,
-          history: list[dict], step: int) -> None:
+          history: list[dict], step: int, spacing: dict[str, float]) -> None:
     sample = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:64]]
     scale = latent_scale_factor(autoencoder, sample.to(next(autoencoder.parameters()).device))
     config = {"component": "autoencoder", "recipe": recipe.name, "image_size": recipe.image_size,
               "autoencoder": recipe.to_dict()["autoencoder"], "scale_factor": scale, "steps": step,
+              "spacing_mm": spacing, "training": recipe.to_dict()["train_autoencoder"],
               "validation": history[-1], "history": history}
     save_weights(out_dir / AUTOENCODER_FILE, autoencoder, config)

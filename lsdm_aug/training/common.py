@@ -18,8 +18,10 @@ import torch
 import torch.distributed as dist
 
 from lsdm_aug.data.prepared import PreparedDataset
+from lsdm_aug.models.checkpoint import load_matching_weights, resolve_model_dir
 
-__all__ = ["DistributedContext", "select_device", "EMA", "load_split_arrays", "random_crops"]
+__all__ = ["DistributedContext", "select_device", "EMA", "load_split_arrays", "random_crops", "initialise_from",
+           "training_spacing"]
 
 
 def select_device(device: str | None = None) -> torch.device:
@@ -126,3 +128,24 @@ def random_crops(images: torch.Tensor, crop_px: int, batch_size: int, generator:
     rows = torch.randint(height - crop_px + 1, (batch_size,), generator=generator)
     cols = torch.randint(width - crop_px + 1, (batch_size,), generator=generator)
     return torch.stack([images[i, :, r:r + crop_px, c:c + crop_px] for i, r, c in zip(index, rows, cols)])
+
+
+def initialise_from(module: torch.nn.Module, source: str, file_name: str) -> list[str]:
+    """Warm start ``module`` from the weights file ``file_name`` of a model folder (or a shipped model's name).
+    Returns the keys left at their initial values."""
+    return load_matching_weights(resolve_model_dir(source) / file_name, module)
+
+
+def training_spacing(data_dir: str | Path, split: str = "train") -> dict[str, float]:
+    """The pixel spacing a model trains at: median, 5th and 95th percentile, min and max over the split's slices.
+
+    Example:
+        >>> training_spacing("prepared/phantom-512")  # doctest: +SKIP
+        {'median': 0.703, 'p05': 0.5625, 'p95': 0.8301, 'min': 0.4609, 'max': 0.9766}
+    """
+    spacing = PreparedDataset(data_dir, split=split).cases.spacing_mm.to_numpy(np.float64)
+    if not len(spacing):
+        raise ValueError(f"prepared dataset {str(data_dir)!r} has no cases in split {split!r}")
+    return {"median": round(float(np.median(spacing)), 4), "p05": round(float(np.percentile(spacing, 5)), 4),
+            "p95": round(float(np.percentile(spacing, 95)), 4), "min": round(float(spacing.min()), 4),
+            "max": round(float(spacing.max()), 4)}

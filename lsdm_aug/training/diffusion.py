@@ -5,6 +5,14 @@ each step draws t uniformly, noises the latent with the linear-beta forward proc
 the noise from ``Concat(z_t, E(m))`` with SPADE fed the one-hot map. An EMA of the weights is what
 gets saved. Resumable; DDP under ``torchrun``.
 
+At native resolution the U-Net trains on windows of the whole-slice latents (``train_diffusion.crop_px``
+image pixels, e.g. 128 px = 32 x 32 latents), a share of them (``nodule_share``) placed around a
+nodule, so the CPU cost per step is that of a 128 px slice. A feature-conditioned U-Net
+(``diffusion.feature_conditioning``) also gets the feature levels of the nodule the window shows (the
+largest inside; none: "not given"), dropped for classifier-free guidance: all four together with
+probability ``feature_dropout_all``, otherwise each alone with probability ``feature_dropout``, so
+that any subset of features can be asked and the null condition is learned on nodules too.
+
 Example:
     >>> train_diffusion(load_recipe("phantom-smoke"), "prepared/phantom-64", "models/smoke")  # doctest: +SKIP
 """
@@ -21,13 +29,15 @@ import torch.nn.functional as F
 from lsdm_aug.config import Recipe
 from lsdm_aug.models.autoencoder import build_autoencoder, encode_mean
 from lsdm_aug.models.checkpoint import load_training_state, load_weights, save_training_state, save_weights
-from lsdm_aug.models.unet import SemanticCondition, build_unet, predict_noise, semantic_onehot, semantic_to_unit
+from lsdm_aug.data.prepared import PreparedDataset
+from lsdm_aug.models.unet import (CONDITIONING_FEATURES, SemanticCondition, build_unet, feature_levels,
+                                  is_feature_conditioned, predict_noise, semantic_onehot, semantic_to_unit)
 from lsdm_aug.progress import make_progress
 from lsdm_aug.sampling.schedulers import training_scheduler
 from lsdm_aug.training.autoencoder import AUTOENCODER_FILE
-from lsdm_aug.training.common import EMA, DistributedContext, load_split_arrays
+from lsdm_aug.training.common import EMA, DistributedContext, initialise_from, load_split_arrays, training_spacing
 
-__all__ = ["train_diffusion", "LatentData", "load_autoencoder", "UNET_FILE"]
+__all__ = ["train_diffusion", "LatentData", "LatentCrops", "load_autoencoder", "UNET_FILE", "drop_features"]
 
 UNET_FILE = "unet.safetensors"
 STATE_FILE = "unet_state.safetensors"
@@ -77,19 +87,135 @@ class LatentData:
         return self.latents[index].to(device), condition
 
 
+class LatentCrops:
+    """Training windows of whole-slice latents, with the feature levels of the nodule each window shows.
+
+    Args:
+        data: whole-slice latents, encoded maps and maps of one split.
+        nodule_masks: (N, H, W) uint8, k inside the slice's k-th nodule.
+        nodule_levels: per slice, a (n_nodules, 4) long tensor of feature levels 1..5 (see
+            :func:`~lsdm_aug.models.unet.feature_levels`).
+        crop_latent_px: window side in latent pixels (whole slices when it is not smaller than the latent).
+        factor: the autoencoder's downsampling.
+        nodule_share: share of windows placed around a nodule (on slices that have one).
+
+    Example:
+        >>> crops = LatentCrops(data, masks, levels, crop_latent_px=32, factor=4)  # doctest: +SKIP
+        >>> latent, condition = crops.draw(16, torch.Generator().manual_seed(0))  # doctest: +SKIP
+    """
+
+    def __init__(self, data: LatentData, nodule_masks: torch.Tensor, nodule_levels: list[torch.Tensor],
+                 crop_latent_px: int, factor: int, nodule_share: float = 0.5) -> None:
+        if not 0.0 <= nodule_share <= 1.0:
+            raise ValueError(f"nodule_share must be in [0, 1], got {nodule_share!r}")
+        if len(nodule_masks) != len(data) or len(nodule_levels) != len(data):
+            raise ValueError(f"{len(data)} latents but {len(nodule_masks)} nodule masks and {len(nodule_levels)} "
+                             "feature rows")
+        self.data, self.masks, self.levels = data, nodule_masks, nodule_levels
+        self.size = min(crop_latent_px, *data.latents.shape[-2:])
+        self.factor, self.nodule_share = factor, nodule_share
+        self.centres = [self._centres(mask, len(levels)) for mask, levels in zip(nodule_masks, nodule_levels)]
+
+    @staticmethod
+    def _centres(mask: torch.Tensor, count: int) -> list[tuple[float, float]]:
+        centres = []
+        for k in range(1, count + 1):
+            rows, cols = torch.nonzero(mask == k, as_tuple=True)
+            if len(rows):
+                centres.append((float(rows.float().mean()), float(cols.float().mean())))
+        return centres
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def _window(self, index: int, generator: torch.Generator) -> tuple[int, int]:
+        height, width = self.data.latents.shape[-2:]
+        if self.size >= min(height, width):
+            return 0, 0
+        centres = self.centres[index]
+        if centres and torch.rand((), generator=generator) < self.nodule_share:
+            row, col = centres[int(torch.randint(len(centres), (), generator=generator))]
+            jitter = torch.randint(-(self.size // 4), self.size // 4 + 1, (2,), generator=generator)
+            top, left = int(row / self.factor - self.size / 2 + jitter[0]), int(col / self.factor - self.size / 2 + jitter[1])
+        else:
+            top = int(torch.randint(height - self.size + 1, (), generator=generator))
+            left = int(torch.randint(width - self.size + 1, (), generator=generator))
+        return min(max(top, 0), height - self.size), min(max(left, 0), width - self.size)
+
+    def _shown_levels(self, index: int, rows: slice, cols: slice) -> torch.Tensor:
+        """The levels of the nodule with the most pixels in the window (zeros: none there)."""
+        window = self.masks[index, rows, cols].long().flatten()
+        counts = torch.bincount(window, minlength=len(self.levels[index]) + 1)[1:]
+        if not len(counts) or counts.max() == 0:
+            return torch.zeros(len(CONDITIONING_FEATURES), dtype=torch.long)
+        return self.levels[index][int(counts.argmax())]
+
+    def draw(self, count: int, generator: torch.Generator, device: torch.device | None = None
+             ) -> tuple[torch.Tensor, SemanticCondition]:
+        """``count`` windows (latent, condition with feature levels), drawn with ``generator``."""
+        device = device or self.data.latents.device
+        latents, semantic_latents, maps, levels = [], [], [], []
+        for index in torch.randint(len(self.data), (count,), generator=generator).tolist():
+            top, left = self._window(index, generator)
+            rows, cols = slice(top, top + self.size), slice(left, left + self.size)
+            image_rows = slice(top * self.factor, (top + self.size) * self.factor)
+            image_cols = slice(left * self.factor, (left + self.size) * self.factor)
+            latents.append(self.data.latents[index, :, rows, cols])
+            semantic_latents.append(self.data.semantic_latents[index, :, rows, cols])
+            maps.append(self.data.semantic_maps[index, :, image_rows, image_cols])
+            levels.append(self._shown_levels(index, image_rows, image_cols))
+        condition = SemanticCondition(torch.stack(semantic_latents).to(device),
+                                      semantic_onehot(torch.stack(maps)).to(device), torch.stack(levels).to(device))
+        return torch.stack(latents).to(device), condition
+
+
+def drop_features(levels: torch.Tensor, drop_all: float, drop_each: float, generator: torch.Generator) -> torch.Tensor:
+    """Feature levels with some set to 0 ("not given") for classifier-free guidance: a row loses all four
+    with probability ``drop_all``, otherwise each feature alone with probability ``drop_each``.
+
+    Example:
+        >>> drop_features(torch.tensor([[5, 3, 2, 1]]), 1.0, 0.0, torch.Generator()).tolist()
+        [[0, 0, 0, 0]]
+    """
+    rows = torch.rand((len(levels), 1), generator=generator) < drop_all
+    each = torch.rand(tuple(levels.shape), generator=generator) < drop_each
+    return torch.where((rows | each).to(levels.device), torch.zeros_like(levels), levels)
+
+
+def load_latent_crops(data_dir: str | Path, split: str, autoencoder: torch.nn.Module, scale: float,
+                      crop_latent_px: int, factor: int, nodule_share: float, limit: int | None = None) -> LatentCrops:
+    """Encode one split of a prepared dataset and wrap it as :class:`LatentCrops`."""
+    arrays = load_split_arrays(data_dir, split, ("image", "semantic_map", "nodule_mask"), limit=limit)
+    dataset = PreparedDataset(data_dir, split=split)
+    case_ids = dataset.case_ids()[:len(arrays["image"])]
+    by_case = {case: rows.sort_values("nodule_index") for case, rows in dataset.features.groupby("case_id")}
+    levels = []
+    for case in case_ids:
+        rows = by_case.get(case)
+        if rows is None or rows.empty:
+            levels.append(torch.zeros(0, len(CONDITIONING_FEATURES), dtype=torch.long))
+        else:
+            levels.append(torch.cat([feature_levels({f: float(r[f]) for f in CONDITIONING_FEATURES})
+                                     for _, r in rows.iterrows()]))
+    data = LatentData.encode(arrays, autoencoder, scale)
+    return LatentCrops(data, torch.from_numpy(arrays["nodule_mask"]), levels, crop_latent_px, factor, nodule_share)
+
+
 @torch.no_grad()
-def _validation_loss(unet: torch.nn.Module, data: LatentData, scheduler, device: torch.device) -> float:
-    """Noise-prediction MSE on held-out slices at fixed timesteps and noise (comparable across checkpoints)."""
+def _validation_loss(unet: torch.nn.Module, crops: LatentCrops, scheduler, device: torch.device,
+                     windows: int = 128) -> float:
+    """Noise-prediction MSE on held-out windows at fixed places, timesteps and noise (comparable across
+    checkpoints), with every feature given."""
     generator = torch.Generator().manual_seed(1234)
-    losses = []
-    for start in range(0, len(data), 32):
-        index = torch.arange(start, min(start + 32, len(data)))
-        latent, condition = data.batch(index, device)
+    losses, elements = [], 0
+    for start in range(0, windows, 32):
+        latent, condition = crops.draw(min(32, windows - start), generator, device)
         noise = torch.randn(latent.shape, generator=generator).to(device)
-        timesteps = torch.randint(0, scheduler.num_train_timesteps, (len(index),), generator=generator).to(device)
+        timesteps = torch.randint(0, scheduler.num_train_timesteps, (len(latent),), generator=generator).to(device)
         prediction = predict_noise(unet, scheduler.add_noise(latent, noise, timesteps), timesteps, condition)
         losses.append(F.mse_loss(prediction, noise, reduction="sum").item())
-    return sum(losses) / max(data.latents.numel(), 1)
+        elements += latent.numel()
+    return sum(losses) / max(elements, 1)
 
 
 def train_diffusion(recipe: Recipe, data_dir: str | Path, model_dir: str | Path, device: str | None = None,
@@ -101,28 +227,39 @@ def train_diffusion(recipe: Recipe, data_dir: str | Path, model_dir: str | Path,
     context = DistributedContext.from_environment(device)
     settings, model_dir = recipe.train_diffusion, Path(model_dir)
     autoencoder, scale = load_autoencoder(model_dir, recipe, context.device)
-    train = LatentData.encode(load_split_arrays(data_dir, "train"), autoencoder, scale)
-    validation = LatentData.encode(load_split_arrays(data_dir, "validation", limit=max_validation), autoencoder, scale)
+    factor = recipe.autoencoder.downsampling
+    crop_latent = (settings.crop_px or recipe.image_size) // factor
+    train = load_latent_crops(data_dir, "train", autoencoder, scale, crop_latent, factor, settings.nodule_share)
+    validation = load_latent_crops(data_dir, "validation", autoencoder, scale, crop_latent, factor,
+                                   settings.nodule_share, limit=max_validation)
     torch.manual_seed(seed)
     unet = build_unet(recipe.diffusion, recipe.autoencoder.latent_channels).to(context.device)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.learning_rate)
-    ema = EMA(unet, settings.ema_decay)
     start, history = 0, []
     state_path = model_dir / STATE_FILE
     if state_path.exists():
+        ema = EMA(unet, settings.ema_decay)
         meta = load_training_state(state_path, {"unet": unet, "ema": ema.model}, {"unet": optimizer})
         start, history, ema.updates = int(meta["step"]), list(meta["history"]), int(meta["ema_updates"])
+    else:
+        if settings.init_from:
+            initialise_from(unet, settings.init_from, UNET_FILE)
+        ema = EMA(unet, settings.ema_decay)
+    conditioned = is_feature_conditioned(unet)
     model = context.wrap(unet)
     scheduler = training_scheduler(recipe.diffusion)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + context.rank * 7919 + start)
+    spacing = training_spacing(data_dir)
     started = time.perf_counter()
     with make_progress() as bar:
         task = bar.add_task("diffusion", total=settings.steps, completed=start, rate="", visible=progress and context.is_main)
         for step in range(start, settings.steps):
-            index = torch.randint(len(train), (settings.batch_size,), generator=generator)
-            latent, condition = train.batch(index, context.device)
+            latent, condition = train.draw(settings.batch_size, generator, context.device)
+            if conditioned:
+                condition.features = drop_features(condition.features, settings.feature_dropout_all,
+                                                   settings.feature_dropout, generator)
             noise = torch.randn(latent.shape, generator=generator).to(context.device)
-            timesteps = torch.randint(0, scheduler.num_train_timesteps, (len(index),), generator=generator).to(context.device)
+            timesteps = torch.randint(0, scheduler.num_train_timesteps, (len(latent),), generator=generator).to(context.device)
             loss = F.mse_loss(predict_noise(model, scheduler.add_noise(latent, noise, timesteps), timesteps, condition), noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -138,6 +275,8 @@ def train_diffusion(recipe: Recipe, data_dir: str | Path, model_dir: str | Path,
                     config = {"component": "unet", "recipe": recipe.name, "image_size": recipe.image_size,
                               "latent_channels": recipe.autoencoder.latent_channels,
                               "diffusion": recipe.to_dict()["diffusion"], "steps": done, "ema_decay": settings.ema_decay,
+                              "crop_px": crop_latent * factor, "spacing_mm": spacing,
+                              "training": recipe.to_dict()["train_diffusion"],
                               "validation": history[-1], "history": history}
                     save_weights(model_dir / UNET_FILE, ema.model, config)
                     save_training_state(state_path, {"unet": unet, "ema": ema.model}, {"unet": optimizer},

@@ -124,7 +124,7 @@ def test_bank_cli_builds_and_names_bad_values(tmp_path, smoke_models):
     assert (NoduleBank(out).table.malignancy_asked == 5).all()
     for args, message in ((["--count", "0"], "--count must be > 0, got 0"),
                           (["--texture", "9"], "--texture must be a level 1..5"),
-                          (["--model", "missing"], "model 'missing' is neither 'default' nor a model folder")):
+                          (["--model", "missing"], "model 'missing' is neither 'default', a shipped model")):
         bad = tmp_path / "bad"
         result = runner.invoke(app, ["bank", "build", "--out", str(bad), "--size", "64", *args])
         assert result.exit_code == 2 and message in result.output and not bad.exists()

@@ -8,8 +8,19 @@ import pytest
 from lsdm_aug.metrics.evaluator import NoduleEvaluator
 
 
-def test_evaluator_trains_per_feature_and_scores_probabilities(phantom_dataset):
-    evaluator, report = NoduleEvaluator.train(phantom_dataset, crop_px=16, steps=5, batch_size=8, feature="texture")
+@pytest.fixture(scope="module")
+def texture_dataset(tmp_path_factory):
+    """A tiny phantom set with every texture level (the shared fixture's train split may lack ground glass)."""
+    from lsdm_aug.data.phantom import PhantomConfig, prepare_phantom
+
+    folder = tmp_path_factory.mktemp("texture") / "phantom"
+    prepare_phantom(folder, count=24, seed=0, config=PhantomConfig(size=64, slices_per_patient=2,
+                                                                    nodule_free_fraction=0.0, balance=("texture",)))
+    return folder
+
+
+def test_evaluator_trains_per_feature_and_scores_probabilities(texture_dataset, phantom_dataset):
+    evaluator, report = NoduleEvaluator.train(texture_dataset, crop_px=16, steps=5, batch_size=8, feature="texture")
     assert report["feature"] == "texture" and report["train_nodules"] > 0
     auc = report["validation_auc"]
     assert np.isnan(auc) or 0 <= auc <= 1  # the tiny validation split may hold one texture class only
