@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from lsdm_aug.config import FEATURES, Recipe, recipe_from_dict
 from lsdm_aug.data.semantic import SemanticLabel, malignancy_label
+from lsdm_aug.editing import EditWindow, ModelGrid, SpacingError, check_spacing, plan_window
+from lsdm_aug.editing.window import SAME_SPACING_TOLERANCE
 from lsdm_aug.models.autoencoder import build_autoencoder, encode_mean
 from lsdm_aug.models.checkpoint import CheckpointError, load_weights, read_config, resolve_model_dir
 from lsdm_aug.models.classifiers import build_classifier
@@ -40,7 +41,8 @@ from lsdm_aug.training.classifiers import classifier_file
 from lsdm_aug.training.common import select_device
 from lsdm_aug.training.diffusion import UNET_FILE
 
-__all__ = ["LSDMPipeline", "EditResult", "DEFAULT_MODEL_DIR", "validate_features"]
+__all__ = ["LSDMPipeline", "EditResult", "DEFAULT_MODEL_DIR", "validate_features", "SpacingError",
+           "model_spacing"]
 
 DEFAULT_MODEL_DIR = resolve_model_dir("default")
 NODULE_LABELS = (SemanticLabel.NODULE_BENIGN, SemanticLabel.NODULE_INDETERMINATE, SemanticLabel.NODULE_MALIGNANT)
@@ -57,6 +59,24 @@ def validate_features(features: Mapping[str, float] | None) -> dict[str, float]:
     return {k: float(v) for k, v in features.items()}
 
 
+def model_spacing(unet_config: Mapping[str, Any], folder: Path) -> tuple[float, tuple[float, float]]:
+    """The spacing a model folder's U-Net trained at (the median over its training slices) and the range of image
+    spacings it serves (0.4..3.0 mm, widened to its own training range): from ``unet.json``.
+
+    Raises:
+        CheckpointError: the folder records no training spacing.
+    """
+    spacing = unet_config.get("spacing_mm")
+    if not isinstance(spacing, Mapping) or "median" not in spacing:
+        raise CheckpointError(f"model folder {str(folder)!r} records no training spacing ('spacing_mm' in "
+                              f"{UNET_FILE.replace('.safetensors', '.json')}); a model must never run blind at "
+                              "another resolution")
+    median = float(spacing["median"])
+    serves = unet_config.get("serves_spacing_mm") or (min(0.4, float(spacing.get("min", median))),
+                                                      max(3.0, float(spacing.get("max", median))))
+    return median, (float(serves[0]), float(serves[1]))
+
+
 def _nodule_pixels(semantic_maps: torch.Tensor) -> torch.Tensor:
     """Boolean mask of the nodule labels (5, 6, 7) of a map tensor."""
     return torch.isin(semantic_maps, torch.tensor([int(x) for x in NODULE_LABELS], device=semantic_maps.device))
@@ -71,25 +91,6 @@ class EditResult:
     nodule_mask: np.ndarray
     footprint: np.ndarray
     record: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _EditPlan:
-    """One local edit: the slice, its edited map, the pixel window regenerated, the footprint and blend weights."""
-
-    image: np.ndarray
-    semantic_map: np.ndarray
-    pixels: tuple[slice, slice]
-    footprint: np.ndarray
-    alpha: np.ndarray
-
-    def blend(self, window: np.ndarray) -> np.ndarray:
-        """The slice with the decoded ``window`` blended in; bit-identical outside the footprint."""
-        out = self.image.astype(np.result_type(self.image.dtype, np.float32), copy=True)
-        weight = self.alpha[self.pixels]
-        blended = weight * window + (1 - weight) * out[self.pixels]
-        out[self.pixels] = np.where(weight > 0, blended, out[self.pixels])
-        return out
 
 
 class LSDMPipeline:
@@ -110,9 +111,15 @@ class LSDMPipeline:
 
     def __init__(self, recipe: Recipe, autoencoder: torch.nn.Module, unet: torch.nn.Module,
                  classifiers: Mapping[str, torch.nn.Module], scale_factor: float, device: str | None = None,
-                 model_id: str = "custom", default_cfg_scale: float = 1.0) -> None:
+                 model_id: str = "custom", default_cfg_scale: float = 1.0, spacing_mm: float | None = None,
+                 serves_spacing_mm: tuple[float, float] | None = None, window_px: int | None = None) -> None:
+        if spacing_mm is None:
+            raise ValueError(f"model {model_id}: give the pixel spacing (mm) its U-Net was trained at")
         self.recipe, self.scale_factor, self.model_id = recipe, float(scale_factor), model_id
         self._default_cfg_scale = float(default_cfg_scale)
+        self.spacing_mm = float(spacing_mm)
+        self.serves_spacing_mm = tuple(serves_spacing_mm or (min(0.4, self.spacing_mm), max(3.0, self.spacing_mm)))
+        self.window_px = int(window_px or max(recipe.image_size // 2, recipe.classifiers.crop_px))
         self.device = select_device(device)
         self.autoencoder = autoencoder.to(self.device).eval().requires_grad_(False)
         self.unet = unet.to(self.device).eval().requires_grad_(False)
@@ -146,9 +153,16 @@ class LSDMPipeline:
                 recipe.classifiers = recipe_from_dict({"classifiers": config["classifiers"]}).classifiers
                 classifiers[feature] = build_classifier(recipe.classifiers, feature)
                 load_weights(path, classifiers[feature])
+        spacing, serves = model_spacing(unet_config, folder)
+        window = max(int(unet_config.get("crop_px") or recipe.image_size // 2), recipe.classifiers.crop_px)
         return cls(recipe, autoencoder, unet, classifiers, autoencoder_config["scale_factor"], device,
                    model_id=f"{folder.name}@{autoencoder_config.get('steps', 0)}/{unet_config.get('steps', 0)}",
-                   default_cfg_scale=float(unet_config.get("default_cfg_scale", 1.0)))
+                   default_cfg_scale=float(unet_config.get("default_cfg_scale", 1.0)), spacing_mm=spacing,
+                   serves_spacing_mm=serves, window_px=window)
+
+    def check_spacing(self, spacing_mm: float) -> float:
+        """An image's pixel spacing, checked against :attr:`serves_spacing_mm` (:class:`SpacingError` outside)."""
+        return check_spacing(spacing_mm, self.serves_spacing_mm, self.model_id)
 
     # ---- building blocks ------------------------------------------------------------------------------------
     def _tensor(self, array: np.ndarray | torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -227,13 +241,16 @@ class LSDMPipeline:
 
     # ---- generation ------------------------------------------------------------------------------------------
     def generate(self, semantic_maps: np.ndarray | torch.Tensor,
-                 features: Mapping[str, float] | Sequence[Mapping[str, float]] | None = None,
+                 features: Mapping[str, float] | Sequence[Mapping[str, float]] | None = None, *,
+                 spacing_mm: float | Sequence[float],
                  steps: int = 50, guidance_scale: float = 1.0, seed: int = 0, sampler: str = "ddim",
                  batch_size: int = 1, cfg_scale: float | None = None) -> np.ndarray:
         """Whole slices from semantic maps, each map's nodule steered towards ``features``.
 
         Args:
             semantic_maps: (B, H, W) or (H, W) labels 0..7.
+            spacing_mm: the maps' pixel spacing, or one per map. At another spacing than the model's, the maps
+                are resampled to the model's grid, generated there and the slices resampled back.
             features: requested values 1..5 of any of malignancy, lobulation, spiculation, texture; one dict for
                 every map or a list with one dict per map (all requesting the same features).
             steps: reverse steps (DDIM or DDPM).
@@ -251,6 +268,19 @@ class LSDMPipeline:
         maps = self._tensor(semantic_maps, torch.long)
         if maps.ndim == 4 and maps.shape[1] != 1:
             maps = maps.reshape(-1, 1, *maps.shape[-2:])
+        if isinstance(spacing_mm, Sequence) or isinstance(spacing_mm, np.ndarray):
+            return self._generate_per_spacing(maps, features, list(spacing_mm), steps=steps,
+                                              guidance_scale=guidance_scale, seed=seed, sampler=sampler,
+                                              batch_size=batch_size, cfg_scale=cfg_scale)
+        spacing = self.check_spacing(spacing_mm)
+        grid = self._whole_slice_grid(tuple(maps.shape[-2:]), spacing)
+        if not grid.identity:
+            model_maps = np.stack([grid.to_model(m[0], order=0) for m in maps.cpu().numpy()])
+            model_images = self.generate(model_maps, features, spacing_mm=self.spacing_mm, steps=steps,
+                                         guidance_scale=guidance_scale, seed=seed, sampler=sampler,
+                                         batch_size=batch_size, cfg_scale=cfg_scale)
+            return np.stack([grid.to_image(image, tuple(maps.shape[-2:]))[1] for image in model_images]
+                            ).astype(np.float32)
         self._check_map(maps)
         if isinstance(features, Sequence):
             if len(features) != len(maps):
@@ -281,43 +311,45 @@ class LSDMPipeline:
                     images[chunk.numpy()] = self.decode(latent).clamp(-1, 1)[:, 0].cpu().numpy()
         return images
 
+    def _generate_per_spacing(self, maps: torch.Tensor, features, spacings: list[float], seed: int,
+                              **settings: Any) -> np.ndarray:
+        """:meth:`generate` with one spacing per map: each group of one spacing runs on its own, every map
+        seeded by ``seed`` and its index (so a map's slice does not depend on the others' spacings)."""
+        if len(spacings) != len(maps):
+            raise ValueError(f"{len(spacings)} spacings for {len(maps)} semantic maps")
+        per_map = list(features) if isinstance(features, Sequence) else [features] * len(maps)
+        images = np.empty((len(maps), *maps.shape[-2:]), np.float32)
+        for value in sorted(set(float(v) for v in spacings)):
+            group = [i for i, v in enumerate(spacings) if float(v) == value]
+            images[group] = self.generate(maps[group], [per_map[i] for i in group], spacing_mm=value,
+                                          seed=seed * 1_000_003 + group[0], **settings)
+        return images
+
+    def _whole_slice_grid(self, shape: tuple[int, int], spacing_mm: float) -> ModelGrid:
+        """The model-spacing grid that covers a whole slice (the identity at the model's own spacing)."""
+        scale = self.spacing_mm / spacing_mm
+        if abs(scale - 1.0) <= SAME_SPACING_TOLERANCE:
+            return ModelGrid(0.0, 0.0, shape[-1], 1.0)
+        if shape[0] != shape[1]:
+            raise ValueError(f"semantic maps must be square, got {shape}")
+        step = self.factor * 2 ** (len(self.recipe.diffusion.channels) - 1)
+        size = int(np.ceil(shape[0] / scale / step)) * step
+        return ModelGrid(0.0, 0.0, size, scale)
+
     # ---- local edits ------------------------------------------------------------------------------------------
-    def _window_size(self, region: np.ndarray, margin_px: float) -> int:
-        """Side of the latent window to regenerate: half the training image size, grown to hold the region and
-        its feather, a multiple of the U-Net's total downsampling."""
-        rows, cols = np.nonzero(region)
-        extent = max(np.ptp(rows), np.ptp(cols)) + 1 + 2 * (margin_px + 2 * self.factor)
-        latent_shape = (region.shape[0] // self.factor, region.shape[1] // self.factor)
-        size = max(self.recipe.image_size // (2 * self.factor), self.recipe.classifiers.crop_px // self.factor,
-                   int(np.ceil(extent / self.factor)))
-        multiple = 2 ** (len(self.recipe.diffusion.channels) - 1)  # the U-Net halves the window at each level
-        size = int(np.ceil(size / multiple)) * multiple
-        if size > min(latent_shape):
-            raise ValueError(f"a nodule spanning {int(extent)} px with its margin does not fit a "
-                             f"{region.shape[0]} x {region.shape[1]} image")
-        return size
+    def _plan(self, image: np.ndarray, semantic_map: np.ndarray, region: np.ndarray, spacing_mm: float,
+              feather_px: float) -> EditWindow:
+        """The edit window of ``region`` on the model's grid (see :mod:`lsdm_aug.editing`)."""
+        return plan_window(image, semantic_map, region, spacing_mm, self.spacing_mm, self.window_px, self.factor,
+                           2 ** (len(self.recipe.diffusion.channels) - 1), feather_px)
 
-    def _plan(self, image: np.ndarray, semantic_map: np.ndarray, region: np.ndarray, feather_px: float,
-              size: int) -> _EditPlan:
-        """Where and what to regenerate for one edit, with a latent window of ``size``."""
-        rows, cols = np.nonzero(region)
-        box = LatentBox.around(rows.mean(), cols.mean(), size, (region.shape[0] // self.factor,
-                                                                region.shape[1] // self.factor), self.factor)
-        f = self.factor
-        pixels = (slice(box.top * f, (box.top + box.size) * f), slice(box.left * f, (box.left + box.size) * f))
-        footprint = ndimage.binary_dilation(region, iterations=max(1, int(round(feather_px))))
-        alpha = np.clip(ndimage.gaussian_filter(footprint.astype(np.float32), feather_px / 2), 0, 1)
-        alpha[~footprint] = 0.0  # outside the footprint nothing changes, bit for bit
-        alpha[region] = 1.0
-        return _EditPlan(image, semantic_map, pixels, footprint, alpha)
-
-    def _edit_batch(self, plans: list[_EditPlan], features: list[dict[str, float]], steps: int,
+    def _edit_batch(self, windows: list[EditWindow], features: list[dict[str, float]], steps: int,
                     guidance_scale: float, seeds: list[int], sampler: str, cfg_scale: float) -> list[np.ndarray]:
-        """Regenerate each plan's footprint under its (already edited) semantic map, all windows in one batch."""
-        images = torch.cat([self._tensor(p.image[p.pixels]) for p in plans])
-        maps = torch.cat([self._tensor(p.semantic_map[p.pixels], torch.long) for p in plans])
+        """Regenerate each window's footprint under its (already edited) semantic map, all windows in one batch."""
+        images = torch.cat([self._tensor(w.model_image()) for w in windows])
+        maps = torch.cat([self._tensor(w.model_semantic_map(), torch.long) for w in windows])
         latent = self.encode(images)
-        generated = latent_nodule_mask(torch.cat([self._tensor(p.footprint[p.pixels]) for p in plans]), self.factor)
+        generated = latent_nodule_mask(torch.cat([self._tensor(w.model_footprint()) for w in windows]), self.factor)
         known = KnownRegion(latent=latent, mask=1.0 - generated)
         scheduler = build_scheduler(self.recipe.diffusion, sampler, steps)
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
@@ -326,48 +358,57 @@ class LSDMPipeline:
                                 initial_noise=noise, guidance=self._guidance(maps, features, guidance_scale), known=known,
                                 cfg_scale=cfg_scale)
         with torch.no_grad():
-            windows = self.decode(result).clamp(-1, 1)[:, 0].cpu().numpy()
-        return [plan.blend(window) for plan, window in zip(plans, windows)]
+            decoded = self.decode(result).clamp(-1, 1)[:, 0].cpu().numpy()
+        return [window.blend(values) for window, values in zip(windows, decoded)]
 
     def _edit(self, image: np.ndarray, semantic_map: np.ndarray, region: np.ndarray, features: dict[str, float],
-              steps: int, guidance_scale: float, seed: int, sampler: str, feather_px: float,
+              spacing_mm: float, steps: int, guidance_scale: float, seed: int, sampler: str, feather_px: float,
               cfg_scale: float) -> tuple[np.ndarray, np.ndarray]:
         """Regenerate ``region`` (bool, image pixels) of ``image`` under the (already edited) ``semantic_map``."""
-        plan = self._plan(image, semantic_map, region, feather_px, self._window_size(region, feather_px))
-        (out,) = self._edit_batch([plan], [features], steps, guidance_scale, [seed], sampler, cfg_scale)
-        return out, plan.alpha > 0
+        window = self._plan(image, semantic_map, region, spacing_mm, feather_px)
+        (out,) = self._edit_batch([window], [features], steps, guidance_scale, [seed], sampler, cfg_scale)
+        return out, window.alpha > 0
 
     def insert(self, image: np.ndarray, semantic_map: np.ndarray, nodule_outline: np.ndarray,
-               centre: tuple[int, int], features: Mapping[str, float] | None = None, steps: int = 50,
-               guidance_scale: float = 1.0, seed: int = 0, sampler: str = "ddim", feather_px: float = 2.0,
-               cfg_scale: float | None = None) -> EditResult:
-        """Insert a nodule whose outline is ``nodule_outline`` (bool, any size) centred at ``centre`` (row, col).
+               centre: tuple[int, int], features: Mapping[str, float] | None = None, *, spacing_mm: float,
+               steps: int = 50, guidance_scale: float = 1.0, seed: int = 0, sampler: str = "ddim",
+               feather_px: float = 2.0, cfg_scale: float | None = None) -> EditResult:
+        """Insert a nodule whose outline is ``nodule_outline`` (bool, image pixels) centred at ``centre`` (row, col).
 
         The semantic map gets the outline with the class of the requested malignancy (3 if none asked);
         the nodule is generated there and steered towards ``features`` by classifier guidance
         (``guidance_scale``) and, with a feature-conditioned U-Net, classifier-free guidance (``cfg_scale``).
+
+        Args:
+            spacing_mm: the image's pixel spacing; the edit runs at the model's spacing and comes back
+                (see :mod:`lsdm_aug.editing`). Outside :attr:`serves_spacing_mm`: :class:`SpacingError`.
+            feather_px: width of the blend's feather, in model pixels.
         """
         return self.insert_batch([image], [semantic_map], [nodule_outline], [centre], [features or {}], [seed],
-                                 steps=steps, guidance_scale=guidance_scale, sampler=sampler, feather_px=feather_px,
-                                 cfg_scale=cfg_scale)[0]
+                                 spacing_mm=[spacing_mm], steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                                 feather_px=feather_px, cfg_scale=cfg_scale)[0]
 
     def insert_batch(self, images: list[np.ndarray], semantic_maps: list[np.ndarray], nodule_outlines: list[np.ndarray],
-                     centres: list[tuple[float, float]], features: list[Mapping[str, float]], seeds: list[int],
-                     steps: int = 50, guidance_scale: float = 1.0, sampler: str = "ddim",
+                     centres: list[tuple[float, float]], features: list[Mapping[str, float]], seeds: list[int], *,
+                     spacing_mm: Sequence[float], steps: int = 50, guidance_scale: float = 1.0, sampler: str = "ddim",
                      feather_px: float = 2.0, cfg_scale: float | None = None) -> list[EditResult]:
-        """:meth:`insert` on several slices at once: one reverse process over the batch of latent windows.
+        """:meth:`insert` on several slices at once (``spacing_mm``: one spacing per slice): one reverse process
+        over the batch of latent windows.
 
         Every item must request the same feature names (values may differ). With DDIM each result equals
         what :meth:`insert` gives for that item and seed alone; the batch only runs faster (GPU above all).
         """
-        lengths = {len(images), len(semantic_maps), len(nodule_outlines), len(centres), len(features), len(seeds)}
+        lengths = {len(images), len(semantic_maps), len(nodule_outlines), len(centres), len(features), len(seeds),
+                   len(spacing_mm)}
         if len(lengths) != 1 or not images:
-            raise ValueError("images, semantic_maps, nodule_outlines, centres, features and seeds must be "
+            raise ValueError("images, semantic_maps, nodule_outlines, centres, features, seeds and spacing_mm must be "
                              f"non-empty lists of one length, got lengths {sorted(lengths)}")
         features = [validate_features(item) for item in features]
+        spacings = [self.check_spacing(value) for value in spacing_mm]
         cfg_scale = self._cfg_scale(cfg_scale, features)
-        regions, edited = [], []
-        for image, semantic_map, outline, centre, item in zip(images, semantic_maps, nodule_outlines, centres, features):
+        windows = []
+        for image, semantic_map, outline, centre, item, spacing in zip(images, semantic_maps, nodule_outlines, centres,
+                                                                        features, spacings):
             image, semantic_map = np.asarray(image), np.asarray(semantic_map)
             if image.shape != semantic_map.shape or image.ndim != 2:
                 raise ValueError(f"image and semantic map must be 2D of one shape, got {image.shape} and "
@@ -375,55 +416,61 @@ class LSDMPipeline:
             region = _place(np.asarray(outline, bool), centre, image.shape)
             edited_map = semantic_map.copy()
             edited_map[region] = malignancy_label(item.get("malignancy", 3.0))
-            regions.append(region)
-            edited.append((image, edited_map))
-        sizes = [self._window_size(region, feather_px) for region in regions]
-        plans = [self._plan(image, edited_map, region, feather_px, size)
-                 for (image, edited_map), region, size in zip(edited, regions, sizes)]
-        outs: list[np.ndarray | None] = [None] * len(plans)
+            windows.append(self._plan(image, edited_map, region, spacing, feather_px))
+        outs: list[np.ndarray | None] = [None] * len(windows)
+        sizes = [w.grid.size_model_px for w in windows]
         for size in sorted(set(sizes)):  # one batch per window size: each window is what it would be alone
             group = [i for i, s in enumerate(sizes) if s == size]
-            for i, out in zip(group, self._edit_batch([plans[i] for i in group], [features[i] for i in group], steps,
+            for i, out in zip(group, self._edit_batch([windows[i] for i in group], [features[i] for i in group], steps,
                                                       guidance_scale, [int(seeds[i]) for i in group], sampler,
                                                       cfg_scale)):
                 outs[i] = out
         results = []
-        for out, plan, region, item, seed in zip(outs, plans, regions, features, seeds):
-            rows, cols = np.nonzero(region)
+        for out, window, item, seed, spacing in zip(outs, windows, features, seeds, spacings):
+            rows, cols = np.nonzero(window.region)
             record = {"mode": "insert", **item, "centre_row": float(rows.mean()), "centre_col": float(cols.mean()),
-                      "area_px": int(region.sum()), "seed": int(seed), "guidance_scale": guidance_scale,
-                      "cfg_scale": cfg_scale, "steps": steps, "model": self.model_id}
-            results.append(EditResult(out, plan.semantic_map, region.astype(np.uint8), plan.alpha > 0, record))
+                      "area_px": int(window.region.sum()), "seed": int(seed), "guidance_scale": guidance_scale,
+                      "cfg_scale": cfg_scale, "steps": steps, "spacing_mm": spacing,
+                      "model_spacing_mm": self.spacing_mm, "model": self.model_id}
+            results.append(EditResult(out, window.semantic_map, window.region.astype(np.uint8), window.alpha > 0,
+                                      record))
         return results
 
     def replace(self, image: np.ndarray, semantic_map: np.ndarray, nodule_mask: np.ndarray,
-                features: Mapping[str, float] | None = None, **kwargs: Any) -> EditResult:
-        """Regenerate the nodule in ``nodule_mask`` (bool) with new ``features`` (its malignancy class follows)."""
+                features: Mapping[str, float] | None = None, *, spacing_mm: float, steps: int = 50,
+                guidance_scale: float = 1.0, seed: int = 0, sampler: str = "ddim", feather_px: float = 2.0,
+                cfg_scale: float | None = None) -> EditResult:
+        """Regenerate the nodule in ``nodule_mask`` (bool) with new ``features`` (its malignancy class follows);
+        the arguments are those of :meth:`insert`."""
         features = validate_features(features)
+        spacing = self.check_spacing(spacing_mm)
+        cfg_scale = self._cfg_scale(cfg_scale, [features])
         region = np.asarray(nodule_mask, bool)
         if not region.any():
             raise ValueError("nodule_mask is empty: nothing to replace")
         edited_map = np.asarray(semantic_map).copy()
         edited_map[region] = malignancy_label(features.get("malignancy", 3.0))
-        out, footprint = self._edit(np.asarray(image), edited_map, region, features,
-                                    kwargs.get("steps", 50), kwargs.get("guidance_scale", 1.0), kwargs.get("seed", 0),
-                                    kwargs.get("sampler", "ddim"), kwargs.get("feather_px", 2.0),
-                                    self._cfg_scale(kwargs.get("cfg_scale"), [features]))
+        out, footprint = self._edit(np.asarray(image), edited_map, region, features, spacing, steps, guidance_scale,
+                                    seed, sampler, feather_px, cfg_scale)
         return EditResult(out, edited_map, region.astype(np.uint8), footprint,
-                          {"mode": "replace", **features, "area_px": int(region.sum()), "model": self.model_id})
+                          {"mode": "replace", **features, "area_px": int(region.sum()), "seed": int(seed),
+                           "guidance_scale": guidance_scale, "cfg_scale": cfg_scale, "steps": steps,
+                           "spacing_mm": spacing, "model_spacing_mm": self.spacing_mm, "model": self.model_id})
 
-    def remove(self, image: np.ndarray, semantic_map: np.ndarray, nodule_mask: np.ndarray, **kwargs: Any) -> EditResult:
+    def remove(self, image: np.ndarray, semantic_map: np.ndarray, nodule_mask: np.ndarray, *, spacing_mm: float,
+               steps: int = 50, seed: int = 0, sampler: str = "ddim", feather_px: float = 2.0) -> EditResult:
         """Replace the nodule in ``nodule_mask`` by lung tissue (label 4), unguided."""
+        spacing = self.check_spacing(spacing_mm)
         region = np.asarray(nodule_mask, bool)
         if not region.any():
             raise ValueError("nodule_mask is empty: nothing to remove")
         edited_map = np.asarray(semantic_map).copy()
         edited_map[region] = SemanticLabel.LUNG
-        out, footprint = self._edit(np.asarray(image), edited_map, region, {}, kwargs.get("steps", 50), 0.0,
-                                    kwargs.get("seed", 0), kwargs.get("sampler", "ddim"), kwargs.get("feather_px", 2.0),
-                                    0.0)
+        out, footprint = self._edit(np.asarray(image), edited_map, region, {}, spacing, steps, 0.0, seed, sampler,
+                                    feather_px, 0.0)
         return EditResult(out, edited_map, np.zeros_like(region, np.uint8), footprint,
-                          {"mode": "remove", "area_px": int(region.sum()), "model": self.model_id})
+                          {"mode": "remove", "area_px": int(region.sum()), "seed": int(seed), "steps": steps,
+                           "spacing_mm": spacing, "model_spacing_mm": self.spacing_mm, "model": self.model_id})
 
 
 def _place(outline: np.ndarray, centre: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:

@@ -28,7 +28,7 @@ def test_default_pipeline_generates_a_128_px_slice():
     pipe = LSDMPipeline.from_pretrained("default", device="cpu")
     ct = ChestPhantom(PhantomConfig(size=128, nodule_free_fraction=0.0)).slice(3, seed=5)
     semantic = semantic_map_from_hu(ct.hu, ct.nodule_mask, [n["malignancy"] for n in ct.nodules], ct.spacing_mm)
-    image = pipe.generate(semantic, {"malignancy": 5}, steps=3, guidance_scale=1.0, seed=0)
+    image = pipe.generate(semantic, {"malignancy": 5}, spacing_mm=ct.spacing_mm, steps=3, guidance_scale=1.0, seed=0)
     assert image.shape == (1, 128, 128) and np.isfinite(image).all()
     assert -1.0 <= image.min() and image.max() <= 1.0
 

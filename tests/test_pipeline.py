@@ -102,16 +102,16 @@ def test_from_pretrained_without_the_unet_names_what_is_missing(copy_models):
 
 def test_generate_is_reproducible_by_seed(pipe, cases):
     semantic_map = cases["nodule"]["semantic_map"]
-    first = pipe.generate(semantic_map, steps=STEPS, seed=3)
+    first = pipe.generate(semantic_map, steps=STEPS, seed=3, spacing_mm=pipe.spacing_mm)
     assert first.shape == (1, 64, 64) and first.dtype == np.float32
     assert first.min() >= -1 and first.max() <= 1
-    assert np.array_equal(first, pipe.generate(semantic_map, steps=STEPS, seed=3))
-    assert not np.array_equal(first, pipe.generate(semantic_map, steps=STEPS, seed=4))
+    assert np.array_equal(first, pipe.generate(semantic_map, steps=STEPS, seed=3, spacing_mm=pipe.spacing_mm))
+    assert not np.array_equal(first, pipe.generate(semantic_map, steps=STEPS, seed=4, spacing_mm=pipe.spacing_mm))
 
 
 def test_generate_takes_a_batch_of_maps(pipe, cases):
     maps = np.stack([cases["nodule"]["semantic_map"], cases["free"]["semantic_map"]])
-    images = pipe.generate(maps, steps=2, seed=0, sampler="ddpm")
+    images = pipe.generate(maps, steps=2, seed=0, sampler="ddpm", spacing_mm=pipe.spacing_mm)
     assert images.shape == (2, 64, 64)
     assert not np.array_equal(images[0], images[1])
 
@@ -123,10 +123,10 @@ def test_a_ddim_batch_gives_what_one_by_one_generation_gives(pipe, cases):
     nodule, free = cases["nodule"]["semantic_map"], cases["free"]["semantic_map"]
     maps = np.stack([nodule, free, nodule, nodule])
     requested = [{"malignancy": 5.0}, {"malignancy": 1.0}, {"malignancy": 1.0}, {"texture": 1.0}]
-    batched = pipe.generate(maps, requested, steps=STEPS, guidance_scale=20.0, seed=5, batch_size=4)
-    one_by_one = pipe.generate(maps, requested, steps=STEPS, guidance_scale=20.0, seed=5, batch_size=1)
+    batched = pipe.generate(maps, requested, steps=STEPS, guidance_scale=20.0, seed=5, batch_size=4, spacing_mm=pipe.spacing_mm)
+    one_by_one = pipe.generate(maps, requested, steps=STEPS, guidance_scale=20.0, seed=5, batch_size=1, spacing_mm=pipe.spacing_mm)
     np.testing.assert_allclose(batched, one_by_one, atol=2e-5)
-    alone = pipe.generate(maps[:1], requested[:1], steps=STEPS, guidance_scale=20.0, seed=5)
+    alone = pipe.generate(maps[:1], requested[:1], steps=STEPS, guidance_scale=20.0, seed=5, spacing_mm=pipe.spacing_mm)
     np.testing.assert_allclose(batched[:1], alone, atol=2e-5)
     assert not np.allclose(batched[0], batched[2], atol=1e-3)  # same map, different noise and target
 
@@ -134,27 +134,27 @@ def test_a_ddim_batch_gives_what_one_by_one_generation_gives(pipe, cases):
 def test_feature_list_must_match_the_maps(pipe, cases):
     maps = np.stack([cases["nodule"]["semantic_map"]] * 2)
     with pytest.raises(ValueError, match="1 feature dicts for 2 semantic maps"):
-        pipe.generate(maps, [{"malignancy": 5.0}], steps=STEPS)
+        pipe.generate(maps, [{"malignancy": 5.0}], steps=STEPS, spacing_mm=pipe.spacing_mm)
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
-        pipe.generate(maps, steps=STEPS, batch_size=0)
+        pipe.generate(maps, steps=STEPS, batch_size=0, spacing_mm=pipe.spacing_mm)
 
 def test_guidance_scale_zero_is_exactly_no_guidance(pipe, cases):
     """s = 0 and w = 0: exactly the sample with no features asked, at any default w."""
     semantic_map = cases["nodule"]["semantic_map"]
-    plain = pipe.generate(semantic_map, steps=STEPS, seed=1)
+    plain = pipe.generate(semantic_map, steps=STEPS, seed=1, spacing_mm=pipe.spacing_mm)
     unguided = pipe.generate(semantic_map, features={"malignancy": 5, "spiculation": 4}, guidance_scale=0.0,
-                             cfg_scale=0.0, steps=STEPS, seed=1)
+                             cfg_scale=0.0, steps=STEPS, seed=1, spacing_mm=pipe.spacing_mm)
     assert np.array_equal(plain, unguided)
-    assert np.array_equal(plain, pipe.generate(semantic_map, steps=STEPS, seed=1, cfg_scale=3.0))
+    assert np.array_equal(plain, pipe.generate(semantic_map, steps=STEPS, seed=1, cfg_scale=3.0, spacing_mm=pipe.spacing_mm))
 
 
 def test_cfg_scale_one_is_plain_conditional_sampling_and_others_differ(pipe, cases):
     semantic_map = cases["nodule"]["semantic_map"]
     assert pipe.feature_conditioned
     features = {"malignancy": 5, "texture": 1}
-    conditional = pipe.generate(semantic_map, features=features, guidance_scale=0.0, cfg_scale=1.0, steps=STEPS, seed=1)
-    null = pipe.generate(semantic_map, guidance_scale=0.0, steps=STEPS, seed=1)
-    strong = pipe.generate(semantic_map, features=features, guidance_scale=0.0, cfg_scale=4.0, steps=STEPS, seed=1)
+    conditional = pipe.generate(semantic_map, features=features, guidance_scale=0.0, cfg_scale=1.0, steps=STEPS, seed=1, spacing_mm=pipe.spacing_mm)
+    null = pipe.generate(semantic_map, guidance_scale=0.0, steps=STEPS, seed=1, spacing_mm=pipe.spacing_mm)
+    strong = pipe.generate(semantic_map, features=features, guidance_scale=0.0, cfg_scale=4.0, steps=STEPS, seed=1, spacing_mm=pipe.spacing_mm)
     assert not np.array_equal(conditional, null) and not np.allclose(strong, conditional)
     scheduler = build_scheduler(pipe.recipe.diffusion, "ddim", STEPS)
     maps = torch.as_tensor(semantic_map)[None, None].long()
@@ -168,29 +168,29 @@ def test_cfg_scale_one_is_plain_conditional_sampling_and_others_differ(pipe, cas
                                     {"malignancy": 4, "lobulation": 1, "spiculation": 5, "texture": 3}])
 def test_any_subset_of_features_conditions_the_sample(pipe, cases, subset):
     semantic_map = cases["nodule"]["semantic_map"]
-    null = pipe.generate(semantic_map, guidance_scale=0.0, steps=STEPS, seed=2)
-    assert not np.array_equal(pipe.generate(semantic_map, features=subset, guidance_scale=0.0, steps=STEPS, seed=2), null)
+    null = pipe.generate(semantic_map, guidance_scale=0.0, steps=STEPS, seed=2, spacing_mm=pipe.spacing_mm)
+    assert not np.array_equal(pipe.generate(semantic_map, features=subset, guidance_scale=0.0, steps=STEPS, seed=2, spacing_mm=pipe.spacing_mm), null)
 
 
 def test_cfg_scale_is_checked(pipe, cases):
     with pytest.raises(ValueError, match="cfg_scale must be a number >= 0, got -2"):
-        pipe.generate(cases["nodule"]["semantic_map"], features={"malignancy": 5}, cfg_scale=-2, steps=STEPS)
+        pipe.generate(cases["nodule"]["semantic_map"], features={"malignancy": 5}, cfg_scale=-2, steps=STEPS, spacing_mm=pipe.spacing_mm)
 
 
 def test_guidance_changes_the_sample(pipe, cases):
     semantic_map = cases["nodule"]["semantic_map"]
-    plain = pipe.generate(semantic_map, steps=STEPS, seed=1)
+    plain = pipe.generate(semantic_map, steps=STEPS, seed=1, spacing_mm=pipe.spacing_mm)
     guided = pipe.generate(semantic_map, features={"malignancy": 5, "spiculation": 4}, guidance_scale=20.0,
-                           steps=STEPS, seed=1)
+                           steps=STEPS, seed=1, spacing_mm=pipe.spacing_mm)
     assert not np.array_equal(plain, guided)
     assert np.isfinite(guided).all()
 
 
 def test_a_map_without_nodules_has_nothing_to_guide(pipe, cases):
     semantic_map = cases["free"]["semantic_map"]
-    assert np.array_equal(pipe.generate(semantic_map, steps=STEPS, seed=2),
+    assert np.array_equal(pipe.generate(semantic_map, steps=STEPS, seed=2, spacing_mm=pipe.spacing_mm),
                           pipe.generate(semantic_map, features={"malignancy": 1}, guidance_scale=20.0,
-                                        steps=STEPS, seed=2))
+                                        steps=STEPS, seed=2, spacing_mm=pipe.spacing_mm))
 
 
 @pytest.mark.parametrize(("features", "named"), [
@@ -200,17 +200,17 @@ def test_a_map_without_nodules_has_nothing_to_guide(pipe, cases):
 def test_bad_features_are_named(pipe, cases, features, named):
     case = cases["free"]
     with pytest.raises(ValueError, match=re.escape(named)):
-        pipe.generate(case["semantic_map"], features=features, steps=STEPS)
+        pipe.generate(case["semantic_map"], features=features, steps=STEPS, spacing_mm=pipe.spacing_mm)
     with pytest.raises(ValueError, match=re.escape(named)):
         pipe.insert(case["image"], case["semantic_map"], disk_outline(), centre=lung_site(case["semantic_map"]),
-                    features=features, steps=STEPS)
+                    features=features, steps=STEPS, spacing_mm=pipe.spacing_mm)
 
 
 def test_bad_sampler_and_steps_are_named(pipe, cases):
     with pytest.raises(ValueError, match="'euler'"):
-        pipe.generate(cases["free"]["semantic_map"], steps=STEPS, sampler="euler")
+        pipe.generate(cases["free"]["semantic_map"], steps=STEPS, sampler="euler", spacing_mm=pipe.spacing_mm)
     with pytest.raises(ValueError, match="got 1001"):
-        pipe.generate(cases["free"]["semantic_map"], steps=1001)
+        pipe.generate(cases["free"]["semantic_map"], steps=1001, spacing_mm=pipe.spacing_mm)
 
 
 # ---- local edits -------------------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def test_insert_changes_only_its_footprint(pipe, cases, malignancy, label):
     image, semantic_map = case["image"].copy(), case["semantic_map"].copy()
     centre = lung_site(semantic_map)
     features = {} if malignancy is None else {"malignancy": malignancy}
-    result = pipe.insert(image, semantic_map, disk_outline(), centre=centre, features=features, steps=STEPS, seed=0)
+    result = pipe.insert(image, semantic_map, disk_outline(), centre=centre, features=features, steps=STEPS, seed=0, spacing_mm=pipe.spacing_mm)
     region = placed(disk_outline(), centre, image.shape)
 
     assert np.array_equal(result.nodule_mask.astype(bool), region)
@@ -241,7 +241,7 @@ def test_insert_is_reproducible_by_seed(pipe, cases):
     case = cases["free"]
     centre = lung_site(case["semantic_map"])
     first, second, other = (pipe.insert(case["image"], case["semantic_map"], disk_outline(), centre=centre,
-                                        features={"malignancy": 4}, steps=STEPS, seed=seed) for seed in (5, 5, 6))
+                                        features={"malignancy": 4}, steps=STEPS, seed=seed, spacing_mm=pipe.spacing_mm) for seed in (5, 5, 6))
     assert np.array_equal(first.image, second.image)
     assert not np.array_equal(first.image, other.image)
 
@@ -249,14 +249,14 @@ def test_insert_is_reproducible_by_seed(pipe, cases):
 def test_insert_outside_the_image_is_refused(pipe, cases):
     case = cases["free"]
     with pytest.raises(ValueError, match="does not fit"):
-        pipe.insert(case["image"], case["semantic_map"], disk_outline(), centre=(1, 1), steps=STEPS)
+        pipe.insert(case["image"], case["semantic_map"], disk_outline(), centre=(1, 1), steps=STEPS, spacing_mm=pipe.spacing_mm)
 
 
 def test_replace_relabels_the_nodule_and_keeps_the_rest(pipe, cases):
     case = cases["nodule"]
     region = case["nodule_mask"] > 0
     result = pipe.replace(case["image"], case["semantic_map"], region, features={"malignancy": 5}, steps=STEPS,
-                          seed=0)
+                          seed=0, spacing_mm=pipe.spacing_mm)
     footprint = result.footprint.astype(bool)
     assert footprint[region].all()
     assert np.all(result.semantic_map[region] == 7)
@@ -268,7 +268,7 @@ def test_replace_relabels_the_nodule_and_keeps_the_rest(pipe, cases):
 def test_remove_relabels_the_nodule_as_lung(pipe, cases):
     case = cases["nodule"]
     region = case["nodule_mask"] > 0
-    result = pipe.remove(case["image"], case["semantic_map"], region, steps=STEPS, seed=0)
+    result = pipe.remove(case["image"], case["semantic_map"], region, steps=STEPS, seed=0, spacing_mm=pipe.spacing_mm)
     footprint = result.footprint.astype(bool)
     assert np.all(result.semantic_map[region] == LUNG)
     assert np.array_equal(np.isin(case["semantic_map"], NODULE_LABELS), region)  # the mask covers every nodule
@@ -283,11 +283,11 @@ def test_edits_need_a_nodule(pipe, cases):
     case = cases["free"]
     empty = np.zeros_like(case["nodule_mask"], bool)
     with pytest.raises(ValueError, match="empty"):
-        pipe.remove(case["image"], case["semantic_map"], empty)
+        pipe.remove(case["image"], case["semantic_map"], empty, spacing_mm=pipe.spacing_mm)
     with pytest.raises(ValueError, match="empty"):
-        pipe.replace(case["image"], case["semantic_map"], empty)
+        pipe.replace(case["image"], case["semantic_map"], empty, spacing_mm=pipe.spacing_mm)
     with pytest.raises(ValueError, match="empty"):
-        pipe.insert(case["image"], case["semantic_map"], np.zeros((4, 4), bool), centre=(32, 32))
+        pipe.insert(case["image"], case["semantic_map"], np.zeros((4, 4), bool), centre=(32, 32), spacing_mm=pipe.spacing_mm)
 
 
 def test_an_outline_larger_than_the_edit_window_is_refused_or_fully_inserted(pipe, cases):
@@ -295,7 +295,7 @@ def test_an_outline_larger_than_the_edit_window_is_refused_or_fully_inserted(pip
     case = cases["free"]
     try:
         result = pipe.insert(case["image"], case["semantic_map"], np.ones((40, 40), bool), centre=(32, 32),
-                             steps=2)
+                             steps=2, spacing_mm=pipe.spacing_mm)
     except ValueError as error:
         assert "40" in str(error)
         return
@@ -313,10 +313,10 @@ def test_insert_batch_gives_each_item_what_insert_gives_alone(pipe, cases):
     centres = [site, (other[0], semantic_map.shape[1] - 1 - other[1])]
     features = [{"malignancy": 5, "texture": 4}, {"malignancy": 1, "texture": 2}]
     batch = pipe.insert_batch([image, image], [semantic_map, semantic_map], [disk_outline()] * 2, centres, features,
-                              seeds=[3, 4], steps=STEPS, guidance_scale=2.0)
+                              seeds=[3, 4], steps=STEPS, guidance_scale=2.0, spacing_mm=[pipe.spacing_mm] * 2)
     for result, centre, item, seed in zip(batch, centres, features, (3, 4)):
         alone = pipe.insert(image, semantic_map, disk_outline(), centre=centre, features=item, steps=STEPS,
-                            guidance_scale=2.0, seed=seed)
+                            guidance_scale=2.0, seed=seed, spacing_mm=pipe.spacing_mm)
         assert np.allclose(result.image, alone.image, atol=1e-5)
         assert np.array_equal(result.nodule_mask, alone.nodule_mask)
         assert np.array_equal(result.footprint, alone.footprint)
@@ -328,7 +328,7 @@ def test_insert_batch_needs_one_set_of_feature_names_and_matching_lengths(pipe, 
     centre = lung_site(case["semantic_map"])
     with pytest.raises(ValueError, match="same features"):
         pipe.insert_batch([case["image"]] * 2, [case["semantic_map"]] * 2, [disk_outline()] * 2, [centre] * 2,
-                          [{"malignancy": 5}, {"texture": 2}], seeds=[0, 1], steps=STEPS)
+                          [{"malignancy": 5}, {"texture": 2}], seeds=[0, 1], steps=STEPS, spacing_mm=[pipe.spacing_mm] * 2)
     with pytest.raises(ValueError, match="one length"):
         pipe.insert_batch([case["image"]] * 2, [case["semantic_map"]], [disk_outline()] * 2, [centre] * 2,
-                          [{}, {}], seeds=[0, 1], steps=STEPS)
+                          [{}, {}], seeds=[0, 1], steps=STEPS, spacing_mm=[pipe.spacing_mm] * 2)

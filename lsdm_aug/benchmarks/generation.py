@@ -147,6 +147,7 @@ class HeldOut:
     maps: np.ndarray  # (N, H, W)
     centres: list[tuple[float, float]]
     ratings: list[dict[str, float]]
+    spacings: list[float]  # pixel spacing of each slice, mm
 
 
 def held_out(data: str, count: int) -> HeldOut:
@@ -158,14 +159,15 @@ def held_out(data: str, count: int) -> HeldOut:
     cases = [test[c] for c in rows.case_id]
     ratings = [{f: float(np.clip(np.floor(getattr(r, f) + 0.5), 1, 5)) for f in FEATURES} for r in rows.itertuples()]
     return HeldOut(np.stack([c["image"] for c in cases]), np.stack([c["semantic_map"] for c in cases]),
-                   list(zip(rows.centre_row, rows.centre_col)), ratings)
+                   list(zip(rows.centre_row, rows.centre_col)), ratings, [float(c["spacing_mm"]) for c in cases])
 
 
 def _generate_lsdm(pipe: LSDMPipeline, data: HeldOut, guided: tuple[str, ...], scale: float, steps: int,
                    seed: int, requested: list[dict[str, float]] | None = None, batch_size: int = 16) -> np.ndarray:
     requested = requested or data.ratings
     return pipe.generate(data.maps, [{f: r[f] for f in guided} for r in requested], steps=steps,
-                         guidance_scale=scale if guided else 0.0, seed=seed, batch_size=batch_size)
+                         guidance_scale=scale if guided else 0.0, seed=seed, batch_size=batch_size,
+                         spacing_mm=data.spacings, cfg_scale=0.0)
 
 
 def _models(recipe: GenerationRecipe, pipe: LSDMPipeline) -> dict[str, Any]:
@@ -259,7 +261,7 @@ def draw_grid(pipe: LSDMPipeline, data: HeldOut, recipe: GenerationRecipe, out: 
     import matplotlib.pyplot as plt
 
     scales = [s for s in recipe.scales if s in (0.0, 1.0, 4.0, 16.0)] or list(recipe.scales)[:4]
-    first = HeldOut(data.images[:1], data.maps[:1], data.centres[:1], data.ratings[:1])
+    first = HeldOut(data.images[:1], data.maps[:1], data.centres[:1], data.ratings[:1], data.spacings[:1])
     crop = max(16, pipe.recipe.image_size // 4)
     figure, axes = plt.subplots(5, len(scales), figsize=(1.8 * len(scales), 9), squeeze=False)
     for row, level in enumerate(range(1, 6)):

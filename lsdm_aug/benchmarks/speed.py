@@ -89,10 +89,11 @@ def generation_and_insertion(pipe: LSDMPipeline, settings: SpeedSettings) -> lis
     for steps in settings.steps:
         for scale in (0.0, 1.0):
             features = {"malignancy": 5.0, "texture": 5.0} if scale else {}
-            generate = _timed(lambda: pipe.generate(case.semantic_map, features, steps=steps, guidance_scale=scale),
+            generate = _timed(lambda: pipe.generate(case.semantic_map, features, steps=steps, guidance_scale=scale,
+                                                      spacing_mm=case.spacing_mm),
                               settings.repeats)
             insert = _timed(lambda: pipe.insert(case.image, case.semantic_map, outline, centre, features, steps=steps,
-                                                guidance_scale=scale), settings.repeats)
+                                                guidance_scale=scale, spacing_mm=case.spacing_mm), settings.repeats)
             rows.append({"steps": steps, "guided": bool(scale), "generate_s": generate, "insert_s": insert})
     return rows
 

@@ -48,5 +48,7 @@ def encode_mean(autoencoder: AutoencoderKL, images: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def latent_scale_factor(autoencoder: AutoencoderKL, images: torch.Tensor) -> float:
-    """1 / std of the training latents, as in latent diffusion."""
-    return float(1.0 / encode_mean(autoencoder, images).flatten().std().clamp_min(1e-6))
+    """1 / std of the training latents, as in latent diffusion (encoded a few slices at a time)."""
+    chunk = max(1, 16 * 128 * 128 // int(images.shape[-2] * images.shape[-1]))
+    latents = torch.cat([encode_mean(autoencoder, images[i:i + chunk]).flatten() for i in range(0, len(images), chunk)])
+    return float(1.0 / latents.std().clamp_min(1e-6))

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.losses import PatchAdversarialLoss
 from monai.metrics import PSNRMetric, SSIMMetric
@@ -48,6 +49,7 @@ def reconstruction_metrics(autoencoder: torch.nn.Module, images: torch.Tensor, b
     processes: validation runs on rank 0 only, so a gather there would wait forever for the other ranks.
     """
     autoencoder = getattr(autoencoder, "module", autoencoder)
+    batch_size = max(1, min(batch_size, 32 * 128 * 128 // int(np.prod(images.shape[-2:]))))  # memory: pixels, not slices
     autoencoder.eval()
     ssim, psnr = SSIMMetric(spatial_dims=2, data_range=2.0), PSNRMetric(max_val=2.0)
     values: dict[str, list[torch.Tensor]] = {"ssim": [], "psnr_db": [], "blur_ssim": [], "blur_psnr_db": []}

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -67,6 +68,8 @@ class LatentData:
                semantic: bool = True) -> LatentData:
         """Encode images (and, when ``semantic``, the maps scaled to [-1, 1]) with the frozen autoencoder."""
         device = next(autoencoder.parameters()).device
+        # the encoder's activations grow with the slice: keep a batch at the pixels of 64 slices of 128 px
+        batch_size = max(1, min(batch_size, 64 * 128 * 128 // int(np.prod(arrays["image"].shape[-2:]))))
         images = torch.from_numpy(arrays["image"]).unsqueeze(1)
         maps = torch.from_numpy(arrays["semantic_map"]).unsqueeze(1)
         latents, semantic_latents = [], []
@@ -276,6 +279,7 @@ def train_diffusion(recipe: Recipe, data_dir: str | Path, model_dir: str | Path,
                               "latent_channels": recipe.autoencoder.latent_channels,
                               "diffusion": recipe.to_dict()["diffusion"], "steps": done, "ema_decay": settings.ema_decay,
                               "crop_px": crop_latent * factor, "spacing_mm": spacing,
+                              "serves_spacing_mm": [min(0.4, spacing["min"]), max(3.0, spacing["max"])],
                               "training": recipe.to_dict()["train_diffusion"],
                               "validation": history[-1], "history": history}
                     save_weights(model_dir / UNET_FILE, ema.model, config)

@@ -99,6 +99,7 @@ class NoduleSynthesizer:
         size_mm: diameter of inserted nodules (a LIDC outline rescaled), or None for the outline's own size.
         location: None for a random site inside the lung, or (row, col[, slice]) in pixels.
         guidance_scale: classifier guidance scale s.
+        cfg_scale: classifier-free guidance scale w (feature-conditioned models; None: the model's default).
         steps: DDIM steps.
         label_value: value written into the label on the inserted nodule.
         intensity: "hu" if the image holds Hounsfield units, "normalized" if it holds (HU - hu_mean) / hu_std.
@@ -113,7 +114,8 @@ class NoduleSynthesizer:
                  spiculation: Any = None, texture: Any = None, size_mm: float | None = None,
                  location: Sequence[int] | None = None, guidance_scale: float = 1.0, steps: int = 25,
                  label_value: int = 1, intensity: str = "hu", hu_mean: float = 0.0, hu_std: float = 1.0,
-                 device: str | None = None, model: str = "default", bank: str | None = None) -> None:
+                 device: str | None = None, model: str = "default", bank: str | None = None,
+                 cfg_scale: float | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if intensity not in INTENSITIES:
@@ -124,6 +126,8 @@ class NoduleSynthesizer:
             raise ValueError(f"location must be (row, col) or (row, col, slice), got {location!r}")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
+        if cfg_scale is not None and cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0 or None (the model's default), got {cfg_scale!r}")
         if not 1 <= int(steps) <= 1000:
             raise ValueError(f"steps must be in 1..1000, got {steps!r}")
         if hu_std <= 0:
@@ -132,6 +136,7 @@ class NoduleSynthesizer:
         self.features = {name: parse_feature(name, value) for name, value in
                          zip(FEATURES, (malignancy, lobulation, spiculation, texture))}
         self.guidance_scale, self.steps, self.label_value = float(guidance_scale), int(steps), int(label_value)
+        self.cfg_scale = None if cfg_scale is None else float(cfg_scale)
         self.intensity, self.hu_mean, self.hu_std = intensity, float(hu_mean), float(hu_std)
         self.device, self.model = device, str(model)
         self.bank = None if bank is None else str(bank)
@@ -257,7 +262,8 @@ class NoduleSynthesizer:
                 if not layer.any():
                     continue
                 result = pipe.insert(unit, semantic, layer, params.centre, params.features, steps=self.steps,
-                                     guidance_scale=self.guidance_scale, seed=params.seed)
+                                     guidance_scale=self.guidance_scale, seed=params.seed,
+                                     spacing_mm=float(spacing_mm[0]), cfg_scale=self.cfg_scale)
                 region = result.nodule_mask > 0
             else:
                 region = (label_2d > 0) if label_2d is not None else np.zeros_like(unit, bool)
@@ -265,9 +271,11 @@ class NoduleSynthesizer:
                     continue
                 if params.mode == "replace":
                     result = pipe.replace(unit, semantic, region, params.features, steps=self.steps,
-                                          guidance_scale=self.guidance_scale, seed=params.seed)
+                                          guidance_scale=self.guidance_scale, seed=params.seed,
+                                          spacing_mm=float(spacing_mm[0]), cfg_scale=self.cfg_scale)
                 else:
-                    result = pipe.remove(unit, semantic, region, steps=self.steps, seed=params.seed)
+                    result = pipe.remove(unit, semantic, region, steps=self.steps, seed=params.seed,
+                                         spacing_mm=float(spacing_mm[0]))
             changed += self._write(result.image, result.footprint, region, params.mode,
                                    out if k is None else out[..., k], label_2d)
         info["changed_pixels"] = changed
@@ -329,7 +337,8 @@ class NoduleSynthesizer:
                                        for i in batch],
                                       [params[i].centre for i in batch], [params[i].features for i in batch],
                                       [params[i].seed for i in batch], steps=self.steps,
-                                      guidance_scale=self.guidance_scale)
+                                      guidance_scale=self.guidance_scale, cfg_scale=self.cfg_scale,
+                                      spacing_mm=[float(spacings_mm[i][0]) for i in batch])
             for i, edit in zip(batch, edits):
                 out = np.asarray(images[i]).copy()
                 label = None if labels[i] is None else np.asarray(labels[i]).copy()
