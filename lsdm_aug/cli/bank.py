@@ -24,6 +24,8 @@ def build(
     balance: Annotated[str, typer.Option(help="Comma-separated features whose levels get equal counts "
                                               "(default: malignancy when no feature is given).")] = "",
     guidance_scale: Annotated[float, typer.Option(help="Classifier guidance scale s (>= 0).")] = 1.0,
+    cfg_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance scale w (>= 0; default: the "
+                                                         "model's, see its model card).")] = None,
     steps: Annotated[int, typer.Option(help="DDIM steps per nodule.")] = 25,
     size: Annotated[int, typer.Option(help="Phantom slice size: 64, 128, 256 or 512.")] = 128,
     seed: Annotated[int, typer.Option(help="Master seed: same seed, same bank.")] = 0,
@@ -36,6 +38,8 @@ def build(
     """Generate nodules with controlled features once; the transforms place them later (bank=DIR)."""
     if count <= 0:
         fail(f"--count must be > 0, got {count}")
+    if cfg_scale is not None and cfg_scale < 0:
+        fail(f"--cfg-scale must be >= 0, got {cfg_scale}")
     if batch_size < 1:
         fail(f"--batch-size must be >= 1, got {batch_size}")
     from lsdm_aug.bank import build_bank
@@ -43,7 +47,7 @@ def build(
     with user_errors():
         request = build_request(count, {"malignancy": malignancy, "lobulation": lobulation, "spiculation": spiculation,
                                         "texture": texture}, balance, size=size, seed=seed,
-                                guidance_scale=guidance_scale, steps=steps, model=model,
+                                guidance_scale=guidance_scale, steps=steps, model=model, cfg_scale=cfg_scale,
                                 source=None if source is None else str(source))
         bank = build_bank(out, request, device or None, batch_size=batch_size, progress=True)
     typer.echo(f"bank {out}: {len(bank)} nodules, {bank.settings['patch_px']} px patches at {bank.spacing_mm:.2f} mm/px")

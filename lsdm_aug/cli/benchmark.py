@@ -66,3 +66,26 @@ def generation(
     with user_errors():
         report = run_generation(load_generation_recipe(recipe), work, out)
     typer.echo(generation_markdown(report))
+
+
+@app.command("model-quality")
+def model_quality(
+    data: Annotated[Path, typer.Option(help="Prepared phantom dataset (test split measured, train split trains the "
+                                            "evaluators).")],
+    model: Annotated[str, typer.Option(help="'default', a shipped model or a model folder.")] = "default",
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/model_quality"),
+    count: Annotated[int, typer.Option(help="Insertions per requested level and guidance setting (>= 2).")] = 16,
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of backgrounds, sites and diffusion.")] = 0,
+    evaluator_steps: Annotated[int, typer.Option(help="Training steps of each independent evaluator.")] = 600,
+) -> None:
+    """A model's gates: reconstruction, map respect, control per guidance setting (s, w), other spacings, speed."""
+    if not (data / "dataset.json").is_file():
+        fail(f"--data {str(data)!r} is not a prepared dataset (no dataset.json)")
+    from lsdm_aug.benchmarks.model_quality import QualitySettings, quality_markdown, run_model_quality
+
+    with user_errors():
+        settings = QualitySettings(data=str(data), model=model, out=str(out), count=count, steps=steps, seed=seed,
+                                   evaluator_steps=evaluator_steps)
+        report = run_model_quality(settings)
+    typer.echo(quality_markdown(report))

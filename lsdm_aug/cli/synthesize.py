@@ -33,6 +33,8 @@ def synthesize(
     balance: Annotated[str, typer.Option(help="Comma-separated features whose levels get equal counts, "
                                               "e.g. malignancy,texture (default: malignancy when no feature is given).")] = "",
     guidance_scale: Annotated[float, typer.Option(help="Classifier guidance scale s (>= 0).")] = 1.0,
+    cfg_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance scale w (>= 0; default: the "
+                                                         "model's, see its model card).")] = None,
     steps: Annotated[int, typer.Option(help="DDIM steps per nodule.")] = 25,
     size: Annotated[int, typer.Option(help="Phantom slice size: 64, 128, 256 or 512.")] = 128,
     seed: Annotated[int, typer.Option(help="Master seed: same seed, same dataset.")] = 0,
@@ -50,6 +52,8 @@ def synthesize(
     """Insert nodules with controlled features into CT slices and write a dataset nnU-Net reads as it is."""
     if count <= 0:
         fail(f"--count must be > 0, got {count}")
+    if cfg_scale is not None and cfg_scale < 0:
+        fail(f"--cfg-scale must be >= 0, got {cfg_scale}")
     if guidance_scale < 0:
         fail(f"--guidance-scale must be >= 0, got {guidance_scale}")
     if batch_size < 1:
@@ -62,7 +66,7 @@ def synthesize(
         request = build_request(count, {"malignancy": malignancy, "lobulation": lobulation, "spiculation": spiculation,
                                         "texture": texture}, balance, size=size, seed=seed,
                                 guidance_scale=guidance_scale, steps=steps, nodules_per_slice=nodules_per_slice,
-                                model=model, source=None if source is None else str(source))
+                                model=model, cfg_scale=cfg_scale, source=None if source is None else str(source))
         manifest = run(out, request, device or None, progress=True, batch_size=batch_size, ray_address=ray or None,
                        preview=preview)
     typer.echo(f"wrote {len(manifest)} cases to {out} (manifest.csv, dataset.json)"

@@ -23,13 +23,15 @@ Example:
     >>> import numpy as np
     >>> from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig
     >>> ct = ChestPhantom(PhantomConfig(size=128)).slice(0, seed=0)
-    >>> semantic_map = semantic_map_from_hu(ct.hu, ct.nodule_mask, [n["malignancy"] for n in ct.nodules])
+    >>> semantic_map = semantic_map_from_hu(ct.hu, ct.nodule_mask, [n["malignancy"] for n in ct.nodules],
+    ...                                     spacing_mm=ct.spacing_mm)
     >>> sorted(np.unique(semantic_map).tolist())[:5]
     [0, 1, 2, 3, 4]
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from enum import IntEnum
 
@@ -38,6 +40,7 @@ from scipy import ndimage
 from skimage.draw import polygon as fill_polygon
 from skimage.measure import find_contours
 from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
 __all__ = ["SemanticLabel", "NUM_LABELS", "lung_mask_from_hu", "semantic_map_from_hu", "malignancy_label"]
@@ -78,7 +81,10 @@ def _kmeans_threshold(hu: np.ndarray, seed: int = 0) -> float:
     centre = np.clip(centre, -1024, 800)
     if centre.size > 20000:
         centre = centre[np.random.default_rng(seed).choice(centre.size, 20000, replace=False)]
-    with threadpool_limits(limits=1, user_api="openmp"):  # threads only slow a 1-D two-cluster fit down
+    if np.unique(centre).size < 2:  # one intensity (all air, all tissue): nothing to split, no lung
+        return float("-inf")
+    with threadpool_limits(limits=1, user_api="openmp"), warnings.catch_warnings():  # threads only slow it down
+        warnings.simplefilter("ignore", ConvergenceWarning)  # fewer distinct values than clusters: handled above
         kmeans = KMeans(n_clusters=2, n_init=3, random_state=seed).fit(centre)
     return float(np.mean(kmeans.cluster_centers_))
 
@@ -96,7 +102,7 @@ def _closing(mask: np.ndarray, radius_px: float) -> np.ndarray:
     return ndimage.binary_closing(np.pad(mask, pad), _disk(radius_px))[pad:-pad, pad:-pad]
 
 
-def lung_mask_from_hu(hu: np.ndarray, spacing_mm: float = 0.7, min_area_mm2: float = 400.0,
+def lung_mask_from_hu(hu: np.ndarray, spacing_mm: float, min_area_mm2: float = 400.0,
                       max_area_fraction: float = 0.5, closing_mm: float = 5.0,
                       bridge_mm: float = 1.5) -> np.ndarray:
     """Lung fields of an axial CT slice (HU), vessels included.
@@ -136,7 +142,7 @@ def lung_mask_from_hu(hu: np.ndarray, spacing_mm: float = 0.7, min_area_mm2: flo
 
 
 def semantic_map_from_hu(hu: np.ndarray, nodule_mask: np.ndarray | None = None,
-                         malignancies: Sequence[float] = (), spacing_mm: float = 0.7,
+                         malignancies: Sequence[float] = (), spacing_mm: float | None = None,
                          lung_mask: np.ndarray | None = None) -> np.ndarray:
     """The 8-label semantic map of an axial CT slice.
 
@@ -145,12 +151,14 @@ def semantic_map_from_hu(hu: np.ndarray, nodule_mask: np.ndarray | None = None,
         nodule_mask: (H, W) 0 outside nodules, ``k`` inside the nodule whose malignancy is
             ``malignancies[k - 1]``.
         malignancies: malignancy rating (1..5, median allowed) of each nodule in ``nodule_mask``.
-        spacing_mm: pixel spacing.
+        spacing_mm: pixel spacing (required: the lung's morphology is sized in mm).
         lung_mask: precomputed lung fields; computed with :func:`lung_mask_from_hu` when ``None``.
 
     Returns:
         (H, W) uint8 map with labels 0..7 (see :class:`SemanticLabel`).
     """
+    if spacing_mm is None or not np.isfinite(spacing_mm) or spacing_mm <= 0:
+        raise ValueError(f"spacing_mm must be the slice's pixel spacing in mm (> 0), got {spacing_mm!r}")
     hu = np.asarray(hu, dtype=np.float32)
     semantic_map = np.zeros(hu.shape, np.uint8)
     semantic_map[(hu >= BODY_HU[0]) & (hu < BODY_HU[1])] = SemanticLabel.BODY

@@ -69,6 +69,7 @@ class SynthesisRequest:
         size: phantom slice size (64, 128, 256, 512).
         seed: master seed.
         guidance_scale, steps: diffusion settings.
+        cfg_scale: classifier-free guidance scale (None: the model's default).
         nodules_per_slice: nodules inserted per case.
         model: "default" or a model folder.
         source: None for new phantom slices, else a prepared or nnU-Net dataset folder.
@@ -81,6 +82,7 @@ class SynthesisRequest:
     seed: int = 0
     guidance_scale: float = 1.0
     steps: int = 25
+    cfg_scale: float | None = None
     nodules_per_slice: int = 1
     model: str = "default"
     source: str | None = None
@@ -90,6 +92,8 @@ class SynthesisRequest:
             raise ValueError(f"count must be > 0, got {self.count!r}")
         if self.size not in SUPPORTED_SIZES:
             raise ValueError(f"size must be one of {SUPPORTED_SIZES}, got {self.size!r}")
+        if self.cfg_scale is not None and self.cfg_scale < 0:
+            raise ValueError(f"cfg scale must be >= 0, got {self.cfg_scale!r}")
         if self.nodules_per_slice < 1:
             raise ValueError(f"nodules per slice must be >= 1, got {self.nodules_per_slice!r}")
         for name in [*self.features, *self.balance]:
@@ -216,7 +220,7 @@ def _new_case(request: SynthesisRequest, index: int, device: str | None) -> _Cas
     features = case_features(request, index)
     spec = {name: int(features[name]) if name in features else None for name in FEATURES}
     synthesizer = NoduleSynthesizer(mode="insert", **spec, guidance_scale=request.guidance_scale, steps=request.steps,
-                                    label_value=1, device=device, model=request.model)
+                                    label_value=1, device=device, model=request.model, cfg_scale=request.cfg_scale)
     return _CaseState(index, features, synthesizer)
 
 
@@ -272,8 +276,8 @@ def _row(request: SynthesisRequest, index: int, features: dict, placed: list[dic
            "source_diameter_mm": float(source.diameter_mm), "centre_row": first["centre"][0],
            "centre_col": first["centre"][1], "changed_pixels": sum(p["changed_pixels"] for p in placed),
            "nodules": len(placed), "seed": first["seed"], "background": background,
-           "guidance_scale": request.guidance_scale,
-           "steps": request.steps}
+           "guidance_scale": request.guidance_scale, "cfg_scale": request.cfg_scale,
+           "outline_distance": first.get("outline_distance", 0.0), "steps": request.steps}
     return row
 
 

@@ -232,7 +232,8 @@ def train_diffusion(recipe: Recipe, data_dir: str | Path, model_dir: str | Path,
     autoencoder, scale = load_autoencoder(model_dir, recipe, context.device)
     factor = recipe.autoencoder.downsampling
     crop_latent = (settings.crop_px or recipe.image_size) // factor
-    train = load_latent_crops(data_dir, "train", autoencoder, scale, crop_latent, factor, settings.nodule_share)
+    train = load_latent_crops(data_dir, "train", autoencoder, scale, crop_latent, factor, settings.nodule_share,
+                              limit=settings.max_train_slices or None)
     validation = load_latent_crops(data_dir, "validation", autoencoder, scale, crop_latent, factor,
                                    settings.nodule_share, limit=max_validation)
     torch.manual_seed(seed)

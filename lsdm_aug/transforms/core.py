@@ -31,7 +31,10 @@ from lsdm_aug.data.phantom import free_site
 from lsdm_aug.data.prepared import hu_to_unit, unit_to_hu
 from lsdm_aug.data.semantic import SemanticLabel, semantic_map_from_hu
 
-__all__ = ["NoduleSynthesizer", "NoduleParameters", "parse_feature", "MODES", "load_pipeline", "usable_nodule_table"]
+__all__ = ["NoduleSynthesizer", "NoduleParameters", "parse_feature", "MODES", "load_pipeline", "usable_nodule_table",
+           "choose_outline", "SHAPE_FEATURES"]
+
+SHAPE_FEATURES = ("malignancy", "lobulation", "spiculation")  # what a nodule's outline carries
 
 MODES = ("insert", "replace", "remove")
 SAMPLINGS = ("balanced", "dataset")
@@ -69,10 +72,14 @@ class NoduleParameters:
         nodule_id: LIDC nodule whose consensus outline is used (insert).
         centre: (row, col) of the site in the slice (insert), or of the nodule acted on.
         slices: axial slice indices edited (3D), empty for 2D.
+        centre_slice: the axial slice the nodule's centre layer goes on (3D); the outline's layer ``j`` goes on
+            slice ``centre_slice - depth // 2 + j``, also when the volume cuts the nodule off.
         seed: seeds the diffusion.
         size_mm: requested diameter, if any.
         skipped: why nothing was done (no lung, no nodule to replace), else empty.
         bank_entry: the banked nodule placed (bank mode), else -1.
+        outline_distance: how far the source nodule's ratings are from the requested shape features (0: an
+            exact match; see :func:`choose_outline`).
     """
 
     mode: str
@@ -84,6 +91,8 @@ class NoduleParameters:
     size_mm: float | None = None
     skipped: str = ""
     bank_entry: int = -1
+    outline_distance: float = 0.0
+    centre_slice: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -170,13 +179,9 @@ class NoduleSynthesizer:
                 drawn[name] = float(np.clip(np.floor(source[name] + 0.5), 1, 5))
         return drawn
 
-    def _draw_outline(self, rng: np.random.RandomState, features: dict[str, float]) -> str:
-        """A real LIDC nodule, of the requested malignancy level when one is requested."""
-        table = usable_nodule_table()
-        if "malignancy" in features:
-            levels = np.clip(np.floor(table.malignancy.to_numpy() + 0.5), 1, 5)
-            table = table[levels == features["malignancy"]]
-        return str(table.nodule_id.iloc[rng.randint(len(table))])
+    def _draw_outline(self, rng: np.random.RandomState, features: dict[str, float]) -> tuple[str, float]:
+        """A real LIDC nodule chosen by the requested shape features (see :func:`choose_outline`)."""
+        return choose_outline(usable_nodule_table(), features, self.size_mm, rng)
 
     def draw(self, image: np.ndarray, label: np.ndarray | None, rng: np.random.RandomState,
              spacing_mm: Sequence[float]) -> NoduleParameters:
@@ -187,12 +192,12 @@ class NoduleSynthesizer:
         seed = int(rng.randint(2**31 - 1))
         if self.mode in ("replace", "remove"):
             return self._draw_existing(label, features, seed)
-        bank_entry = -1
+        bank_entry, distance = -1, 0.0
         if self.bank is not None:
             bank_entry = load_bank(self.bank).choose(features, rng)
             nodule_id, outline = self._bank_outline(bank_entry, spacing_mm, hu.ndim)
         else:
-            nodule_id = self._draw_outline(rng, features)
+            nodule_id, distance = self._draw_outline(rng, features)
             outline = _outline(nodule_id, spacing_mm, hu.ndim, self.size_mm)
         slice_axis_len = hu.shape[2] if hu.ndim == 3 else 1
         if self.location is not None:
@@ -214,7 +219,8 @@ class NoduleSynthesizer:
         first = int(centre_slice) - depth // 2
         slices = tuple(k for k in range(first, first + depth) if 0 <= k < slice_axis_len) if hu.ndim == 3 else ()
         return NoduleParameters(self.mode, features, nodule_id, centre, slices, seed, self.size_mm,
-                                bank_entry=bank_entry)
+                                bank_entry=bank_entry, outline_distance=distance,
+                                centre_slice=int(centre_slice) if hu.ndim == 3 else 0)
 
     def _bank_outline(self, index: int, spacing_mm: Sequence[float], ndim: int) -> tuple[str, np.ndarray]:
         """The source nodule id of bank entry ``index`` and its outline (H, W, depth), its widest layer the
@@ -253,13 +259,13 @@ class NoduleSynthesizer:
         slices = params.slices if image.ndim == 3 else (None,)
         outline_3d = _outline(params.nodule_id, spacing_mm, image.ndim, params.size_mm) if params.mode == "insert" else None
         changed = 0
-        for position, k in enumerate(slices):
+        for k in slices:
             hu_2d = hu if k is None else hu[..., k]
             label_2d = None if new_label is None else (new_label if k is None else new_label[..., k])
             unit, semantic = _model_inputs(hu_2d, label_2d, spacing_mm)
             if params.mode == "insert":
-                layer = outline_3d[:, :, min(position, outline_3d.shape[2] - 1)]
-                if not layer.any():
+                layer = _layer(outline_3d, params, k)
+                if layer is None or not layer.any():
                     continue
                 result = pipe.insert(unit, semantic, layer, params.centre, params.features, steps=self.steps,
                                      guidance_scale=self.guidance_scale, seed=params.seed,
@@ -279,6 +285,9 @@ class NoduleSynthesizer:
             changed += self._write(result.image, result.footprint, region, params.mode,
                                    out if k is None else out[..., k], label_2d)
         info["changed_pixels"] = changed
+        if changed == 0:
+            info["skipped"] = ("the nodule's layers on the edited slices are empty" if params.mode == "insert"
+                               else "no nodule in the label on the edited slices")
         return out, new_label, info
 
     def _apply_bank(self, image: np.ndarray, label: np.ndarray | None, params: NoduleParameters,
@@ -293,10 +302,12 @@ class NoduleSynthesizer:
         if out.ndim == 2:
             layers: list[tuple[int | None, np.ndarray]] = [(None, mask)]
         else:
-            areas = _outline(params.nodule_id, spacing_mm, 3, params.size_mm).sum(axis=(0, 1))
+            outline_3d = _outline(params.nodule_id, spacing_mm, 3, params.size_mm)
+            areas = outline_3d.sum(axis=(0, 1))
             areas = areas / max(areas.max(), 1) * mask.sum()
-            layers = [(k, shrink_to_area(mask, int(round(areas[min(p, len(areas) - 1)]))))
-                      for p, k in enumerate(params.slices)]
+            first = params.centre_slice - outline_3d.shape[2] // 2
+            layers = [(k, shrink_to_area(mask, int(round(areas[k - first]))))
+                      for k in params.slices if 0 <= k - first < len(areas)]
         changed = 0
         for k, keep in layers:
             if not keep.any():
@@ -307,7 +318,10 @@ class NoduleSynthesizer:
             if new_label is not None:
                 (new_label if k is None else new_label[..., k])[region] = self.label_value
             changed += int(footprint.sum())
-        return out, new_label, {**params.to_dict(), "changed_pixels": changed}
+        info = {**params.to_dict(), "changed_pixels": changed}
+        if changed == 0:
+            info["skipped"] = "the banked nodule's layers on the edited slices are empty"
+        return out, new_label, info
 
     def _write(self, unit_image: np.ndarray, footprint: np.ndarray, region: np.ndarray, mode: str,
                image_2d: np.ndarray, label_2d: np.ndarray | None) -> int:
@@ -364,6 +378,40 @@ def load_bank(path: str):
     return NoduleBank(path)
 
 
+def choose_outline(table, features: dict[str, float], size_mm: float | None,
+                   rng: np.random.RandomState) -> tuple[str, float]:
+    """A LIDC nodule whose consensus outline fits the requested shape: malignancy, lobulation and spiculation
+    (the rounded median ratings, which the outline carries) and, when given, the size.
+
+    The distance of a nodule is the Euclidean distance in rating levels over the requested shape features,
+    plus, with ``size_mm``, one level per whole factor 1.5 between the nodule's diameter and ``size_mm``
+    (``floor(|log(diameter / size_mm)| / log(1.5))``; the outline is rescaled to ``size_mm`` anyway, this keeps
+    the rescaling small). One of the nearest nodules is drawn at random; exact matches have distance 0. Texture is not a shape
+    feature: the U-Net and the guidance render it.
+
+    Returns:
+        (nodule id, its distance).
+
+    Example:
+        >>> nodule_id, distance = choose_outline(usable_nodule_table(), {"spiculation": 5, "malignancy": 5}, None,
+        ...                                      np.random.RandomState(0))
+        >>> distance
+        0.0
+    """
+    requested = [name for name in SHAPE_FEATURES if name in features]
+    distance = np.zeros(len(table))
+    for name in requested:
+        levels = np.clip(np.floor(table[name].to_numpy() + 0.5), 1, 5)
+        distance += (levels - float(features[name])) ** 2
+    distance = np.sqrt(distance)
+    if size_mm is not None:
+        ratio = np.abs(np.log(table.diameter_mm.to_numpy().clip(1e-3) / float(size_mm)))
+        distance += np.floor(ratio / np.log(1.5))
+    nearest = np.flatnonzero(distance <= distance.min() + 1e-9)
+    choice = nearest[rng.randint(len(nearest))]
+    return str(table.nodule_id.iloc[choice]), round(float(distance[choice]), 4)
+
+
 @functools.cache
 def usable_nodule_table():
     """LIDC nodules with a non-empty consensus mask (the ones that can be placed), loaded once per process."""
@@ -383,6 +431,14 @@ def _outline(nodule_id: str, spacing_mm: Sequence[float], ndim: int, size_mm: fl
         return resample_mask(bank.centre_slice(nodule_id), in_plane, [float(s) for s in spacing_mm[:2]])[:, :, None]
     native = (in_plane, in_plane, float(bank.slice_spacing_mm[index]) * zoom)
     return resample_mask(bank.mask_3d(nodule_id), native, [float(s) for s in spacing_mm[:3]])
+
+
+def _layer(outline_3d: np.ndarray, params: NoduleParameters, k: int | None) -> np.ndarray | None:
+    """The outline's layer for axial slice ``k`` (by its offset from the centre slice), None outside the nodule;
+    a 2D image (``k`` None) gets the centre layer."""
+    depth = outline_3d.shape[2]
+    index = depth // 2 if k is None else k - (params.centre_slice - depth // 2)
+    return outline_3d[:, :, index] if 0 <= index < depth else None
 
 
 def _lung_slice(hu: np.ndarray, rng: np.random.RandomState, spacing_mm: Sequence[float]) -> int | None:

@@ -52,7 +52,7 @@ class NoduleSynth(RandomizableTransform):
         spacing_mm: pixel spacing; read from a MetaTensor's affine when ``None``.
         All other arguments: see :class:`~lsdm_aug.transforms.core.NoduleSynthesizer` (``mode``,
         ``malignancy``, ``lobulation``, ``spiculation``, ``texture``, ``size_mm``, ``location``,
-        ``guidance_scale``, ``steps``, ``label_value``, ``intensity``, ``hu_mean``, ``hu_std``,
+        ``guidance_scale``, ``cfg_scale``, ``steps``, ``label_value``, ``intensity``, ``hu_mean``, ``hu_std``,
         ``device``, ``model``).
 
     The image is channel-first, (1, H, W) or (1, H, W, D) with axial slices last. Called with a

@@ -6,6 +6,10 @@ plans' ``foreground_intensity_properties_per_channel``). The transform maps chan
 that mean and standard deviation, inserts a nodule, and maps the changed pixels back; the segmentation
 gets the nodule label. ``get_parameters`` draws (the random part), ``apply`` only applies.
 
+Axes: nnU-Net hands 2D patches as (C, y, x) and 3D patches as (C, z, y, x), with the configuration's
+spacing in the same order; the synthesizer works on (H, W) or (H, W, D) with axial slices last, so a 3D
+patch is viewed as (y, x, z) and its spacing reordered to match.
+
 Example:
     >>> transform = NoduleSynthTransform(spacing_mm=(0.7, 0.7), hu_mean=-300.0, hu_std=400.0, prob=0.3)  # doctest: +SKIP
     >>> sample = transform(image=image, segmentation=segmentation)  # doctest: +SKIP
@@ -34,7 +38,10 @@ class NoduleSynthTransform(BasicTransform):
         prob: probability per sample.
         label_value: segmentation value of the inserted nodule.
         **synthesis: :class:`~lsdm_aug.transforms.core.NoduleSynthesizer` arguments (mode, features,
-            guidance_scale, steps, model, device ...).
+            guidance_scale, cfg_scale, steps, model, device ...).
+
+    ``last_record`` holds what the last applied draw did (the synthesizer's record: features, slices,
+    ``changed_pixels``, ``skipped``).
     """
 
     def __init__(self, spacing_mm: Sequence[float], hu_mean: float, hu_std: float, prob: float = 0.3,
@@ -45,6 +52,19 @@ class NoduleSynthTransform(BasicTransform):
         self.spacing_mm, self.prob = tuple(float(s) for s in spacing_mm), float(prob)
         self.synthesizer = NoduleSynthesizer(intensity="normalized", hu_mean=hu_mean, hu_std=hu_std,
                                              label_value=label_value, **synthesis)
+        self.last_record: dict[str, Any] = {}
+
+    def _axial_last(self, array: np.ndarray) -> np.ndarray:
+        """nnU-Net's (z, y, x) as the synthesizer's (y, x, z); 2D (y, x) as it is."""
+        return np.moveaxis(array, 0, -1) if array.ndim == 3 else array
+
+    def _nnunet_order(self, array: np.ndarray) -> np.ndarray:
+        return np.moveaxis(array, -1, 0) if array.ndim == 3 else array
+
+    def _spacing(self, ndim: int) -> tuple[float, ...]:
+        if len(self.spacing_mm) != ndim:
+            raise ValueError(f"spacing_mm {self.spacing_mm} has {len(self.spacing_mm)} axes, the patch has {ndim}")
+        return self.spacing_mm[1:] + self.spacing_mm[:1] if ndim == 3 else self.spacing_mm
 
     def get_parameters(self, **data_dict: Any) -> dict[str, Any]:
         rng = np.random.RandomState(np.random.randint(2**31 - 1))  # nnU-Net seeds NumPy per worker
@@ -52,16 +72,22 @@ class NoduleSynthTransform(BasicTransform):
             return {"nodule": None}
         image = data_dict["image"][0].numpy()
         segmentation = data_dict["segmentation"][0].numpy() if data_dict.get("segmentation") is not None else None
-        return {"nodule": self.synthesizer.draw(image, segmentation, rng, self.spacing_mm)}
+        return {"nodule": self.synthesizer.draw(self._axial_last(image),
+                                                None if segmentation is None else self._axial_last(segmentation),
+                                                rng, self._spacing(image.ndim))}
 
     def apply(self, data_dict: dict, nodule: NoduleParameters | None = None, **params: Any) -> dict:
         if nodule is None or nodule.skipped:
             return data_dict
         image = data_dict["image"]
         segmentation = data_dict.get("segmentation")
-        out, new_segmentation, _ = self.synthesizer.apply(
-            image[0].numpy(), None if segmentation is None else segmentation[0].numpy(), nodule, self.spacing_mm)
-        image[0] = torch.from_numpy(np.asarray(out, dtype=np.float32)).to(image.dtype)
+        ndim = image[0].ndim
+        out, new_segmentation, info = self.synthesizer.apply(
+            self._axial_last(image[0].numpy()),
+            None if segmentation is None else self._axial_last(segmentation[0].numpy()), nodule, self._spacing(ndim))
+        self.last_record = info
+        image[0] = torch.from_numpy(np.ascontiguousarray(self._nnunet_order(np.asarray(out, np.float32)))).to(image.dtype)
         if segmentation is not None:
-            segmentation[0] = torch.from_numpy(np.asarray(new_segmentation)).to(segmentation.dtype)
+            segmentation[0] = torch.from_numpy(np.ascontiguousarray(self._nnunet_order(np.asarray(new_segmentation)))
+                                               ).to(segmentation.dtype)
         return data_dict

@@ -27,8 +27,9 @@ from lsdm_aug.transforms.core import NoduleParameters, NoduleSynthesizer
 __all__ = ["RandomNoduleSynth", "NoduleSynthesis"]
 
 _SYNTHESIZER_ARGS = ("guidance_scale", "steps", "label_value", "intensity", "hu_mean", "hu_std", "device", "model",
-                     "bank")
-_PARAMETER_ARGS = ("mode", "features", "nodule_id", "centre", "slices", "seed", "size_mm", "skipped", "bank_entry")
+                     "bank", "cfg_scale")
+_PARAMETER_ARGS = ("mode", "features", "nodule_id", "centre", "slices", "seed", "size_mm", "skipped", "bank_entry",
+                   "outline_distance", "centre_slice")
 
 
 def _arrays(subject: tio.Subject, image_name: str, label_name: str | None):
@@ -49,9 +50,9 @@ class NoduleSynthesis(tio.Transform):
 
     Args:
         image_name, label_name: the subject's CT image and (optional) label map.
-        mode, features, nodule_id, centre, slices, seed, size_mm, skipped, bank_entry: the drawn
-            :class:`~lsdm_aug.transforms.core.NoduleParameters`.
-        guidance_scale, steps, label_value, intensity, hu_mean, hu_std, device, model, bank: as
+        mode, features, nodule_id, centre, slices, seed, size_mm, skipped, bank_entry, outline_distance,
+            centre_slice: the drawn :class:`~lsdm_aug.transforms.core.NoduleParameters`.
+        guidance_scale, steps, label_value, intensity, hu_mean, hu_std, device, model, bank, cfg_scale: as
             :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`.
 
     Example:
@@ -64,7 +65,8 @@ class NoduleSynthesis(tio.Transform):
                  slices: tuple[int, ...] = (), seed: int = 0, size_mm: float | None = None, skipped: str = "",
                  bank_entry: int = -1, guidance_scale: float = 1.0, steps: int = 25, label_value: int = 1,
                  intensity: str = "hu", hu_mean: float = 0.0, hu_std: float = 1.0, device: str | None = None,
-                 model: str = "default", bank: str | None = None, **kwargs: Any) -> None:
+                 model: str = "default", bank: str | None = None, outline_distance: float = 0.0,
+                 centre_slice: int = 0, cfg_scale: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.image_name, self.label_name = image_name, label_name
         self.mode, self.features, self.nodule_id = mode, dict(features or {}), nodule_id
@@ -72,6 +74,7 @@ class NoduleSynthesis(tio.Transform):
         self.size_mm, self.skipped, self.bank_entry, self.bank = size_mm, skipped, int(bank_entry), bank
         self.guidance_scale, self.steps, self.label_value = guidance_scale, steps, label_value
         self.intensity, self.hu_mean, self.hu_std, self.device, self.model = intensity, hu_mean, hu_std, device, model
+        self.outline_distance, self.centre_slice, self.cfg_scale = float(outline_distance), int(centre_slice), cfg_scale
         self.synthesizer = NoduleSynthesizer(mode=mode, malignancy=None, **{k: getattr(self, k) for k in _SYNTHESIZER_ARGS})
         self.args_names = ["image_name", "label_name", *_PARAMETER_ARGS, *_SYNTHESIZER_ARGS]
 
@@ -92,7 +95,7 @@ class RandomNoduleSynth(RandomTransform):
     Args:
         image_name, label_name: the subject's CT image and (optional) label map.
         mode, malignancy, lobulation, spiculation, texture, size_mm, location, guidance_scale, steps,
-            label_value, intensity, hu_mean, hu_std, device, model, bank: as
+            label_value, intensity, hu_mean, hu_std, device, model, bank, cfg_scale: as
             :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`.
         **kwargs: TorchIO's ``Transform`` arguments (``p``, ``copy``, ...).
 
@@ -105,12 +108,12 @@ class RandomNoduleSynth(RandomTransform):
                  size_mm: float | None = None, location: tuple[int, ...] | None = None, guidance_scale: float = 1.0,
                  steps: int = 25, label_value: int = 1, intensity: str = "hu", hu_mean: float = 0.0,
                  hu_std: float = 1.0, device: str | None = None, model: str = "default", bank: str | None = None,
-                 **kwargs: Any) -> None:
+                 cfg_scale: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.image_name, self.label_name = image_name, label_name
         self.synthesizer = NoduleSynthesizer(mode, malignancy, lobulation, spiculation, texture, size_mm, location,
                                              guidance_scale, steps, label_value, intensity, hu_mean, hu_std, device, model,
-                                             bank)
+                                             bank, cfg_scale=cfg_scale)
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         image, array, _, label_array = _arrays(subject, self.image_name, self.label_name)

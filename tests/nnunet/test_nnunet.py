@@ -40,6 +40,33 @@ def test_transform_inserts_in_normalized_units_and_labels_the_nodule(normalized_
     assert out["image"].abs().max() < 10  # still z-scored, not HU
 
 
+def test_a_3d_patch_in_nnunet_axis_order_gets_nodules(normalized_sample, smoke_models):
+    """nnU-Net's 3D patches are (C, z, y, x) with spacing (z, y, x): the nodule goes on consecutive z slices."""
+    image, _, spacing = normalized_sample
+    patch = image[0][None].repeat(24, 1, 1)[None]  # (1, z=24, y, x)
+    transform = NoduleSynthTransform((2.5, spacing, spacing), HU_MEAN, HU_STD, prob=1.0, model=str(smoke_models),
+                                     steps=2, malignancy=5, size_mm=10.0)
+    inserted = 0
+    for seed in range(4):
+        np.random.seed(seed)
+        out = transform(image=patch.clone(), segmentation=torch.zeros(patch.shape, dtype=torch.int16))
+        record = transform.last_record
+        if record.get("changed_pixels", 0) > 0:
+            inserted += 1
+            labelled = torch.nonzero(out["segmentation"][0].flatten(1).any(1)).flatten().tolist()
+            assert labelled == list(range(labelled[0], labelled[-1] + 1)) and set(labelled) <= set(record["slices"])
+            changed_z = torch.nonzero((out["image"][0] != patch[0]).flatten(1).any(1)).flatten().tolist()
+            assert set(changed_z) <= set(record["slices"])
+    assert inserted >= 3  # a stack of lung slices always has lung
+
+
+def test_a_patch_whose_spacing_has_other_axes_is_refused(normalized_sample, smoke_models):
+    image, segmentation, spacing = normalized_sample
+    transform = NoduleSynthTransform((2.5, spacing, spacing), HU_MEAN, HU_STD, prob=1.0, model=str(smoke_models))
+    with pytest.raises(ValueError, match="has 3 axes, the patch has 2"):
+        transform(image=image.clone(), segmentation=segmentation.clone())
+
+
 def test_transform_with_prob_zero_changes_nothing(normalized_sample, smoke_models):
     image, segmentation, spacing = normalized_sample
     transform = NoduleSynthTransform((spacing, spacing), HU_MEAN, HU_STD, prob=0.0, model=str(smoke_models))
