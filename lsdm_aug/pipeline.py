@@ -199,6 +199,21 @@ class LSDMPipeline:
         """The classifier-free guidance scale used when none is given (0 for a U-Net without features)."""
         return self._default_cfg_scale if self.feature_conditioned else 0.0
 
+    def _check_steering(self, features: Sequence[Mapping[str, float]], guidance_scale: float, cfg_scale: float) -> None:
+        """Refuse requested features that nothing will steer: no classifier guides them (or ``guidance_scale``
+        is 0) and the U-Net is not feature-conditioned (or ``cfg_scale`` is 0). With both scales 0 the request
+        is unguided on purpose and passes."""
+        if guidance_scale == 0 and cfg_scale == 0:
+            return
+        requested = sorted({name for item in features for name in item})
+        lost = [name for name in requested if not ((guidance_scale > 0 and name in self.classifiers)
+                                                   or (cfg_scale > 0 and self.feature_conditioned))]
+        if lost:
+            raise ValueError(f"model {self.model_id} cannot steer {lost} at guidance_scale {guidance_scale:g} and "
+                             f"cfg_scale {cfg_scale:g} (classifiers: {sorted(self.classifiers) or 'none'}; feature "
+                             f"conditioning: {'yes' if self.feature_conditioned else 'no'}); drop them or set both "
+                             "scales to 0 for an unguided sample")
+
     def _cfg_scale(self, cfg_scale: float | None, features: Sequence[Mapping[str, float]]) -> float:
         """Check a requested classifier-free guidance scale against the model."""
         if cfg_scale is None:
@@ -291,6 +306,7 @@ class LSDMPipeline:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         cfg_scale = self._cfg_scale(cfg_scale, per_map)
+        self._check_steering(per_map, guidance_scale, cfg_scale)
         scheduler = build_scheduler(self.recipe.diffusion, sampler, steps)
         generator = torch.Generator().manual_seed(int(seed))
         latent_shape = (self.recipe.autoencoder.latent_channels, maps.shape[-2] // self.factor,
@@ -406,6 +422,7 @@ class LSDMPipeline:
         features = [validate_features(item) for item in features]
         spacings = [self.check_spacing(value) for value in spacing_mm]
         cfg_scale = self._cfg_scale(cfg_scale, features)
+        self._check_steering(features, guidance_scale, cfg_scale)
         windows = []
         for image, semantic_map, outline, centre, item, spacing in zip(images, semantic_maps, nodule_outlines, centres,
                                                                         features, spacings):
@@ -445,6 +462,7 @@ class LSDMPipeline:
         features = validate_features(features)
         spacing = self.check_spacing(spacing_mm)
         cfg_scale = self._cfg_scale(cfg_scale, [features])
+        self._check_steering([features], guidance_scale, cfg_scale)
         region = np.asarray(nodule_mask, bool)
         if not region.any():
             raise ValueError("nodule_mask is empty: nothing to replace")

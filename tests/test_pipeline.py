@@ -332,3 +332,16 @@ def test_insert_batch_needs_one_set_of_feature_names_and_matching_lengths(pipe, 
     with pytest.raises(ValueError, match="one length"):
         pipe.insert_batch([case["image"]] * 2, [case["semantic_map"]], [disk_outline()] * 2, [centre] * 2,
                           [{}, {}], seeds=[0, 1], steps=STEPS, spacing_mm=[pipe.spacing_mm] * 2)
+
+
+def test_features_nothing_can_steer_are_refused(pipe, cases):
+    semantic_map = cases["nodule"]["semantic_map"]
+    without = LSDMPipeline(pipe.recipe, pipe.autoencoder, pipe.unet, {"malignancy": pipe.classifiers["malignancy"]},
+                           pipe.scale_factor, "cpu", spacing_mm=pipe.spacing_mm)
+    with pytest.raises(ValueError, match=r"cannot steer \['texture'\] at guidance_scale 1 and cfg_scale 0"):
+        without.generate(semantic_map, {"malignancy": 5, "texture": 1}, spacing_mm=pipe.spacing_mm, steps=STEPS,
+                         cfg_scale=0.0)
+    # classifier-free guidance steers it; both scales 0 is an unguided request on purpose
+    without.generate(semantic_map, {"texture": 1}, spacing_mm=pipe.spacing_mm, steps=STEPS, cfg_scale=2.0)
+    without.generate(semantic_map, {"texture": 1}, spacing_mm=pipe.spacing_mm, steps=STEPS, guidance_scale=0.0,
+                     cfg_scale=0.0)

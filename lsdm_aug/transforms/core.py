@@ -209,6 +209,7 @@ class NoduleSynthesizer:
                 return NoduleParameters(self.mode, features, nodule_id, seed=seed, skipped="no lung tissue")
             hu_2d = hu[..., centre_slice] if hu.ndim == 3 else hu
             lung = semantic_map_from_hu(hu_2d, spacing_mm=float(spacing_mm[0])) == SemanticLabel.LUNG
+            lung &= ~_occupied(label, lung.shape, centre_slice, outline.shape[2], float(spacing_mm[0]))
             flat = outline.max(axis=2)
             site = free_site(lung, flat, float(spacing_mm[0]), np.random.default_rng(rng.randint(2**31)))
             if site is None:
@@ -431,6 +432,25 @@ def _outline(nodule_id: str, spacing_mm: Sequence[float], ndim: int, size_mm: fl
         return resample_mask(bank.centre_slice(nodule_id), in_plane, [float(s) for s in spacing_mm[:2]])[:, :, None]
     native = (in_plane, in_plane, float(bank.slice_spacing_mm[index]) * zoom)
     return resample_mask(bank.mask_3d(nodule_id), native, [float(s) for s in spacing_mm[:3]])
+
+
+NODULE_MARGIN_MM = 5.0
+
+
+def _occupied(label: np.ndarray | None, shape: tuple[int, ...], centre_slice: int, depth: int,
+              spacing_mm: float) -> np.ndarray:
+    """Pixels a new nodule must not cover: the label's nodules (on every slice the new one would span, in 3D)
+    grown by :data:`NODULE_MARGIN_MM`, so two lesions never merge into one label."""
+    if label is None:
+        return np.zeros(shape, bool)
+    label = np.asarray(label)
+    if label.ndim == 3:
+        first = max(centre_slice - depth // 2, 0)
+        label = label[..., first:first + depth].max(axis=2)
+    existing = label > 0
+    if not existing.any():
+        return existing
+    return ndimage.binary_dilation(existing, iterations=max(1, int(round(NODULE_MARGIN_MM / spacing_mm))))
 
 
 def _layer(outline_3d: np.ndarray, params: NoduleParameters, k: int | None) -> np.ndarray | None:

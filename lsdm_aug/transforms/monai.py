@@ -109,6 +109,19 @@ def _has_key(data: Mapping[Hashable, Any], key: Hashable, allow_missing: bool) -
     raise KeyError(f"key {key!r} is not in the data (keys: {list(data)})")
 
 
+def _label(data: Mapping[Hashable, Any], label_key: str | None, allow_missing: bool) -> Any:
+    """The label under ``label_key`` (None when no label is wanted); a missing one is an error unless
+    ``allow_missing``: a nodule inserted without its label would teach a detector that nodules are background."""
+    if label_key is None:
+        return None
+    if label_key in data:
+        return data[label_key]
+    if allow_missing:
+        return None
+    raise KeyError(f"label key {label_key!r} is not in the data (keys: {list(data)}); give the right label_key, "
+                   "label_key=None to insert without a label, or allow_missing_keys=True")
+
+
 def _record(x: Any, info: dict) -> None:
     """Append the draw to the MetaTensor's metadata as JSON text (any batch of it collates)."""
     if isinstance(x, MetaTensor):
@@ -130,9 +143,11 @@ class NoduleSynthd(RandomizableTransform, MapTransform):
 
     Args:
         keys: the image key (one key).
-        label_key: the label key, updated with the inserted mask (None: no label).
+        label_key: the label key, updated with the inserted mask (None: no label). A label key that is not in
+            the data is an error (as MONAI's label-aware transforms raise), unless ``allow_missing_keys``.
         prob: probability of acting.
-        allow_missing_keys: skip silently when the image key is missing.
+        allow_missing_keys: skip when the image key is missing, and go on without a label when the label
+            key is (MONAI's opt-out).
         **kwargs: as :class:`NoduleSynth`.
 
     Example:
@@ -163,7 +178,7 @@ class NoduleSynthd(RandomizableTransform, MapTransform):
         self.randomize(None)
         if not self._do_transform:
             return d
-        label = d.get(self.label_key) if self.label_key else None
+        label = _label(d, self.label_key, self.allow_missing_keys)
         self.synth.randomize(d[key], label)
         if label is None:
             d[key] = self.synth(d[key], randomize=False)
@@ -186,7 +201,8 @@ class NoduleSynthBatchd(RandomizableTransform, MapTransform):
 
     Args:
         keys: the image key (one key); images (B, 1, H, W) or (B, 1, H, W, D).
-        label_key: the label key, updated with the inserted masks (None: no label).
+        label_key: the label key, updated with the inserted masks (None: no label; missing from the data: an
+            error unless ``allow_missing_keys``).
         prob: probability of acting, per sample.
         spacing_mm: pixel spacing; read from each sample's affine (collated MetaTensor) when ``None``.
         **synthesis: as :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`.
@@ -222,7 +238,8 @@ class NoduleSynthBatchd(RandomizableTransform, MapTransform):
         if not _has_key(d, key, self.allow_missing_keys):
             return d
         images = _numpy(d[key])[:, 0]
-        labels = _numpy(d[self.label_key])[:, 0] if self.label_key and self.label_key in d else None
+        label = _label(d, self.label_key, self.allow_missing_keys)
+        labels = None if label is None else _numpy(label)[:, 0]
         spacings = self._spacings(d[key], images.ndim - 1)
         chosen, params = [], []
         for i in range(len(images)):

@@ -32,12 +32,27 @@ _PARAMETER_ARGS = ("mode", "features", "nodule_id", "centre", "slices", "seed", 
                    "outline_distance", "centre_slice")
 
 
-def _arrays(subject: tio.Subject, image_name: str, label_name: str | None):
+def _arrays(subject: tio.Subject, image_name: str, label_name: str | None, transform: tio.Transform):
+    """The CT image and label map to edit, or None when ``include`` / ``exclude`` leave the image out.
+
+    A missing image or label map is an error naming it and the images present; so is a label map left out by
+    ``include`` / ``exclude`` while its image is edited (the nodule would go unlabelled).
+    """
+    names = list(subject.get_images_dict(intensity_only=False))
     if image_name not in subject:
-        raise KeyError(f"subject has no image {image_name!r} (images: {list(subject.get_images_dict(intensity_only=False))})")
+        raise KeyError(f"subject has no image {image_name!r} (images: {names})")
+    if label_name is not None and label_name not in subject:
+        raise KeyError(f"subject has no label map {label_name!r} (images: {names}); give the right label_name, or "
+                       "label_name=None to insert without a label")
+    selected = subject.get_images_dict(intensity_only=False, include=transform.include, exclude=transform.exclude)
+    if image_name not in selected:
+        return None
+    if label_name is not None and label_name not in selected:
+        raise ValueError(f"include / exclude edit image {image_name!r} but leave out its label map {label_name!r}: "
+                         "the inserted nodule would go unlabelled")
     image = subject[image_name]
     array = image.data[0].numpy()
-    label = subject[label_name] if label_name and label_name in subject else None
+    label = subject[label_name] if label_name else None
     label_array = None if label is None else label.data[0].numpy()
     if array.shape[2] == 1:  # 2D
         array = array[:, :, 0]
@@ -49,7 +64,8 @@ class NoduleSynthesis(tio.Transform):
     """Apply given nodule parameters (as drawn by :class:`RandomNoduleSynth`) to a subject.
 
     Args:
-        image_name, label_name: the subject's CT image and (optional) label map.
+        image_name, label_name: the subject's CT image and its label map (None: no label; a name the subject
+            lacks is an error). TorchIO's ``include`` / ``exclude`` choose whether the image is edited.
         mode, features, nodule_id, centre, slices, seed, size_mm, skipped, bank_entry, outline_distance,
             centre_slice: the drawn :class:`~lsdm_aug.transforms.core.NoduleParameters`.
         guidance_scale, steps, label_value, intensity, hu_mean, hu_std, device, model, bank, cfg_scale: as
@@ -79,7 +95,10 @@ class NoduleSynthesis(tio.Transform):
         self.args_names = ["image_name", "label_name", *_PARAMETER_ARGS, *_SYNTHESIZER_ARGS]
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
-        image, array, label, label_array = _arrays(subject, self.image_name, self.label_name)
+        selected = _arrays(subject, self.image_name, self.label_name, self)
+        if selected is None:
+            return subject
+        image, array, label, label_array = selected
         params = NoduleParameters(**{k: getattr(self, k) for k in _PARAMETER_ARGS})
         spacing = image.spacing if array.ndim == 3 else image.spacing[:2]
         out, new_label, _ = self.synthesizer.apply(array, label_array, params, spacing)
@@ -93,7 +112,8 @@ class RandomNoduleSynth(RandomTransform):
     """Randomly insert, replace or remove a lung nodule with controlled features.
 
     Args:
-        image_name, label_name: the subject's CT image and (optional) label map.
+        image_name, label_name: the subject's CT image and its label map (None: no label; a name the subject
+            lacks is an error). TorchIO's ``include`` / ``exclude`` choose whether the image is edited.
         mode, malignancy, lobulation, spiculation, texture, size_mm, location, guidance_scale, steps,
             label_value, intensity, hu_mean, hu_std, device, model, bank, cfg_scale: as
             :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`.
@@ -116,7 +136,10 @@ class RandomNoduleSynth(RandomTransform):
                                              bank, cfg_scale=cfg_scale)
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
-        image, array, _, label_array = _arrays(subject, self.image_name, self.label_name)
+        selected = _arrays(subject, self.image_name, self.label_name, self)
+        if selected is None:
+            return subject
+        image, array, _, label_array = selected
         rng = np.random.RandomState(int(torch.randint(2**31 - 1, (1,)).item()))  # TorchIO draws with torch's RNG
         spacing = image.spacing if array.ndim == 3 else image.spacing[:2]
         params = self.synthesizer.draw(array, label_array, rng, spacing)

@@ -44,7 +44,7 @@ def test_torchio_takes_cfg_scale_and_replays_it(slice_hu, smoke_models):
     affine = np.diag([spacing, spacing, 1.0, 1.0])
     subject = tio.Subject(image=tio.ScalarImage(tensor=torch.from_numpy(hu)[None, ..., None], affine=affine))
     torch.manual_seed(0)
-    transformed = RandomNoduleSynth(malignancy=5, cfg_scale=3.0, model=str(smoke_models), steps=2)(subject)
+    transformed = RandomNoduleSynth(label_name=None, malignancy=5, cfg_scale=3.0, model=str(smoke_models), steps=2)(subject)
     fixed = transformed.get_composed_history().transforms[0]
     assert fixed.cfg_scale == 3.0
     assert torch.equal(transformed.get_composed_history()(subject).image.data, transformed.image.data)

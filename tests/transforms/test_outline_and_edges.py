@@ -105,3 +105,43 @@ def test_an_all_air_slice_has_no_lung_and_no_warning():
 def test_the_semantic_map_needs_the_spacing():
     with pytest.raises(ValueError, match="spacing_mm must be the slice's pixel spacing in mm"):
         semantic_map_from_hu(np.full((32, 32), -1000.0))
+
+
+def test_insertion_sites_keep_clear_of_existing_nodules(phantom_dataset):
+    """Insert mode on slices that have nodules: no new footprint touches an existing one (nor its 5 mm margin)."""
+    dataset = PreparedDataset(phantom_dataset)
+    cases = [dataset[c] for c in dataset.cases[dataset.cases.n_nodules > 0].case_id]
+    synth = NoduleSynthesizer(malignancy="balanced", model="default")
+    from lsdm_aug.transforms.core import _outline
+
+    overlaps = draws = 0
+    for seed in range(250):
+        case = cases[seed % len(cases)]
+        label = case["nodule_mask"].astype(np.float32)
+        params = synth.draw(unit_to_hu(case["image"]), label, np.random.RandomState(seed),
+                            (case["spacing_mm"],) * 2)
+        if params.skipped:
+            continue
+        draws += 1
+        outline = _outline(params.nodule_id, (case["spacing_mm"],) * 2, 2, None)[:, :, 0]
+        rows, cols = np.nonzero(outline)
+        top = int(round(params.centre[0] - (rows.min() + rows.max() + 1) / 2)) + rows.min()
+        left = int(round(params.centre[1] - (cols.min() + cols.max() + 1) / 2)) + cols.min()
+        placed = np.zeros(label.shape, bool)
+        r, c = rows - rows.min() + top, cols - cols.min() + left
+        keep = (r >= 0) & (r < label.shape[0]) & (c >= 0) & (c < label.shape[1])
+        placed[r[keep], c[keep]] = True
+        overlaps += bool((placed & (label > 0)).any())
+    assert draws > 50 and overlaps == 0
+
+
+def test_3d_sites_keep_clear_of_nodules_on_the_slices_the_new_one_spans(slice_hu_2d):
+    hu, spacing = slice_hu_2d
+    volume = np.stack([hu] * 6, axis=-1)
+    label = np.zeros(volume.shape, np.float32)
+    lung = semantic_map_from_hu(hu, spacing_mm=spacing) == 4
+    label[..., 4][lung] = 1  # the whole lung is "nodule" on slice 4
+    synth = NoduleSynthesizer(malignancy=5, size_mm=20.0, model="default")
+    for seed in range(10):
+        params = synth.draw(volume, label, np.random.RandomState(seed), (spacing, spacing, 2.0))
+        assert params.skipped == "no lung tissue" or 4 not in params.slices
