@@ -27,7 +27,7 @@ def build(
     cfg_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance scale w (>= 0; default: the "
                                                          "model's, see its model card).")] = None,
     steps: Annotated[int, typer.Option(help="DDIM steps per nodule.")] = 25,
-    size: Annotated[int, typer.Option(help="Phantom slice size: 64, 128, 256 or 512.")] = 128,
+    size: Annotated[int, typer.Option(help="Phantom slice size: 64, 128, 256 or 512 (at LIDC spacing).")] = 512,
     seed: Annotated[int, typer.Option(help="Master seed: same seed, same bank.")] = 0,
     source: Annotated[Path | None, typer.Option("--from", help="Generate in slices of this prepared or nnU-Net "
                                                               "dataset instead of new phantom slices.")] = None,

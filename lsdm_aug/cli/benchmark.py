@@ -89,3 +89,32 @@ def model_quality(
                                    evaluator_steps=evaluator_steps)
         report = run_model_quality(settings)
     typer.echo(quality_markdown(report))
+
+
+@app.command("model-card")
+def model_card(
+    model: Annotated[Path, typer.Option(help="Model folder to write MODEL_CARD.md into.")],
+    data_command: Annotated[str, typer.Option(help="The command that prepared the training data.")],
+    train_command: Annotated[list[str], typer.Option(help="A training command (repeat the option per stage).")],
+    quality: Annotated[Path | None, typer.Option(help="model_quality.json of lsdm-aug benchmark model-quality.")]
+    = None,
+) -> None:
+    """Write a model folder's card from its training configs and its quality report."""
+    if not (model / "unet.json").is_file():
+        fail(f"--model {str(model)!r} is not a model folder (no unet.json)")
+    if quality is not None and not quality.is_file():
+        fail(f"--quality {str(quality)!r} does not exist")
+    from lsdm_aug.benchmarks.model_card import write_model_card
+
+    typer.echo(write_model_card(model, data_command, train_command, quality))
+
+
+@app.command("data-layer")
+def data_layer(
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/data_layer"),
+    seed: Annotated[int, typer.Option(help="Seed of the phantom slices drawn.")] = 0,
+) -> None:
+    """Phantom vs LIDC rating distributions, lung Dice of the semantic map, phantom speed, vessel close-ups."""
+    from lsdm_aug.benchmarks.data_layer import markdown, run_data_layer
+
+    typer.echo(markdown(run_data_layer(out, seed)))

@@ -36,7 +36,7 @@ def synthesize(
     cfg_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance scale w (>= 0; default: the "
                                                          "model's, see its model card).")] = None,
     steps: Annotated[int, typer.Option(help="DDIM steps per nodule.")] = 25,
-    size: Annotated[int, typer.Option(help="Phantom slice size: 64, 128, 256 or 512.")] = 128,
+    size: Annotated[int, typer.Option(help="Phantom slice size: 64, 128, 256 or 512 (at LIDC spacing).")] = 512,
     seed: Annotated[int, typer.Option(help="Master seed: same seed, same dataset.")] = 0,
     nodules_per_slice: Annotated[int, typer.Option(help="Nodules inserted per case.")] = 1,
     source: Annotated[Path | None, typer.Option("--from", help="Insert into this prepared or nnU-Net dataset "

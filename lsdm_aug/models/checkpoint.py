@@ -27,10 +27,10 @@ from safetensors.torch import load_file, save_file
 
 __all__ = ["CheckpointError", "save_weights", "load_weights", "load_matching_weights", "read_config",
            "save_training_state", "load_training_state", "config_path", "resolve_model_dir", "SHIPPED_MODELS_DIR",
-           "DEFAULT_MODEL", "shipped_models"]
+           "DEFAULT_MODEL", "shipped_models", "save_half_precision"]
 
 SHIPPED_MODELS_DIR = Path(__file__).resolve().parent / "shipped"
-DEFAULT_MODEL = "phantom-128"
+DEFAULT_MODEL = "phantom-512"
 
 
 class CheckpointError(ValueError):
@@ -125,6 +125,21 @@ def load_matching_weights(path: str | Path, module: torch.nn.Module) -> list[str
         raise CheckpointError(f"checkpoint {str(path)!r} shares no weights with {type(target).__name__}")
     target.load_state_dict(usable, strict=False)
     return sorted(set(expected) - set(usable))
+
+
+def save_half_precision(source: str | Path, target: str | Path) -> None:
+    """Copy a weights file (and its JSON config) with float32 tensors stored as float16, to ship it at half the
+    size; :func:`load_weights` loads it into float32 modules as usual.
+
+    Example:
+        >>> import torch
+        >>> save_weights("/tmp/full.safetensors", torch.nn.Linear(2, 2), {"kind": "linear"})
+        >>> save_half_precision("/tmp/full.safetensors", "/tmp/half.safetensors")
+        >>> load_weights("/tmp/half.safetensors", torch.nn.Linear(2, 2))["stored_dtype"]
+        'float16'
+    """
+    tensors = {k: v.half() if v.dtype == torch.float32 else v for k, v in _read_tensors(Path(source)).items()}
+    _save(Path(target), tensors, {**read_config(source), "stored_dtype": "float16"})
 
 
 def shipped_models() -> list[str]:

@@ -78,7 +78,7 @@ class SynthesisRequest:
     count: int
     features: dict[str, Any] = field(default_factory=dict)
     balance: tuple[str, ...] = ()
-    size: int = 128
+    size: int = 512
     seed: int = 0
     guidance_scale: float = 1.0
     steps: int = 25
