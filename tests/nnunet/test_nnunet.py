@@ -173,3 +173,14 @@ def test_plan_widens_the_ct_window_and_the_trainer_refuses_nnunets_own(nnunet_di
                                        device=torch.device("cpu"))
     with pytest.raises(ValueError, match="NoduleSynth finds no lung"):
         trainer.get_training_transforms(np.array([64, 64]), (0, 0), None, (0, 1), False, foreground_labels=[1])
+
+
+def test_the_nodule_label_of_a_multi_label_dataset_is_the_users_choice():
+    from lsdm_aug.nnunet.trainers.nnUNetTrainerNoduleSynth import nodule_label_value
+
+    assert nodule_label_value([1], None) == 1 and nodule_label_value(None, None) == 1
+    assert nodule_label_value([1, 2, 3], 2) == 2
+    with pytest.raises(ValueError, match=r"foreground labels \[1, 2\]: set label_value"):
+        nodule_label_value([2, 1], None)
+    with pytest.raises(ValueError, match=r"label_value 5 is not among the dataset's foreground labels \[1, 2\]"):
+        nodule_label_value([1, 2], 5)

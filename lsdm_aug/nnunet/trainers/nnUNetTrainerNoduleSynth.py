@@ -42,6 +42,25 @@ def _settings() -> dict:
     return settings
 
 
+def nodule_label_value(foreground_labels: list[int] | None, requested: int | None) -> int:
+    """The segmentation value of inserted nodules: the one foreground label of a single-label dataset, or the
+    user's ``label_value`` (``LSDM_AUG_NNUNET``), which must be one of the dataset's labels.
+
+    Example:
+        >>> nodule_label_value([1], None), nodule_label_value([1, 2], 2)
+        (1, 2)
+    """
+    labels = sorted(int(v) for v in (foreground_labels or [1]))
+    if requested is None:
+        if len(labels) > 1:
+            raise ValueError(f"the dataset has foreground labels {labels}: set label_value in LSDM_AUG_NNUNET to the "
+                             "nodule's label (e.g. {\"label_value\": 2})")
+        return labels[0]
+    if int(requested) not in labels:
+        raise ValueError(f"label_value {requested} is not among the dataset's foreground labels {labels}")
+    return int(requested)
+
+
 class nnUNetTrainerNoduleSynth(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming
     """nnU-Net trainer that inserts synthetic nodules with controlled features into training patches."""
 
@@ -67,9 +86,10 @@ class nnUNetTrainerNoduleSynth(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming
             patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
             use_mask_for_norm, is_cascaded, foreground_labels, regions, ignore_label)
         properties = self.plans_manager.foreground_intensity_properties_per_channel["0"]
+        settings = dict(self.nodule_synth_settings)
+        label_value = nodule_label_value(foreground_labels, settings.pop("label_value", None))
         synth = NoduleSynthTransform(spacing_mm=self.configuration_manager.spacing, hu_mean=properties["mean"],
-                                     hu_std=properties["std"], label_value=max(foreground_labels or [1]),
-                                     **{"device": "cpu", **self.nodule_synth_settings})
+                                     hu_std=properties["std"], label_value=label_value, **{"device": "cpu", **settings})
         if synth.prob > 0 and synth.synthesizer.mode == "insert":  # insertion looks for lung in the patch
             check_lung_window(properties)
         return ComposeTransforms([synth, *base.transforms])
