@@ -35,7 +35,6 @@ from monai.metrics import compute_roc_auc
 from scipy import ndimage
 
 from lsdm_aug.config import FEATURES
-from lsdm_aug.data.lidc import NoduleMaskBank, resample_mask
 from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig, free_site
 from lsdm_aug.data.prepared import PreparedDataset, hu_to_unit, unit_to_hu
 from lsdm_aug.data.semantic import SemanticLabel, semantic_map_from_hu
@@ -44,7 +43,7 @@ from lsdm_aug.metrics.features import frechet_distance
 from lsdm_aug.pipeline import LSDMPipeline
 from lsdm_aug.progress import track_progress
 from lsdm_aug.training.autoencoder import reconstruction_metrics
-from lsdm_aug.transforms.core import choose_outline, usable_nodule_table
+from lsdm_aug.transforms.core import choose_outline, nodule_outline, usable_nodule_table
 
 __all__ = ["QualitySettings", "run_model_quality", "quality_markdown", "GuidanceSetting"]
 
@@ -187,9 +186,8 @@ class Inserted:
 
 
 def _outline(nodule_id: str, spacing_mm: float) -> np.ndarray:
-    bank = NoduleMaskBank.default()
-    native_spacing = float(bank.pixel_spacing_mm[bank.nodule_ids.index(nodule_id)])
-    return resample_mask(bank.centre_slice(nodule_id), native_spacing, spacing_mm)
+    """The nodule's centre-slice outline at ``spacing_mm`` (as the transforms draw it)."""
+    return nodule_outline(nodule_id, (spacing_mm, spacing_mm), 2, None)[:, :, 0]
 
 
 def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests: list[dict[str, float]],

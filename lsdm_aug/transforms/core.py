@@ -32,7 +32,7 @@ from lsdm_aug.data.prepared import hu_to_unit, unit_to_hu
 from lsdm_aug.data.semantic import SemanticLabel, semantic_map_from_hu
 
 __all__ = ["NoduleSynthesizer", "NoduleParameters", "parse_feature", "MODES", "load_pipeline", "usable_nodule_table",
-           "choose_outline", "SHAPE_FEATURES"]
+           "choose_outline", "nodule_outline", "SHAPE_FEATURES"]
 
 SHAPE_FEATURES = ("malignancy", "lobulation", "spiculation")  # what a nodule's outline carries
 
@@ -198,7 +198,7 @@ class NoduleSynthesizer:
             nodule_id, outline = self._bank_outline(bank_entry, spacing_mm, hu.ndim)
         else:
             nodule_id, distance = self._draw_outline(rng, features)
-            outline = _outline(nodule_id, spacing_mm, hu.ndim, self.size_mm)
+            outline = nodule_outline(nodule_id, spacing_mm, hu.ndim, self.size_mm)
         slice_axis_len = hu.shape[2] if hu.ndim == 3 else 1
         if self.location is not None:
             centre_slice = self.location[2] if len(self.location) == 3 else slice_axis_len // 2
@@ -229,7 +229,7 @@ class NoduleSynthesizer:
         entry = load_bank(self.bank).entry(index)
         nodule_id = str(entry.row["source_nodule_id"])
         _, mask = bank_outline(entry, float(spacing_mm[0]), self.size_mm, entry.row.get("source_diameter_mm"))
-        depth = _outline(nodule_id, spacing_mm, 3, self.size_mm).shape[2] if ndim == 3 else 1
+        depth = nodule_outline(nodule_id, spacing_mm, 3, self.size_mm).shape[2] if ndim == 3 else 1
         return nodule_id, np.repeat(mask[:, :, None], depth, axis=2)
 
     def _draw_existing(self, label: np.ndarray | None, features: dict[str, float], seed: int) -> NoduleParameters:
@@ -258,7 +258,7 @@ class NoduleSynthesizer:
         new_label = None if label is None else np.asarray(label).copy()
         hu = self.to_hu(image)
         slices = params.slices if image.ndim == 3 else (None,)
-        outline_3d = _outline(params.nodule_id, spacing_mm, image.ndim, params.size_mm) if params.mode == "insert" else None
+        outline_3d = nodule_outline(params.nodule_id, spacing_mm, image.ndim, params.size_mm) if params.mode == "insert" else None
         changed = 0
         for k in slices:
             hu_2d = hu if k is None else hu[..., k]
@@ -303,7 +303,7 @@ class NoduleSynthesizer:
         if out.ndim == 2:
             layers: list[tuple[int | None, np.ndarray]] = [(None, mask)]
         else:
-            outline_3d = _outline(params.nodule_id, spacing_mm, 3, params.size_mm)
+            outline_3d = nodule_outline(params.nodule_id, spacing_mm, 3, params.size_mm)
             areas = outline_3d.sum(axis=(0, 1))
             areas = areas / max(areas.max(), 1) * mask.sum()
             first = params.centre_slice - outline_3d.shape[2] // 2
@@ -348,7 +348,7 @@ class NoduleSynthesizer:
                 inputs.append(_model_inputs(self.to_hu(images[i]), label, spacings_mm[i]))
             pipe = load_pipeline(self.model, self.device)
             edits = pipe.insert_batch([u for u, _ in inputs], [m for _, m in inputs],
-                                      [_outline(params[i].nodule_id, spacings_mm[i], 2, params[i].size_mm)[:, :, 0]
+                                      [nodule_outline(params[i].nodule_id, spacings_mm[i], 2, params[i].size_mm)[:, :, 0]
                                        for i in batch],
                                       [params[i].centre for i in batch], [params[i].features for i in batch],
                                       [params[i].seed for i in batch], steps=self.steps,
@@ -420,7 +420,7 @@ def usable_nodule_table():
     return table[table.consensus_voxels > 0].reset_index(drop=True)
 
 
-def _outline(nodule_id: str, spacing_mm: Sequence[float], ndim: int, size_mm: float | None) -> np.ndarray:
+def nodule_outline(nodule_id: str, spacing_mm: Sequence[float], ndim: int, size_mm: float | None) -> np.ndarray:
     """A nodule's consensus mask at the image's spacing, (H, W, D); for 2D images its centre slice, (H, W, 1)."""
     bank = NoduleMaskBank.default()
     index = bank.nodule_ids.index(nodule_id)

@@ -112,7 +112,7 @@ def test_insertion_sites_keep_clear_of_existing_nodules(phantom_dataset):
     dataset = PreparedDataset(phantom_dataset)
     cases = [dataset[c] for c in dataset.cases[dataset.cases.n_nodules > 0].case_id]
     synth = NoduleSynthesizer(malignancy="balanced", model="default")
-    from lsdm_aug.transforms.core import _outline
+    from lsdm_aug.transforms.core import nodule_outline
 
     overlaps = draws = 0
     for seed in range(250):
@@ -123,7 +123,7 @@ def test_insertion_sites_keep_clear_of_existing_nodules(phantom_dataset):
         if params.skipped:
             continue
         draws += 1
-        outline = _outline(params.nodule_id, (case["spacing_mm"],) * 2, 2, None)[:, :, 0]
+        outline = nodule_outline(params.nodule_id, (case["spacing_mm"],) * 2, 2, None)[:, :, 0]
         rows, cols = np.nonzero(outline)
         top = int(round(params.centre[0] - (rows.min() + rows.max() + 1) / 2)) + rows.min()
         left = int(round(params.centre[1] - (cols.min() + cols.max() + 1) / 2)) + cols.min()
