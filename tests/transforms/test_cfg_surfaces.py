@@ -17,13 +17,6 @@ from lsdm_aug.transforms.nnunet import NoduleSynthTransform
 from lsdm_aug.transforms.torchio import RandomNoduleSynth
 
 
-@pytest.fixture(scope="module")
-def slice_hu(phantom_dataset):
-    dataset = PreparedDataset(phantom_dataset)
-    case = dataset[dataset.cases[dataset.cases.n_nodules == 0].case_id.iloc[0]]
-    return unit_to_hu(case["image"]), float(case["spacing_mm"])
-
-
 def _monai(hu, spacing, models, cfg_scale):
     image = MetaTensor(torch.from_numpy(hu)[None], affine=torch.diag(torch.tensor([spacing, spacing, 1.0, 1.0])))
     synth = NoduleSynth(malignancy=5, texture=1, guidance_scale=0.0, cfg_scale=cfg_scale, model=str(models), steps=2)

@@ -49,23 +49,16 @@ def test_size_steers_the_outline_to_nodules_of_about_that_diameter():
     assert all(25.0 / 1.5 <= d <= 25.0 * 1.5 for d in diameters)
 
 
-def test_the_synthesizer_records_the_outline_distance(slice_hu_2d):
-    hu, spacing = slice_hu_2d
+def test_the_synthesizer_records_the_outline_distance(slice_hu):
+    hu, spacing = slice_hu
     synth = NoduleSynthesizer(malignancy=1, lobulation=4, spiculation=5, model="default")
     params = synth.draw(hu, None, np.random.RandomState(0), (spacing, spacing))
     assert params.outline_distance > 0 and not params.skipped
 
 
-@pytest.fixture(scope="module")
-def slice_hu_2d(phantom_dataset):
-    dataset = PreparedDataset(phantom_dataset)
-    case = dataset[dataset.cases[dataset.cases.n_nodules == 0].case_id.iloc[0]]
-    return unit_to_hu(case["image"]), float(case["spacing_mm"])
-
-
-def test_a_slice_stored_as_a_volume_of_depth_one_gets_the_centre_layer(slice_hu_2d, smoke_models):
+def test_a_slice_stored_as_a_volume_of_depth_one_gets_the_centre_layer(slice_hu, smoke_models):
     """(H, W, 1): the one slice must get the nodule's widest (centre) layer, not its top cap."""
-    hu, spacing = slice_hu_2d
+    hu, spacing = slice_hu
     volume = hu[..., None]
     synth = NoduleSynthesizer(malignancy=5, size_mm=12.0, model=str(smoke_models), steps=2)
     for seed in range(6):
@@ -82,8 +75,8 @@ def test_a_slice_stored_as_a_volume_of_depth_one_gets_the_centre_layer(slice_hu_
     pytest.fail("no draw found lung")
 
 
-def test_when_nothing_changes_skipped_says_why(slice_hu_2d, smoke_models):
-    hu, spacing = slice_hu_2d
+def test_when_nothing_changes_skipped_says_why(slice_hu, smoke_models):
+    hu, spacing = slice_hu
     volume = np.stack([hu] * 3, axis=-1)
     synth = NoduleSynthesizer(malignancy=5, size_mm=12.0, model=str(smoke_models), steps=2)
     params = synth.draw(volume, None, np.random.RandomState(0), (spacing, spacing, 2.5))
@@ -135,8 +128,8 @@ def test_insertion_sites_keep_clear_of_existing_nodules(phantom_dataset):
     assert draws > 50 and overlaps == 0
 
 
-def test_3d_sites_keep_clear_of_nodules_on_the_slices_the_new_one_spans(slice_hu_2d):
-    hu, spacing = slice_hu_2d
+def test_3d_sites_keep_clear_of_nodules_on_the_slices_the_new_one_spans(slice_hu):
+    hu, spacing = slice_hu
     volume = np.stack([hu] * 6, axis=-1)
     label = np.zeros(volume.shape, np.float32)
     lung = semantic_map_from_hu(hu, spacing_mm=spacing) == 4

@@ -14,13 +14,6 @@ from lsdm_aug.transforms.monai import NoduleSynth, NoduleSynthd, NoduleSynthD, N
 from lsdm_aug.transforms.torchio import NoduleSynthesis, RandomNoduleSynth
 
 
-@pytest.fixture(scope="module")
-def slice_hu(phantom_dataset):
-    dataset = PreparedDataset(phantom_dataset)
-    case = dataset[dataset.cases[dataset.cases.n_nodules == 0].case_id.iloc[0]]
-    return unit_to_hu(case["image"]), float(case["spacing_mm"])
-
-
 def _meta(array: np.ndarray, spacing: float, z: float = 1.0) -> MetaTensor:
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(array))[None].float(),
                       affine=torch.diag(torch.tensor([spacing, spacing, z, 1.0])))
