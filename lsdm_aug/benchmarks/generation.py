@@ -103,7 +103,8 @@ def _ensure_ldm(recipe: GenerationRecipe, pipe: LSDMPipeline) -> Path:
 
     folder = Path(recipe.ldm)
     model_recipe = load_recipe(recipe.model_recipe)
-    model_recipe.diffusion.spade = False
+    model_recipe.diffusion.spade = False  # the LDM baseline sees neither the map's SPADE nor the features
+    model_recipe.diffusion.feature_conditioning = False
     model_recipe.name = f"{model_recipe.name}-ldm"
     model_recipe.train_diffusion.steps = recipe.ldm_steps or model_recipe.train_diffusion.steps
     if not (folder / UNET_FILE).is_file() or _steps_in(folder / "unet.json") < model_recipe.train_diffusion.steps:
