@@ -179,7 +179,8 @@ def plan_window(image: np.ndarray, semantic_map: np.ndarray, region: np.ndarray,
         region: what to regenerate.
         spacing_mm: the image's pixel spacing.
         model_spacing_mm: the spacing the model trained at.
-        window_model_px: the smallest window side, in model pixels (the U-Net's training window).
+        window_model_px: the smallest window side, in model pixels (the U-Net's training window); an image
+            smaller than that (a training patch) gets the largest window that fits it, if the nodule does.
         factor: the autoencoder's downsampling; multiple: the U-Net's, in latent pixels (the side is a multiple
             of ``factor * multiple`` model pixels).
         feather_px: the blend's feather, in model pixels (the same width in millimetres at any image spacing).
@@ -197,6 +198,9 @@ def plan_window(image: np.ndarray, semantic_map: np.ndarray, region: np.ndarray,
     step = factor * multiple
     size = int(math.ceil(max(window_model_px, extent_model) / step)) * step
     height, width = region.shape
+    fitting = int(math.floor(min(height, width) / scale / step + 1e-9)) * step
+    if extent_model <= fitting < size:  # a patch smaller than the training window: the U-Net is convolutional
+        size = fitting
     if size * scale > min(height, width) + 1e-6:
         raise ValueError(f"a nodule spanning {int(round(extent_model * scale))} px with its margin does not fit a "
                          f"{height} x {width} image (the edit window needs {size * scale:.0f} px)")

@@ -73,6 +73,8 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d",)
     env = dict(os.environ if env is None else env)
     if not env.get("nnUNet_raw") or not env.get("nnUNet_preprocessed"):
         raise ValueError("nnUNet_raw and nnUNet_preprocessed must be set to plan and preprocess a dataset")
+    if env.get("nnUNet_n_proc_DA") == "0":  # training's single-process loading; nnU-Net's planner sets its
+        env["nnUNet_n_proc_DA"] = "1"         # torch threads from it and fails on 0
     name = _dataset_name(int(dataset_id), Path(env["nnUNet_raw"]))
     plans_file = Path(env["nnUNet_preprocessed"]) / name / "nnUNetPlans.json"
     entry = "from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import {0}; {0}()"

@@ -8,7 +8,9 @@ gets the nodule label. ``get_parameters`` draws (the random part), ``apply`` onl
 
 Axes: nnU-Net hands 2D patches as (C, y, x) and 3D patches as (C, z, y, x), with the configuration's
 spacing in the same order; the synthesizer works on (H, W) or (H, W, D) with axial slices last, so a 3D
-patch is viewed as (y, x, z) and its spacing reordered to match.
+patch is viewed as (y, x, z) and its spacing reordered to match. nnU-Net transposes a dataset so that its
+coarsest axis comes first (``transpose_forward`` in the plans): when that is not z, ``axial_axis`` says
+where z went (the trainer sets it from the plans).
 
 Example:
     >>> transform = NoduleSynthTransform(spacing_mm=(0.7, 0.7), hu_mean=-300.0, hu_std=400.0, prob=0.3)  # doctest: +SKIP
@@ -37,6 +39,7 @@ class NoduleSynthTransform(BasicTransform):
         hu_mean, hu_std: the CT channel's foreground mean and std from the plans.
         prob: probability per sample.
         label_value: segmentation value of the inserted nodule.
+        axial_axis: the patch axis (after the channel) along which axial slices follow, for 3D patches.
         **synthesis: :class:`~lsdm_aug.transforms.core.NoduleSynthesizer` arguments (mode, features,
             guidance_scale, cfg_scale, steps, model, device ...).
 
@@ -45,26 +48,38 @@ class NoduleSynthTransform(BasicTransform):
     """
 
     def __init__(self, spacing_mm: Sequence[float], hu_mean: float, hu_std: float, prob: float = 0.3,
-                 label_value: int = 1, **synthesis: Any) -> None:
+                 label_value: int = 1, axial_axis: int = 0, **synthesis: Any) -> None:
         super().__init__()
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"prob must be in [0, 1], got {prob!r}")
+        if axial_axis not in (0, 1, 2):
+            raise ValueError(f"axial_axis must be 0, 1 or 2 (a 3D patch's axes after the channel), got {axial_axis!r}")
         self.spacing_mm, self.prob = tuple(float(s) for s in spacing_mm), float(prob)
+        self.axial_axis = int(axial_axis)
         self.synthesizer = NoduleSynthesizer(intensity="normalized", hu_mean=hu_mean, hu_std=hu_std,
                                              label_value=label_value, **synthesis)
         self.last_record: dict[str, Any] = {}
 
     def _axial_last(self, array: np.ndarray) -> np.ndarray:
         """nnU-Net's (z, y, x) as the synthesizer's (y, x, z); 2D (y, x) as it is."""
-        return np.moveaxis(array, 0, -1) if array.ndim == 3 else array
+        return np.moveaxis(array, self.axial_axis, -1) if array.ndim == 3 else array
 
     def _nnunet_order(self, array: np.ndarray) -> np.ndarray:
-        return np.moveaxis(array, -1, 0) if array.ndim == 3 else array
+        return np.moveaxis(array, -1, self.axial_axis) if array.ndim == 3 else array
 
     def _spacing(self, ndim: int) -> tuple[float, ...]:
+        """The spacing in the synthesizer's order (in-plane first), in-plane pixels checked to be square."""
         if len(self.spacing_mm) != ndim:
             raise ValueError(f"spacing_mm {self.spacing_mm} has {len(self.spacing_mm)} axes, the patch has {ndim}")
-        return self.spacing_mm[1:] + self.spacing_mm[:1] if ndim == 3 else self.spacing_mm
+        if ndim == 3:
+            spacing = self.spacing_mm
+            spacing = tuple(s for i, s in enumerate(spacing) if i != self.axial_axis) + (spacing[self.axial_axis],)
+        else:
+            spacing = self.spacing_mm
+        if abs(spacing[0] - spacing[1]) > 0.02 * max(spacing[:2]):
+            raise ValueError(f"in-plane pixels must be square, got spacing {spacing[:2]} mm (patch spacing "
+                             f"{self.spacing_mm}, axial axis {self.axial_axis}): is axial_axis right?")
+        return spacing
 
     def get_parameters(self, **data_dict: Any) -> dict[str, Any]:
         rng = np.random.RandomState(np.random.randint(2**31 - 1))  # nnU-Net seeds NumPy per worker

@@ -44,6 +44,18 @@ def test_the_same_spacing_is_the_plain_latent_window():
     assert np.array_equal(window.model_region(), region[window.grid.image_slices(region.shape)])
 
 
+def test_a_patch_smaller_than_the_training_window_gets_the_largest_window_that_fits():
+    """nnU-Net patches can be narrower than the U-Net's training window; the U-Net is convolutional."""
+    region = np.zeros((40, 80), bool)
+    region[18:22, 38:42] = True
+    window = plan_window(np.zeros((40, 80)), np.zeros((40, 80), np.uint8), region, 0.7, 0.7, 64, 4, 4)
+    assert window.grid.size_model_px == 32  # the largest multiple of 16 within 40 px
+    large = np.zeros((40, 80), bool)
+    large[2:38, 20:56] = True
+    with pytest.raises(ValueError, match="does not fit a 40 x 80 image"):
+        plan_window(np.zeros((40, 80)), np.zeros((40, 80), np.uint8), large, 0.7, 0.7, 64, 4, 4)
+
+
 def test_resampling_there_and_back_keeps_a_smooth_image():
     rows, cols = np.indices((200, 200))
     image = np.sin(rows / 15.0) * np.cos(cols / 11.0)

@@ -60,6 +60,39 @@ def test_a_3d_patch_in_nnunet_axis_order_gets_nodules(normalized_sample, smoke_m
     assert inserted >= 3  # a stack of lung slices always has lung
 
 
+def test_a_transposed_3d_patch_gets_its_nodule_along_the_axis_z_went_to(normalized_sample, smoke_models):
+    """nnU-Net puts the coarsest axis first: with z second, the nodule's slices follow axis 1 of the patch."""
+    image, _, spacing = normalized_sample
+    patch = image[0][:, None, :].repeat(1, 12, 1)[None]  # (1, y, z=12, x)
+    transform = NoduleSynthTransform((spacing, 1.0, spacing), HU_MEAN, HU_STD, prob=1.0, model=str(smoke_models),
+                                     steps=2, malignancy=5, size_mm=10.0, axial_axis=1)
+    inserted = 0
+    for seed in range(3):
+        np.random.seed(seed)
+        out = transform(image=patch.clone(), segmentation=torch.zeros(patch.shape, dtype=torch.int16))
+        if transform.last_record.get("changed_pixels", 0) > 0:
+            inserted += 1
+            labelled_z = torch.nonzero(out["segmentation"][0].movedim(1, 0).flatten(1).any(1)).flatten().tolist()
+            assert labelled_z and set(labelled_z) <= set(transform.last_record["slices"])
+    assert inserted >= 2
+
+
+def test_non_square_in_plane_pixels_are_refused(normalized_sample, smoke_models):
+    image, _, spacing = normalized_sample
+    patch = image[0][None].repeat(12, 1, 1)[None]
+    transform = NoduleSynthTransform((spacing, 1.0, spacing), HU_MEAN, HU_STD, prob=1.0, model=str(smoke_models))
+    with pytest.raises(ValueError, match="in-plane pixels must be square"):
+        transform(image=patch.clone(), segmentation=torch.zeros(patch.shape, dtype=torch.int16))
+
+
+def test_a_2d_configuration_that_does_not_slice_axially_is_refused():
+    from lsdm_aug.nnunet.trainers.nnUNetTrainerNoduleSynth import axial_axis
+
+    assert axial_axis([2, 0, 1], 3) == 1
+    with pytest.raises(ValueError, match="not axially"):
+        axial_axis([1, 0, 2], 2)
+
+
 def test_a_patch_whose_spacing_has_other_axes_is_refused(normalized_sample, smoke_models):
     image, segmentation, spacing = normalized_sample
     transform = NoduleSynthTransform((2.5, spacing, spacing), HU_MEAN, HU_STD, prob=1.0, model=str(smoke_models))

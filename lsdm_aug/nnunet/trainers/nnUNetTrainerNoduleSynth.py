@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Sequence
 from unittest import mock
 
 import numpy as np
@@ -61,6 +62,22 @@ def nodule_label_value(foreground_labels: list[int] | None, requested: int | Non
     return int(requested)
 
 
+def axial_axis(transpose_forward: Sequence[int], patch_dims: int) -> int:
+    """Where z went in nnU-Net's patches: nnU-Net reads every image as (z, y, x) and then transposes it by the
+    plans' ``transpose_forward`` (coarsest axis first). A 2D configuration must slice along z.
+
+    Example:
+        >>> axial_axis([0, 1, 2], 3), axial_axis([1, 0, 2], 3)
+        (0, 1)
+    """
+    axis = list(transpose_forward).index(0)
+    if patch_dims == 2 and axis != 0:
+        raise ValueError(f"nnU-Net's 2d configuration slices this dataset along its axis {transpose_forward[0]} "
+                         f"(transpose_forward {list(transpose_forward)}), not axially: NoduleSynth inserts into axial "
+                         "slices; use 3d_fullres")
+    return axis
+
+
 class nnUNetTrainerNoduleSynth(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming
     """nnU-Net trainer that inserts synthetic nodules with controlled features into training patches."""
 
@@ -89,7 +106,9 @@ class nnUNetTrainerNoduleSynth(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming
         settings = dict(self.nodule_synth_settings)
         label_value = nodule_label_value(foreground_labels, settings.pop("label_value", None))
         synth = NoduleSynthTransform(spacing_mm=self.configuration_manager.spacing, hu_mean=properties["mean"],
-                                     hu_std=properties["std"], label_value=label_value, **{"device": "cpu", **settings})
+                                     hu_std=properties["std"], label_value=label_value,
+                                     axial_axis=axial_axis(self.plans_manager.transpose_forward, len(patch_size)),
+                                     **{"device": "cpu", **settings})
         if synth.prob > 0 and synth.synthesizer.mode == "insert":  # insertion looks for lung in the patch
             check_lung_window(properties)
         return ComposeTransforms([synth, *base.transforms])
