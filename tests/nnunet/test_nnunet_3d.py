@@ -1,7 +1,7 @@
-"""nnUNetTrainerNoduleSynth in ``3d_fullres``: nnU-Net's own planner, data loader and transforms on 3D volumes.
+"""nnUNetTrainerNoduleSynth in ``3d_fullres``: nnU-Net's own planner and training loop on 3D volumes.
 
-nnU-Net hands 3D patches to the transforms as (C, z, y, x); the test counts how many of the patches its own
-loader produced received a labelled nodule.
+nnU-Net hands 3D patches to the transforms as (C, z, y, x), transposed by its plans; the test trains a few
+iterations and counts how many training patches received a labelled nodule.
 """
 
 from __future__ import annotations
@@ -43,10 +43,7 @@ folder = sys.argv[1]
 plans = json.load(open(folder + "/nnUNetPlans.json")) | {"continue_training": False}
 transpose_forward = plans["transpose_forward"]
 trainer = trainer_class()(plans, "3d_fullres", "all", json.load(open(folder + "/dataset.json")), device=torch.device("cpu"))
-trainer.initialize()
-train_loader, _ = trainer.get_dataloaders()
-for _ in range(int(sys.argv[2])):
-    next(train_loader)
+trainer.run_training()  # nnU-Net's own loop: its loader, its transforms, a few iterations
 print("RECORDS" + json.dumps({"patch_size": list(trainer.configuration_manager.patch_size), "records": records,
                               "transpose_forward": list(trainer.plans_manager.transpose_forward)}))
 """
@@ -101,15 +98,16 @@ def nnunet_3d(tmp_path_factory, smoke_models):
 @pytest.mark.slow
 def test_the_trainer_inserts_labelled_nodules_into_3d_fullres_patches(nnunet_3d, smoke_models):
     env, preprocessed = nnunet_3d
-    batches = 3
+    iterations = 3
     env = {**env, "LSDM_AUG_NNUNET": json.dumps({"prob": 1.0, "model": str(smoke_models), "steps": 2, "seed": 0,
-                                                 "size_mm": 12.0})}
-    result = subprocess.run([sys.executable, "-c", COUNT_PATCHES, str(preprocessed), str(batches)], env=env,
+                                                 "size_mm": 12.0, "num_epochs": 1, "num_iterations_per_epoch": iterations,
+                                                 "num_val_iterations_per_epoch": 1})}
+    result = subprocess.run([sys.executable, "-c", COUNT_PATCHES, str(preprocessed)], env=env,
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     counted = json.loads(result.stdout.split("RECORDS", 1)[1])
     records = counted["records"]
-    assert len(counted["patch_size"]) == 3 and len(records) >= 2 * batches  # nnU-Net's 3D loader, every patch
+    assert len(counted["patch_size"]) == 3 and len(records) >= 2 * iterations  # every training patch
     assert all(len(r["patch"]) == 4 for r in records)  # (C, z, y, x) as nnU-Net hands them over
     # in-plane pixels coarser than the slices: nnU-Net moves z off the first axis
     z_axis = counted["transpose_forward"].index(0)

@@ -6,27 +6,16 @@ import pytest
 import torch
 
 from lsdm_aug.config import load_recipe
-from lsdm_aug.models.unet import SemanticCondition, build_unet, feature_levels, predict_noise, semantic_onehot
+from lsdm_aug.models.unet import SemanticCondition, feature_levels, predict_noise, semantic_onehot
 from lsdm_aug.sampling.sampler import guided_noise, sample_latents
 from lsdm_aug.sampling.schedulers import build_scheduler
 
 SHAPE = (2, 3, 8, 8)
 
 
-def _unet(feature_conditioning: bool) -> torch.nn.Module:
-    recipe = load_recipe("phantom-smoke")
-    recipe.diffusion.feature_conditioning = feature_conditioning
-    torch.manual_seed(0)
-    unet = build_unet(recipe.diffusion, recipe.autoencoder.latent_channels).eval()
-    with torch.no_grad():
-        for parameter in unet.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return unet
-
-
 @pytest.fixture(scope="module")
-def unet():
-    return _unet(True)
+def unet(perturbed_unet):
+    return perturbed_unet(True)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +55,8 @@ def test_without_given_features_every_scale_is_the_plain_prediction(unet, condit
         assert torch.equal(guided_noise(unet, latent, t, nothing, w), plain)
 
 
-def test_a_unet_without_features_ignores_the_scale(condition):
-    plain_unet = _unet(False)
+def test_a_unet_without_features_ignores_the_scale(condition, perturbed_unet):
+    plain_unet = perturbed_unet(False)
     latent, t = _inputs()
     assert torch.equal(guided_noise(plain_unet, latent, t, condition, 3.0), predict_noise(plain_unet, latent, t, condition))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lsdm_aug.config import load_recipe
-from lsdm_aug.models.unet import SemanticCondition, build_unet, semantic_onehot
+from lsdm_aug.models.unet import SemanticCondition, semantic_onehot
 from lsdm_aug.sampling.sampler import KnownRegion, sample_latents
 from lsdm_aug.sampling.schedulers import build_scheduler
 
@@ -19,14 +19,8 @@ def recipe():
 
 
 @pytest.fixture(scope="module")
-def unet(recipe):
-    """A small U-Net moved off MONAI's zero-initialised output, so it predicts non-trivial noise."""
-    torch.manual_seed(0)
-    unet = build_unet(recipe.diffusion, recipe.autoencoder.latent_channels).eval()
-    with torch.no_grad():
-        for parameter in unet.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return unet
+def unet(perturbed_unet):
+    return perturbed_unet(True)  # the smoke recipe's U-Net, feature-conditioned
 
 
 @pytest.fixture(scope="module")
