@@ -15,7 +15,11 @@ and written to ``model_quality.md`` / ``model_quality.json``:
    nodule-crop Fréchet distance relative to no guidance;
 4. the insertion gates again at other pixel spacings (phantom backgrounds drawn at that spacing; the edit
    path resamples to the model's);
-5. **speed**: a local insertion against generating the whole slice, at the same steps.
+5. **speed**: a local insertion against generating the whole slice, at the same steps;
+6. ``guidance_grid.png``: one outline, one site, one seed; rows malignancy 1..5 requested, columns the
+   guidance settings.
+
+Each finished section is kept under ``out/parts-<hash>/``: rerunning the command resumes.
 
 Example:
     >>> report = run_model_quality(QualitySettings(data="prepared/phantom-512"))  # doctest: +SKIP
@@ -23,8 +27,10 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +42,7 @@ from scipy import ndimage
 
 from lsdm_aug.config import FEATURES
 from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig, free_site
-from lsdm_aug.data.prepared import PreparedDataset, hu_to_unit, unit_to_hu
+from lsdm_aug.data.prepared import PreparedDataset, atomic_write_text, hu_to_unit, unit_to_hu
 from lsdm_aug.data.semantic import SemanticLabel, semantic_map_from_hu
 from lsdm_aug.metrics.evaluator import NoduleEvaluator, nodule_crops
 from lsdm_aug.metrics.features import frechet_distance
@@ -45,7 +51,7 @@ from lsdm_aug.progress import track_progress
 from lsdm_aug.training.autoencoder import reconstruction_metrics
 from lsdm_aug.transforms.core import choose_outline, nodule_outline, usable_nodule_table
 
-__all__ = ["QualitySettings", "run_model_quality", "quality_markdown", "GuidanceSetting"]
+__all__ = ["QualitySettings", "run_model_quality", "quality_markdown", "GuidanceSetting", "guidance_grid"]
 
 SATURATED_HU = 400.0
 CALCIFIED = 6  # LIDC calcification 6 = absent
@@ -244,39 +250,95 @@ def _levels(feature: str, count: int, high: bool) -> list[float]:
     return [pair[i % len(pair)] for i in range(count)]
 
 
-def control(pipe: LSDMPipeline, evaluators: dict[str, NoduleEvaluator], backgrounds: list[Background],
-            settings: QualitySettings, crop_spacing_mm: float, real_crops: np.ndarray) -> dict[str, Any]:
-    """Per feature and guidance setting: evaluator AUC of level 1 vs 5 (malignancy 1-2 vs 4-5) requested, the
-    outline chosen by the requested shape features; plus guidance alone on shared outlines."""
+def control_setting(pipe: LSDMPipeline, evaluators: dict[str, NoduleEvaluator], backgrounds: list[Background],
+                    settings: QualitySettings, setting: GuidanceSetting, crop_spacing_mm: float,
+                    real_crops: np.ndarray) -> dict[str, Any]:
+    """One guidance setting: per feature the evaluator AUC of level 1 vs 5 requested (malignancy 1-2 vs 4-5), the
+    outline chosen by the requested shape features; the saturated share; guidance alone on shared outlines."""
     crop_px = pipe.recipe.classifiers.crop_px
+    aucs, saturated = {}, []
+    for feature in settings.features:
+        results = {}
+        for high in (False, True):
+            requests = [{feature: v} for v in _levels(feature, settings.count, high)]
+            results[high] = insert_requests(pipe, backgrounds, requests, setting, settings.steps, settings.seed,
+                                            crop_px, crop_spacing_mm)
+        scores = {h: evaluators[feature].high_probability(r.crops) for h, r in results.items()}
+        aucs[feature] = _auc(scores[True], scores[False])
+        both = np.concatenate([results[False].p90_hu[results[False].calcified],
+                               results[True].p90_hu[results[True].calcified]])
+        saturated.extend((both >= SATURATED_HU).tolist())
+    shared = [{} for _ in range(settings.count)]  # outlines drawn without regard to malignancy
+    malignant = insert_requests(pipe, backgrounds, [{"malignancy": 5.0}] * settings.count, setting, settings.steps,
+                                settings.seed + 1, crop_px, crop_spacing_mm, shared)
+    benign = insert_requests(pipe, backgrounds, [{"malignancy": 1.0}] * settings.count, setting, settings.steps,
+                             settings.seed + 1, crop_px, crop_spacing_mm, shared)
+    judge = evaluators["malignancy"]
+    alone = {"setting": setting.name,
+             "auc": _auc(judge.high_probability(malignant.crops), judge.high_probability(benign.crops)),
+             "nodule_frechet": _frechet(judge, np.concatenate([malignant.crops, benign.crops]), real_crops),
+             "seconds_per_insertion": malignant.seconds}
+    return {"per_feature": aucs, "saturated": float(np.mean(saturated)) if saturated else None, "guidance_alone": alone}
+
+
+def control_table(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The settings' :func:`control_setting` results as one table (Fréchet relative to the first, no guidance)."""
     table: dict[str, Any] = {"per_feature": {}, "guidance_alone": [], "saturated": {}}
-    for setting in track_progress(settings.settings, "guidance settings"):
-        for feature in settings.features:
-            results = {}
-            for high in (False, True):
-                requests = [{feature: v} for v in _levels(feature, settings.count, high)]
-                results[high] = insert_requests(pipe, backgrounds, requests, setting, settings.steps, settings.seed,
-                                                crop_px, crop_spacing_mm)
-            scores = {h: evaluators[feature].high_probability(r.crops) for h, r in results.items()}
-            table["per_feature"].setdefault(feature, {})[setting.name] = _auc(scores[True], scores[False])
-            both = np.concatenate([results[False].p90_hu[results[False].calcified],
-                                   results[True].p90_hu[results[True].calcified]])
-            table["saturated"].setdefault(setting.name, []).extend((both >= SATURATED_HU).tolist())
-        shared = [{} for _ in range(settings.count)]  # outlines drawn without regard to malignancy
-        malignant = insert_requests(pipe, backgrounds, [{"malignancy": 5.0}] * settings.count, setting, settings.steps,
-                                    settings.seed + 1, crop_px, crop_spacing_mm, shared)
-        benign = insert_requests(pipe, backgrounds, [{"malignancy": 1.0}] * settings.count, setting, settings.steps,
-                                 settings.seed + 1, crop_px, crop_spacing_mm, shared)
-        judge = evaluators["malignancy"]
-        table["guidance_alone"].append({
-            "setting": setting.name, "auc": _auc(judge.high_probability(malignant.crops), judge.high_probability(benign.crops)),
-            "nodule_frechet": _frechet(judge, np.concatenate([malignant.crops, benign.crops]), real_crops),
-            "seconds_per_insertion": malignant.seconds})
+    for part in parts:
+        name = part["guidance_alone"]["setting"]
+        for feature, auc in part["per_feature"].items():
+            table["per_feature"].setdefault(feature, {})[name] = auc
+        table["saturated"][name] = part["saturated"]
+        table["guidance_alone"].append(dict(part["guidance_alone"]))
     base = table["guidance_alone"][0]["nodule_frechet"]
     for point in table["guidance_alone"]:
         point["frechet_vs_none"] = point["nodule_frechet"] / base
-    table["saturated"] = {name: float(np.mean(values)) if values else None for name, values in table["saturated"].items()}
     return table
+
+
+def guidance_grid(pipe: LSDMPipeline, background: Background, settings: tuple[GuidanceSetting, ...], steps: int,
+                  seed: int, crop_px: int) -> np.ndarray:
+    """Crops (rows: malignancy 1..5 requested; columns: the guidance settings) of one outline at one site with
+    one seed, in HU: what each way of steering does to the same nodule."""
+    rng = np.random.RandomState(seed)
+    nodule_id, _ = choose_outline(usable_nodule_table(), {"malignancy": 3.0}, None, rng)
+    outline = _outline(nodule_id, background.spacing_mm)
+    site = free_site(background.lung, outline, background.spacing_mm, np.random.default_rng(seed))
+    if site is None:
+        raise ValueError("the grid's background has no room in its lung for the outline")
+    centre = (site[0] + outline.shape[0] / 2, site[1] + outline.shape[1] / 2)
+    grid = np.zeros((5, len(settings), crop_px, crop_px), np.float32)
+    for row, level in enumerate(range(1, 6)):
+        for col, setting in enumerate(settings):
+            result = pipe.insert(background.image, background.semantic_map, outline, centre, {"malignancy": float(level)},
+                                 spacing_mm=background.spacing_mm, steps=steps, guidance_scale=setting.guidance_scale,
+                                 cfg_scale=setting.cfg_scale, seed=seed)
+            grid[row, col] = unit_to_hu(nodule_crops(result.image[None], [centre], crop_px)[0])
+    return grid
+
+
+def save_grid_png(path: Path, grid: np.ndarray, settings: tuple[GuidanceSetting, ...]) -> None:
+    """The :func:`guidance_grid` as a PNG (lung window -1000..400 HU), rows and columns labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = grid.shape[:2]
+    figure, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.4 * rows), squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            axes[r, c].imshow(grid[r, c], cmap="gray", vmin=-1000, vmax=400)
+            axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
+            if r == 0:
+                axes[r, c].set_title(settings[c].name, fontsize=7)
+            if c == 0:
+                axes[r, c].set_ylabel(f"malignancy {r + 1}", fontsize=7)
+    figure.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    figure.savefig(tmp, dpi=110)
+    plt.close(figure)
+    tmp.replace(path)
 
 
 def texture_fidelity(pipe: LSDMPipeline, backgrounds: list[Background], test: PreparedDataset, count: int, steps: int,
@@ -325,16 +387,45 @@ def insertion_speed(pipe: LSDMPipeline, background: Background, steps: int) -> d
 
 # ---- the report --------------------------------------------------------------------------------------------------
 
+class Parts:
+    """Finished sections of one run, kept as JSON under ``out/parts-<settings hash>/``: a rerun with the same
+    settings and model skips them (each written atomically, so an interruption loses only the section running)."""
+
+    def __init__(self, out: Path, settings: QualitySettings, model_id: str) -> None:
+        key = hashlib.sha256(json.dumps([asdict(settings), model_id], sort_keys=True, default=str).encode()).hexdigest()
+        self.folder = out / f"parts-{key[:12]}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def get(self, name: str, compute: Callable[[], Any]) -> Any:
+        path = self.folder / f"{name}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        value = compute()
+        atomic_write_text(path, json.dumps(value, indent=1, default=float))
+        return json.loads(path.read_text())
+
+    def evaluator(self, feature: str, train: Callable[[], tuple[NoduleEvaluator, dict]]) -> tuple[NoduleEvaluator, dict]:
+        path = self.folder / f"evaluator_{feature}.safetensors"
+        if path.is_file():
+            return NoduleEvaluator.load(path)
+        evaluator, report = train()
+        evaluator.save(path, report)
+        return evaluator, report
+
+
 def run_model_quality(settings: QualitySettings, progress: bool = True) -> dict[str, Any]:
-    """Measure every gate and write ``model_quality.md`` / ``.json`` into ``settings.out``."""
+    """Measure every gate and write ``model_quality.md`` / ``.json`` and ``guidance_grid.png`` into
+    ``settings.out``; an interrupted run resumes from its finished sections."""
     torch.manual_seed(settings.seed)
     pipe = LSDMPipeline.from_pretrained(settings.model)
+    out = Path(settings.out)
+    parts = Parts(out, settings, pipe.model_id)
     test = PreparedDataset(settings.data, split="test")
     crop_px = pipe.recipe.classifiers.crop_px
     evaluators, evaluator_reports = {}, {}
-    for feature in settings.features:
-        evaluators[feature], evaluator_reports[feature] = NoduleEvaluator.train(
-            settings.data, crop_px=crop_px, steps=settings.evaluator_steps, seed=settings.seed, feature=feature)
+    for feature in track_progress(settings.features, "evaluators"):
+        evaluators[feature], evaluator_reports[feature] = parts.evaluator(feature, lambda f=feature: NoduleEvaluator.train(
+            settings.data, crop_px=crop_px, steps=settings.evaluator_steps, seed=settings.seed, feature=f))
     reference = PreparedDataset(settings.data)  # real phantom nodules of every split: the Fréchet reference
     rows = reference.features.head(400)
     real_crops = nodule_crops(np.stack([reference[c]["image"] for c in rows.case_id]),
@@ -344,22 +435,25 @@ def run_model_quality(settings: QualitySettings, progress: bool = True) -> dict[
     report: dict[str, Any] = {"settings": asdict(settings), "model": pipe.model_id,
                               "model_spacing_mm": pipe.spacing_mm, "default_cfg_scale": pipe.default_cfg_scale,
                               "evaluators": evaluator_reports}
-    report["autoencoder"] = autoencoder_quality(pipe, test)
-    report["generated_lung"] = generated_lung_hu(pipe, test, settings.generated_slices, settings.steps, settings.seed)
-    report["texture"] = texture_fidelity(pipe, backgrounds, test, settings.count, settings.steps, settings.seed,
-                                         crop_spacing)
-    report["control"] = control(pipe, evaluators, backgrounds, settings, crop_spacing, real_crops)
+    report["autoencoder"] = parts.get("autoencoder", lambda: autoencoder_quality(pipe, test))
+    report["generated_lung"] = parts.get("generated_lung", lambda: generated_lung_hu(
+        pipe, test, settings.generated_slices, settings.steps, settings.seed))
+    report["texture"] = parts.get("texture", lambda: texture_fidelity(
+        pipe, backgrounds, test, settings.count, settings.steps, settings.seed, crop_spacing))
+    report["control"] = control_table([
+        parts.get(f"control_{k}", lambda s=setting: control_setting(pipe, evaluators, backgrounds, settings, s,
+                                                                    crop_spacing, real_crops))
+        for k, setting in enumerate(track_progress(settings.settings, "guidance settings"))])
     report["other_spacings"] = {}
     for spacing, size in settings.other_spacings:
-        others = phantom_backgrounds(spacing, size, 6, settings.seed)
-        report["other_spacings"][f"{spacing:g}"] = {
-            "slice_px": size, **texture_fidelity(pipe, others, test, max(settings.count // 2, 2), settings.steps,
-                                                 settings.seed, crop_spacing)}
+        report["other_spacings"][f"{spacing:g}"] = parts.get(f"spacing_{spacing:g}", lambda sp=spacing, px=size: {
+            "slice_px": px, **texture_fidelity(pipe, phantom_backgrounds(sp, px, 6, settings.seed), test,
+                                               max(settings.count // 2, 2), settings.steps, settings.seed, crop_spacing)})
+    grid = guidance_grid(pipe, backgrounds[0], settings.settings, settings.steps, settings.seed, crop_px)
+    save_grid_png(out / "guidance_grid.png", grid, settings.settings)
     report["speed"] = insertion_speed(pipe, backgrounds[0], settings.steps)
-    out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "model_quality.json").write_text(json.dumps(report, indent=1, default=float))
-    (out / "model_quality.md").write_text(quality_markdown(report))
+    atomic_write_text(out / "model_quality.json", json.dumps(report, indent=1, default=float))
+    atomic_write_text(out / "model_quality.md", quality_markdown(report))
     return report
 
 
@@ -428,6 +522,8 @@ def quality_markdown(report: dict[str, Any]) -> str:
               "| setting | AUC | nodule Fréchet | vs none | s per insertion |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {p['setting']} | {p['auc']:.3f} | {p['nodule_frechet']:.2f} | {p['frechet_vs_none']:.2f} | "
               f"{p['seconds_per_insertion']:.2f} |" for p in ctrl["guidance_alone"]]
+    lines += ["", "One outline at one site with one seed; rows: malignancy 1..5 requested; columns: the settings above "
+              "(lung window -1000..400 HU):", "", "![guidance grid](guidance_grid.png)"]
     lines += ["", "## Texture fidelity (inserted, non-calcified, default guidance)", "",
               "| where | texture | inserted mean HU | phantom mean HU |", "| --- | --- | --- | --- |"]
     for where, entry in [("test slices", report["texture"]), *[(f"{k} mm", v) for k, v in report["other_spacings"].items()]]:

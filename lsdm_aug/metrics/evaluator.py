@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,10 @@ def _labelled_crops(dataset: PreparedDataset, crop_px: int, feature: str) -> tup
     images = np.stack([dataset[case_id]["image"] for case_id in rows.case_id])
     crops = nodule_crops(images, list(zip(rows.centre_row, rows.centre_col)), crop_px)
     return crops, (rows[feature].to_numpy() >= 4).astype(np.int64)
+
+
+def _network(crop_px: int) -> Classifier:
+    return Classifier(in_shape=(1, crop_px, crop_px), classes=2, channels=(16, 32, 64), strides=(2, 2, 2), dropout=0.1)
 
 
 class NoduleEvaluator:
@@ -73,8 +78,7 @@ class NoduleEvaluator:
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         crops, labels = _labelled_crops(PreparedDataset(data_dir, split="train"), crop_px, feature)
-        network = Classifier(in_shape=(1, crop_px, crop_px), classes=2, channels=(16, 32, 64), strides=(2, 2, 2),
-                             dropout=0.1)
+        network = _network(crop_px)
         optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3, weight_decay=1e-4)
         x, y = torch.from_numpy(crops).unsqueeze(1), torch.from_numpy(labels)
         by_class = [torch.nonzero(y == c).flatten() for c in (0, 1)]
@@ -99,6 +103,22 @@ class NoduleEvaluator:
             auc = float(compute_roc_auc(torch.from_numpy(scores), torch.from_numpy(val_labels)))
         return evaluator, {"feature": feature, "validation_auc": auc, "train_nodules": int(len(labels)),
                            "validation_nodules": int(len(val_labels))}
+
+    def save(self, path: str | Path, report: dict[str, Any]) -> None:
+        """Weights (safetensors) and ``report`` with the crop size and feature (JSON beside them)."""
+        from lsdm_aug.models.checkpoint import save_weights
+
+        save_weights(path, self.network, {"crop_px": self.crop_px, "feature": self.feature, "report": report})
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple[NoduleEvaluator, dict[str, Any]]:
+        """An evaluator written by :meth:`save`, and its training report."""
+        from lsdm_aug.models.checkpoint import load_weights, read_config
+
+        config = read_config(path)
+        network = _network(int(config["crop_px"]))
+        load_weights(path, network)
+        return cls(network, int(config["crop_px"]), config["feature"]), config["report"]
 
     @torch.no_grad()
     def high_probability(self, crops: np.ndarray) -> np.ndarray:

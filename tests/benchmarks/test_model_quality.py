@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lsdm_aug.benchmarks.model_quality import GuidanceSetting, QualitySettings, gates, run_model_quality
 
 
@@ -22,3 +24,34 @@ def test_model_quality_writes_every_gate(tmp_path, smoke_models, phantom_dataset
     assert report["control"]["guidance_alone"][0]["frechet_vs_none"] == 1.0
     markdown = (tmp_path / "q" / "model_quality.md").read_text()
     assert "| gate | measured | met |" in markdown and "lsdm-aug benchmark model-quality" in markdown
+    grid = tmp_path / "q" / "guidance_grid.png"
+    assert grid.is_file() and grid.stat().st_size > 1000 and "guidance_grid.png" in markdown
+
+
+def test_a_rerun_resumes_from_finished_sections(tmp_path, smoke_models, phantom_dataset, monkeypatch):
+    from lsdm_aug.benchmarks import model_quality
+
+    settings = QualitySettings(data=str(phantom_dataset), model=str(smoke_models), out=str(tmp_path / "q"), count=2,
+                               steps=2, evaluator_steps=2, generated_slices=2, features=("malignancy",),
+                               settings=(GuidanceSetting("none", 0.0, 0.0), GuidanceSetting("cfg w=2", 0.0, 2.0)),
+                               other_spacings=())
+    first = run_model_quality(settings, progress=False)
+    parts = next((tmp_path / "q").glob("parts-*"))
+    assert (parts / "control_1.json").is_file() and (parts / "evaluator_malignancy.safetensors").is_file()
+    (parts / "control_1.json").unlink()  # as if interrupted during the second setting
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished section was computed again")
+
+    calls = []
+    monkeypatch.setattr(model_quality, "texture_fidelity", refuse)
+    monkeypatch.setattr(model_quality.NoduleEvaluator, "train", refuse)
+    original = model_quality.control_setting
+    monkeypatch.setattr(model_quality, "control_setting", lambda *a, **k: calls.append(1) or original(*a, **k))
+    again = run_model_quality(settings, progress=False)
+    assert calls == [1]  # only the missing setting
+    assert again["texture"] == first["texture"] and again["control"]["per_feature"] == first["control"]["per_feature"]
+    for point, before in zip(again["control"]["guidance_alone"], first["control"]["guidance_alone"]):
+        assert point["auc"] == before["auc"] and point["nodule_frechet"] == pytest.approx(before["nodule_frechet"])
+    other = QualitySettings(**{**settings.__dict__, "seed": 1})
+    assert model_quality.Parts(tmp_path / "q", other, again["model"]).folder != parts  # other settings, other parts
