@@ -56,6 +56,7 @@ class NoduleSynthTransform(BasicTransform):
             raise ValueError(f"axial_axis must be 0, 1 or 2 (a 3D patch's axes after the channel), got {axial_axis!r}")
         self.spacing_mm, self.prob = tuple(float(s) for s in spacing_mm), float(prob)
         self.axial_axis = int(axial_axis)
+        self._in_plane_first = self._synthesizer_order(self.spacing_mm)
         self.synthesizer = NoduleSynthesizer(intensity="normalized", hu_mean=hu_mean, hu_std=hu_std,
                                              label_value=label_value, **synthesis)
         self.last_record: dict[str, Any] = {}
@@ -67,19 +68,20 @@ class NoduleSynthTransform(BasicTransform):
     def _nnunet_order(self, array: np.ndarray) -> np.ndarray:
         return np.moveaxis(array, -1, self.axial_axis) if array.ndim == 3 else array
 
-    def _spacing(self, ndim: int) -> tuple[float, ...]:
-        """The spacing in the synthesizer's order (in-plane first), in-plane pixels checked to be square."""
-        if len(self.spacing_mm) != ndim:
-            raise ValueError(f"spacing_mm {self.spacing_mm} has {len(self.spacing_mm)} axes, the patch has {ndim}")
-        if ndim == 3:
-            spacing = self.spacing_mm
+    def _synthesizer_order(self, spacing: tuple[float, ...]) -> tuple[float, ...]:
+        """``spacing`` in the synthesizer's order (in-plane first, z last), in-plane pixels checked to be square
+        (a spacing of another length is refused by :meth:`_spacing` against the patch)."""
+        if len(spacing) == 3:
             spacing = tuple(s for i, s in enumerate(spacing) if i != self.axial_axis) + (spacing[self.axial_axis],)
-        else:
-            spacing = self.spacing_mm
-        if abs(spacing[0] - spacing[1]) > 0.02 * max(spacing[:2]):
+        if len(spacing) in (2, 3) and abs(spacing[0] - spacing[1]) > 0.02 * max(spacing[:2]):
             raise ValueError(f"in-plane pixels must be square, got spacing {spacing[:2]} mm (patch spacing "
                              f"{self.spacing_mm}, axial axis {self.axial_axis}): is axial_axis right?")
         return spacing
+
+    def _spacing(self, ndim: int) -> tuple[float, ...]:
+        if len(self.spacing_mm) != ndim:
+            raise ValueError(f"spacing_mm {self.spacing_mm} has {len(self.spacing_mm)} axes, the patch has {ndim}")
+        return self._in_plane_first
 
     def get_parameters(self, **data_dict: Any) -> dict[str, Any]:
         rng = np.random.RandomState(np.random.randint(2**31 - 1))  # nnU-Net seeds NumPy per worker
