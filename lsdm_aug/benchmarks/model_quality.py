@@ -42,7 +42,7 @@ from scipy import ndimage
 
 from lsdm_aug.config import FEATURES
 from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig, free_site
-from lsdm_aug.data.prepared import PreparedDataset, atomic_write_text, hu_to_unit, unit_to_hu
+from lsdm_aug.data.prepared import PreparedDataset, atomic_write_npz, atomic_write_text, hu_to_unit, unit_to_hu
 from lsdm_aug.data.semantic import SemanticLabel, semantic_map_from_hu
 from lsdm_aug.metrics.evaluator import NoduleEvaluator, nodule_crops
 from lsdm_aug.metrics.features import frechet_distance
@@ -404,6 +404,15 @@ class Parts:
         atomic_write_text(path, json.dumps(value, indent=1, default=float))
         return json.loads(path.read_text())
 
+    def array(self, name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        path = self.folder / f"{name}.npz"
+        if path.is_file():
+            with np.load(path) as saved:
+                return saved["array"]
+        value = compute()
+        atomic_write_npz(path, array=value)
+        return value
+
     def evaluator(self, feature: str, train: Callable[[], tuple[NoduleEvaluator, dict]]) -> tuple[NoduleEvaluator, dict]:
         path = self.folder / f"evaluator_{feature}.safetensors"
         if path.is_file():
@@ -449,7 +458,8 @@ def run_model_quality(settings: QualitySettings, progress: bool = True) -> dict[
         report["other_spacings"][f"{spacing:g}"] = parts.get(f"spacing_{spacing:g}", lambda sp=spacing, px=size: {
             "slice_px": px, **texture_fidelity(pipe, phantom_backgrounds(sp, px, 6, settings.seed), test,
                                                max(settings.count // 2, 2), settings.steps, settings.seed, crop_spacing)})
-    grid = guidance_grid(pipe, backgrounds[0], settings.settings, settings.steps, settings.seed, crop_px)
+    grid = parts.array("guidance_grid", lambda: guidance_grid(pipe, backgrounds[0], settings.settings, settings.steps,
+                                                              settings.seed, crop_px))
     save_grid_png(out / "guidance_grid.png", grid, settings.settings)
     report["speed"] = insertion_speed(pipe, backgrounds[0], settings.steps)
     atomic_write_text(out / "model_quality.json", json.dumps(report, indent=1, default=float))

@@ -46,6 +46,7 @@ def test_a_rerun_resumes_from_finished_sections(tmp_path, smoke_models, phantom_
     calls = []
     monkeypatch.setattr(model_quality, "texture_fidelity", refuse)
     monkeypatch.setattr(model_quality.NoduleEvaluator, "train", refuse)
+    monkeypatch.setattr(model_quality, "guidance_grid", refuse)
     original = model_quality.control_setting
     monkeypatch.setattr(model_quality, "control_setting", lambda *a, **k: calls.append(1) or original(*a, **k))
     again = run_model_quality(settings, progress=False)
