@@ -87,8 +87,7 @@ def copy_models(smoke_models, tmp_path) -> Callable[[], Path]:
 @pytest.fixture(scope="session")
 def smoke_bank(tmp_path_factory, smoke_models) -> Path:
     """A nodule bank of 10 nodules (malignancy balanced over 1..5) from the smoke models, 64 px phantom slices."""
-    from lsdm_aug.bank import build_bank
-    from lsdm_aug.synthesis import SynthesisRequest
+    from lsdm_aug.synthesis import SynthesisRequest, build_bank
 
     def build(folder: Path) -> None:
         build_bank(folder, SynthesisRequest(count=10, size=PHANTOM_SIZE, steps=2, model=str(smoke_models)),

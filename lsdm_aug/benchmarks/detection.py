@@ -299,8 +299,7 @@ def _ensure_bank(recipe: DetectionRecipe, work: Path) -> None:
     into ``work/bank`` (resumable), which the on-the-fly arm then places in its training patches."""
     if recipe.on_the_fly.get("bank") != "build":
         return
-    from lsdm_aug.bank import build_bank
-    from lsdm_aug.synthesis import SynthesisRequest
+    from lsdm_aug.synthesis import SynthesisRequest, build_bank
 
     request = SynthesisRequest(count=int(recipe.on_the_fly.get("bank_count", 200)), size=recipe.image_size,
                                seed=recipe.data_seed + 1, steps=recipe.synthetic_steps,

@@ -27,9 +27,8 @@ import numpy as np
 import torch
 from monai.data import DataLoader, Dataset, MetaTensor, list_data_collate
 
-from lsdm_aug.bank import build_bank
 from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig
-from lsdm_aug.synthesis import SynthesisRequest, synthesize
+from lsdm_aug.synthesis import SynthesisRequest, build_bank, synthesize
 from lsdm_aug.transforms.monai import NoduleSynthBatchd, NoduleSynthd, synthesis_records
 
 def backgrounds(count: int, seed: int, size: int) -> list[dict]:

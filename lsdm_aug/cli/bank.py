@@ -42,7 +42,7 @@ def build(
         fail(f"--cfg-scale must be >= 0, got {cfg_scale}")
     if batch_size < 1:
         fail(f"--batch-size must be >= 1, got {batch_size}")
-    from lsdm_aug.bank import build_bank
+    from lsdm_aug.synthesis import build_bank
 
     with user_errors():
         request = build_request(count, {"malignancy": malignancy, "lobulation": lobulation, "spiculation": spiculation,

@@ -12,7 +12,8 @@ import torchio as tio
 from monai.data import MetaTensor
 from typer.testing import CliRunner
 
-from lsdm_aug.bank import NoduleBank, build_bank, poisson_blend
+from lsdm_aug.bank import NoduleBank, poisson_blend
+from lsdm_aug.synthesis import build_bank
 from lsdm_aug.bank.placement import place_patch, shrink_to_area
 from lsdm_aug.cli import app
 from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig
