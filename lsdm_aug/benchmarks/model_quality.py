@@ -382,6 +382,7 @@ def insertion_speed(pipe: LSDMPipeline, background: Background, steps: int) -> d
         run()
         timings[f"{name}_seconds"] = time.perf_counter() - started
     timings["whole_slice_over_insert"] = timings["whole_slice_seconds"] / timings["insert_seconds"]
+    timings["torch_threads"] = torch.get_num_threads()
     return timings
 
 
@@ -540,6 +541,7 @@ def quality_markdown(report: dict[str, Any]) -> str:
         for level, v in entry["levels"].items():
             lines.append(f"| {where} | {level} | {_fmt(v['inserted_mean_hu'], '.0f')} | {_fmt(v['phantom_mean_hu'], '.0f')} |")
     sp = report["speed"]
-    lines += ["", "## Speed (2 CPU cores)", "", f"- local insertion {sp['insert_seconds']:.2f} s, whole slice "
+    lines += ["", f"## Speed ({sp.get('torch_threads', '?')} torch threads, both timings in the same run)", "",
+              f"- local insertion {sp['insert_seconds']:.2f} s, whole slice "
               f"{sp['whole_slice_seconds']:.2f} s at {s['steps']} DDIM steps: {sp['whole_slice_over_insert']:.1f}x"]
     return "\n".join(lines) + "\n"

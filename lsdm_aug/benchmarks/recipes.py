@@ -3,7 +3,7 @@
 Example:
     >>> from lsdm_aug.benchmarks.detection import DetectionRecipe
     >>> load_benchmark_recipe(DetectionRecipe, "bench-detection-phantom", "detection").seeds
-    (0, 1, 2)
+    (0, 1, 2, 3, 4)
 """
 
 from __future__ import annotations

@@ -17,7 +17,10 @@ Example:
 
 from __future__ import annotations
 
+import cProfile
+import importlib.util
 import json
+import pstats
 import shutil
 import tempfile
 import time
@@ -78,13 +81,41 @@ def summary(values: list[float]) -> dict:
             "n": int(len(values))}
 
 
-def synthesize_rate(model: str, count: int, batch_size: int, steps: int, size: int, work: Path) -> dict:
-    out = work / f"synth-b{batch_size}"
+def synthesize_rate(model: str, count: int, batch_size: int, steps: int, size: int, work: Path,
+                    ray_address: str | None = None) -> dict:
+    """``synthesize`` cases per minute in one process, or spread over Ray (``ray_address``, e.g. "local": one task
+    per CPU core)."""
+    out = work / f"synth-b{batch_size}{'-ray' if ray_address else ''}"
     started = time.perf_counter()
-    manifest = synthesize(out, SynthesisRequest(count=count, size=size, steps=steps, model=model), batch_size=batch_size)
+    manifest = synthesize(out, SynthesisRequest(count=count, size=size, steps=steps, model=model), batch_size=batch_size,
+                          ray_address=ray_address)
     seconds = time.perf_counter() - started
-    return {"count": count, "batch_size": batch_size, "cases_per_minute": 60 * count / seconds,
+    return {"count": count, "batch_size": batch_size, "ray": ray_address, "cases_per_minute": 60 * count / seconds,
             "changed_share": summary(list(manifest.changed_pixels / size ** 2))}
+
+
+SYNTHESIS_STAGES = {"phantom drawing": ("data/phantom.py", "slice"),
+                    "semantic map (K-means lung)": ("data/semantic.py", "semantic_map_from_hu"),
+                    "diffusion (encode, sample, decode)": ("lsdm_aug/pipeline.py", "_edit_batch"),
+                    "writing (NIfTI, manifest)": ("data/nnunet_format.py", "write_case")}
+
+
+def synthesize_profile(model: str, count: int, batch_size: int, steps: int, size: int, work: Path) -> dict:
+    """Where ``synthesize``'s time goes in one process: the cumulative seconds per case of each stage of
+    ``SYNTHESIS_STAGES`` under cProfile (which slows Python-heavy stages more than the diffusion), and the rest."""
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    synthesize(work / "synth-profile", SynthesisRequest(count=count, size=size, steps=steps, model=model),
+               batch_size=batch_size)
+    profiler.disable()
+    total = time.perf_counter() - started
+    stats = pstats.Stats(profiler).stats  # (file, line, function) -> (calls, primitive calls, own, cumulative, callers)
+    stages = {stage: sum(entry[3] for (file, _, function), entry in stats.items()
+                         if file.endswith(suffix) and function == name) / count
+              for stage, (suffix, name) in SYNTHESIS_STAGES.items()}
+    return {"count": count, "batch_size": batch_size, "seconds_per_case": total / count, "stages": stages,
+            "other": total / count - sum(stages.values())}
 
 
 def transform_cost(model: str, samples: int, steps: int, batch_size: int, bank_size: int, synth_count: int,
@@ -109,6 +140,10 @@ def transform_cost(model: str, samples: int, steps: int, batch_size: int, bank_s
                                                              bank=str(work / "bank")).set_random_state(0))
         report["synthesize"] = [synthesize_rate(model, synth_count, b, steps, size, work)
                                 for b in sorted({1, batch_size})]
+        if importlib.util.find_spec("ray") is not None:  # one Ray task per core on this machine
+            report["synthesize"].append(synthesize_rate(model, synth_count, batch_size, steps, size, work, "local"))
+        report["synthesize_profile"] = synthesize_profile(model, max(synth_count // 2, 4), batch_size, steps, size,
+                                                          work)
         shutil.rmtree(work, ignore_errors=True)
     return report
 
@@ -133,6 +168,14 @@ def transform_cost_markdown(report: dict) -> list[str]:
               "| `synthesize` batch size | cases | cases / minute | pixels changed (mean share) |",
               "| --- | --- | --- | --- |"]
     for r in report["synthesize"]:
-        lines.append(f"| {r['batch_size']} | {r['count']} | {r['cases_per_minute']:.1f} | "
+        how = f"{r['batch_size']}, Ray local (one task per core)" if r.get("ray") else f"{r['batch_size']}"
+        lines.append(f"| {how} | {r['count']} | {r['cases_per_minute']:.1f} | "
                      f"{100 * r['changed_share']['mean']:.2f} % |")
+    profile = report.get("synthesize_profile")
+    if profile:
+        lines += ["", f"Where `synthesize`'s time goes (one process, batch {profile['batch_size']}, {profile['count']} "
+                      f"cases under cProfile: {profile['seconds_per_case']:.2f} s per case):", "",
+                  "| stage | s / case | share |", "| --- | --- | --- |"]
+        for stage, seconds in [*profile["stages"].items(), ("other", profile["other"])]:
+            lines.append(f"| {stage} | {seconds:.3f} | {seconds / profile['seconds_per_case']:.0%} |")
     return lines

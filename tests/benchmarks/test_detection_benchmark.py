@@ -9,26 +9,38 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lsdm_aug.benchmarks.detection import (ARMS, DetectionRecipe, _trainer_settings, copy_paste_cases,
-                                           load_detection_recipe, reduced_configuration, run_detection)
+from lsdm_aug.benchmarks.detection import (ARMS, DetectionRecipe, copy_paste_cases, load_detection_recipe,
+                                           paired_difference, reduced_configuration, run_detection, trainer_settings)
+from lsdm_aug.benchmarks.detection.data import real_slices
+from lsdm_aug.benchmarks.detection.report import detection_markdown, save_curve_png, save_froc_png
+from lsdm_aug.benchmarks.detection.scoring import _resamples
+from lsdm_aug.metrics.detection import Candidate, CaseDetections
 from lsdm_aug.bank import NoduleBank
 from lsdm_aug.data.nnunet_format import write_case
 
 
 def test_shipped_recipes_load_and_bad_ones_are_named(tmp_path):
     phantom = load_detection_recipe("bench-detection-phantom")
-    assert phantom.arms == ARMS[:3] and len(phantom.seeds) >= 3 and phantom.prepared is None
-    assert load_detection_recipe("bench-detection-phantom-copy-paste").arms == ("real+copy-paste",)
+    assert set(phantom.arms) == set(ARMS) and len(phantom.seeds) >= 5 and phantom.prepared is None
+    assert phantom.image_size == 512 and phantom.patch_size is not None  # native resolution, reduced plan
+    scarce = load_detection_recipe("bench-detection-phantom-scarce")
+    assert len({scarce.train_patients, *scarce.curve_train_patients}) >= 3 and "real" in scarce.curve_arms
     lidc = load_detection_recipe("bench-detection-lidc-512")
     assert lidc.image_size == 512 and lidc.features_per_stage is None and lidc.device == "cuda"
     bad = tmp_path / "bad.yaml"
     bad.write_text("arms: [real, mixup]\n")
     with pytest.raises(ValueError, match="arms must be among"):
         load_detection_recipe(bad)
+    bad.write_text("train_patients: 8\ntest_first_patient: 4\n")
+    with pytest.raises(ValueError, match="test patients would be training patients"):
+        load_detection_recipe(bad)
+    bad.write_text("patch_size: [100, 128]\n")
+    with pytest.raises(ValueError, match="patch_size must be two multiples of 16"):
+        load_detection_recipe(bad)
     bad.write_text("epochs: 3\n")
     with pytest.raises(ValueError, match="unknown keys \\['epochs'\\]"):
         load_detection_recipe(bad)
-    shipped = "['bench-detection-lidc-512', 'bench-detection-phantom', 'bench-detection-phantom-copy-paste']"
+    shipped = "['bench-detection-lidc-512', 'bench-detection-phantom', 'bench-detection-phantom-scarce']"
     with pytest.raises(FileNotFoundError, match=re.escape(f"shipped: {shipped}")):
         load_detection_recipe("bench-detection-nothing")
 
@@ -43,6 +55,95 @@ def test_reduced_configuration_inherits_2d_and_only_narrows_it():
     assert configuration_2d["architecture"]["arch_kwargs"]["features_per_stage"][0] == 32  # not modified
     untouched = reduced_configuration(configuration_2d, DetectionRecipe(features_per_stage=None, batch_size=None))
     assert untouched == {"inherits_from": "2d"}
+
+
+def test_a_smaller_patch_gets_the_stages_nnunets_planner_would_give_it():
+    stages = 8  # nnU-Net's plan for 512 px slices
+    configuration_2d = {"batch_size": 2, "patch_size": [512, 512], "architecture": {"arch_kwargs": {
+        "n_stages": stages, "features_per_stage": [32, 64, 128, 256, 512, 512, 512, 512],
+        "kernel_sizes": [[3, 3]] * stages, "strides": [[1, 1]] + [[2, 2]] * (stages - 1),
+        "n_conv_per_stage": [2] * stages, "n_conv_per_stage_decoder": [2] * (stages - 1)}}}
+    for patch, expected in ((128, 6), (96, 5), (160, 6), (64, 5)):
+        reduced = reduced_configuration(configuration_2d, DetectionRecipe(patch_size=(patch, patch),
+                                                                          features_per_stage=(8, 16)))
+        kwargs = reduced["architecture"]["arch_kwargs"]
+        assert reduced["patch_size"] == [patch, patch] and kwargs["n_stages"] == expected
+        assert patch // 2 ** (expected - 1) >= 4 > patch // 2 ** expected  # downsampled down to a 4 px map
+        assert len(kwargs["strides"]) == len(kwargs["kernel_sizes"]) == len(kwargs["n_conv_per_stage"]) == expected
+        assert len(kwargs["n_conv_per_stage_decoder"]) == expected - 1
+        assert kwargs["features_per_stage"] == [8] + [16] * (expected - 1)
+    assert configuration_2d["architecture"]["arch_kwargs"]["n_stages"] == stages  # not modified
+
+
+def test_the_test_set_does_not_depend_on_the_training_set_size():
+    small, large = (DetectionRecipe(image_size=64, train_patients=n, test_patients=2, slices_per_patient=2)
+                    for n in (2, 6))
+    tests = [real_slices(recipe, "test") for recipe in (small, large)]
+    assert [t[0] for t in tests[0]] == [t[0] for t in tests[1]]
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(*tests))
+    train = {t[5] for t in real_slices(large, "train")}
+    assert train.isdisjoint(t[5] for t in tests[0]) and len(train) == 6
+
+
+def _case(hit: bool, lesions: int = 1) -> CaseDetections:
+    return CaseDetections([Candidate(0.9, 1 if hit else 0), Candidate(0.2, 0)], list(range(1, lesions + 1)))
+
+
+def test_bootstrap_resamples_whole_patients():
+    patients = ["a", "a", "a", "b", "c", "c"]
+    for draw in _resamples(patients, 50, seed=1):
+        counts = {name: sum(patients[p] == name for p in draw) for name in "abc"}
+        assert counts["a"] % 3 == 0 and counts["c"] % 2 == 0  # a patient's slices come together
+        assert sum(counts[n] // {"a": 3, "b": 1, "c": 2}[n] for n in "abc") == 3  # three patients drawn
+
+
+def test_paired_difference_resolves_a_real_gain_and_not_a_tie():
+    patients = [f"p{k // 2}" for k in range(20)]
+    good = [[_case(True) for _ in range(20)] for _ in range(3)]
+    poor = [[_case(k % 3 == 0) for k in range(20)] for _ in range(3)]
+    gain = paired_difference({"runs": good}, {"runs": poor}, patients, resamples=300, seed=0)
+    assert gain["mean"] > 0.3 and gain["resolved"] and gain["low"] > 0
+    tie = paired_difference({"runs": poor}, {"runs": [list(r) for r in poor]}, patients, resamples=300, seed=0)
+    assert tie["mean"] == 0 and not tie["resolved"] and tie["low"] <= 0 <= tie["high"]
+    assert gain["seed_differences"] == pytest.approx([gain["mean"]] * 3)
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_difference({"runs": good}, {"runs": poor[:2]}, patients)
+    cache: dict = {}
+    first = paired_difference({"runs": good}, {"runs": poor}, patients, 300, 0, cache, ("good", "poor"))
+    assert set(cache) == {"resamples", "good", "poor"} and first["low"] == gain["low"]
+
+
+def _fake_report(tmp_path) -> dict:
+    run = {"cpm": 0.5, "sensitivity": 0.4, "false_positives_per_slice": 1.0, "dice": 0.3, "minutes": 2.0,
+           "sensitivity_at": {str(float(r)): 0.5 for r in (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)},
+           "sensitivity_by_malignancy": {"3": 0.5}, "sensitivity_by_malignancy_at_operating_point": {"3": 0.6},
+           "froc": {"fps_per_slice": [0.0, 1.0, 4.0], "sensitivity": [0.0, 0.5, 0.7]}}
+    from lsdm_aug.benchmarks.detection.scoring import summary
+    from dataclasses import asdict
+
+    arms = {arm: {"runs": [run, run], "summary": summary([run, run])} for arm in ("real", "real+synthetic")}
+    return {"recipe": asdict(DetectionRecipe(seeds=(0, 1), patch_size=(128, 128))), "arms": arms,
+            "test_patients": 10, "cpu_count": 2, "planned_batch_size": 2,
+            "comparisons": [{"arm": "real+synthetic", "baseline": "real", "mean": 0.012, "low": -0.05,
+                             "high": 0.07, "resolved": False, "seed_differences": [0.0, 0.024], "resamples": 300}],
+            "curve": [{"train_patients": n, "arm": a, "cpm": {"mean": 0.1 * n, "std": 0.01}}
+                      for n in (4, 8) for a in ("real", "real+synthetic")],
+            "profile": {"iterations": 20, "batch_size": 4, "patch_size": [128, 128], "torch_threads": 1,
+                        "iteration_s": 0.2, "network_s": 0.18, "batch_s": 0.02, "loading_s": 0.01,
+                        "transforms_s": {"SpatialTransform": 0.006, "MirrorTransform": 0.004}}}
+
+
+def test_the_report_has_its_tables_and_plots(tmp_path):
+    report = _fake_report(tmp_path)
+    markdown = detection_markdown(report)
+    assert "| real+synthetic | real | +0.012 | [-0.050, +0.070] | no | +0.00, +0.02 |" in markdown
+    assert "| real | 0.400 ± 0.010 | 0.800 ± 0.010 |" in markdown  # the curve, by training-set size
+    assert "patch 128 x 128 px" in markdown and "network step 180 ms" in markdown
+    assert "4.0 min for the 4 runs" not in markdown and "8 min for the 4 runs timed" in markdown
+    save_froc_png(report, tmp_path / "froc.png")
+    save_curve_png(report, tmp_path / "curve.png")
+    for name in ("froc.png", "curve.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_copy_paste_moves_real_nodule_pixels_into_lung(tmp_path):
@@ -66,52 +167,66 @@ def test_every_arm_trains_predicts_and_is_scored_then_a_rerun_skips_them(tmp_pat
     recipe = DetectionRecipe(name="smoke", image_size=64, model=str(smoke_models), train_patients=2, test_patients=2,
                              slices_per_patient=3, nodule_free_fraction=0.3, synthetic_count=3, synthetic_steps=2,
                              on_the_fly={"prob": 0.5, "malignancy": "balanced", "bank": "build", "bank_count": 3},
-                             seeds=(0,),
-                             features_per_stage=(4, 8, 8, 8), batch_size=2, num_epochs=1, iterations_per_epoch=2,
-                             val_iterations_per_epoch=1, dataset_id=960)
-    report = run_detection(recipe, tmp_path / "work", tmp_path / "report")
+                             seeds=(0,), features_per_stage=(4, 8, 8, 8), batch_size=2, num_epochs=1,
+                             iterations_per_epoch=2, val_iterations_per_epoch=1, dataset_id=960, workers=2,
+                             bootstrap=50, curve_train_patients=(1,), curve_arms=("real",))
+    work = tmp_path / "work"
+    report = run_detection(recipe, work, tmp_path / "report")
     assert list(report["arms"]) == list(ARMS)
+    lesions = pd.read_csv(work / "test" / "lesions.csv")
+    assert set(lesions.patient_id) == {"p01000", "p01001"}  # held-out patients, apart from training ones
     for arm in ARMS:
         run = report["arms"][arm]["runs"][0]
         assert 0 <= run["cpm"] <= 1 and run["slices"] == 6 and run["lesions"] >= 1
         assert list(run["sensitivity_at"]) == ["0.125", "0.25", "0.5", "1.0", "2.0", "4.0", "8.0"]
-        lesions = pd.read_csv(tmp_path / "work" / "test" / "lesions.csv").query("lesion > 0")
-        levels = {str(int(np.floor(m + 0.5))) for m in lesions.malignancy}
+        levels = {str(int(np.floor(m + 0.5))) for m in lesions.query("lesion > 0").malignancy}
         at_operating_point = run["sensitivity_by_malignancy_at_operating_point"]
         assert set(at_operating_point) == levels and all(0 <= v <= 1 for v in at_operating_point.values())
         assert run["operating_score"] is None or 0 <= run["operating_score"] <= 1
         assert run["minutes"] > 0  # the wall time the run's done.json recorded
-    assert len(NoduleBank(tmp_path / "work" / "bank")) == 3  # built once for the on-the-fly arm
+        assert len(run["froc"]["fps_per_slice"]) == len(run["froc"]["sensitivity"]) >= 1
+    assert len(NoduleBank(work / "bank")) == 3  # built once for the on-the-fly arm
     chance = report["chance"]["runs"][0]
     assert 0 <= chance["cpm"] <= 1 and chance["sensitivity"] == 0  # noise never reaches the threshold
-    for dataset in ("Dataset960_real", "Dataset961_realsynthetic", "Dataset962_realcopypaste"):  # one budget
-        configuration = json.loads((tmp_path / "work" / "preprocessed" / dataset / "nnUNetPlans.json").read_text())
-        assert configuration["configurations"]["2d_cpu"]["batch_size"] == 2
-    plans = json.loads((tmp_path / "work" / "preprocessed" / "Dataset960_real" / "nnUNetPlans.json").read_text())
-    assert plans["configurations"]["2d_cpu"]["inherits_from"] == "2d"
-    synthetic = json.loads((tmp_path / "work" / "raw" / "Dataset961_realsynthetic" / "dataset.json").read_text())
+    for dataset in ("Dataset960_real", "Dataset961_realsynthetic", "Dataset962_realcopypaste",
+                    "Dataset963_realsyntheticunguided"):  # one budget
+        plans = json.loads((work / "preprocessed" / dataset / "nnUNetPlans.json").read_text())
+        assert plans["configurations"]["2d_cpu"]["batch_size"] == 2
+        assert plans["configurations"]["2d_cpu"]["inherits_from"] == "2d"
+    for folder, guidance, cfg in (("synthetic", 1.0, None), ("synthetic-unguided", 0.0, 0.0)):
+        manifest = pd.read_csv(work / folder / "manifest.csv")
+        assert (manifest.guidance_scale == guidance).all() and len(manifest) == 3
+        assert manifest.cfg_scale.isna().all() if cfg is None else (manifest.cfg_scale == cfg).all()
+        assert manifest.background.str.startswith("train_p0000").all()  # on the real training slices
+    synthetic = json.loads((work / "raw" / "Dataset961_realsynthetic" / "dataset.json").read_text())
     assert synthetic["numTraining"] == 6 + 3
-    predictions = tmp_path / "work" / "predictions"
+    predictions = work / "predictions"
     inserted = [np.load(f)["probabilities"] for f in sorted((predictions / "real_on-the-fly" / "seed0").glob("*.npz"))]
     real = [np.load(f)["probabilities"] for f in sorted((predictions / "real" / "seed0").glob("*.npz"))]
     # one seed, one data stream: only inserted nodules can make the on-the-fly arm's network differ
     assert len(real) == 6 and any(np.abs(a - b).max() > 0 for a, b in zip(real, inserted))
-    assert json.loads((tmp_path / "work" / "preprocessed" / "Dataset960_real" / "preprocessed.json").read_text()) == {
+    assert json.loads((work / "preprocessed" / "Dataset960_real" / "preprocessed.json").read_text()) == {
         "ct_window": [-1024.0, 800.0]}
-    done = sorted((tmp_path / "work" / "predictions").rglob("done.json"))
-    assert len(done) == 4
+    pairs = {(c["arm"], c["baseline"]) for c in report["comparisons"]}
+    assert ("real+synthetic", "real") in pairs and ("real+synthetic", "real+copy-paste") in pairs
+    assert ("real", "real+copy-paste") not in pairs and all(c["resamples"] == 50 for c in report["comparisons"])
+    assert {(p["train_patients"], p["arm"]) for p in report["curve"]} == {(1, "real"), (2, "real")}
+    assert report["profile"]["network_s"] > 0 and "NoduleSynthTransform" in report["profile"]["transforms_s"]
+    done = sorted(work.rglob("done.json"))
+    assert len(done) == len(ARMS) + 1  # the curve's 1-patient run in its own folder
     stamps = [p.stat().st_mtime_ns for p in done]
-    again = run_detection(recipe, tmp_path / "work", tmp_path / "report")  # finished arms are not retrained
+    again = run_detection(recipe, work, tmp_path / "report")  # finished arms are not retrained
     assert [p.stat().st_mtime_ns for p in done] == stamps and again["arms"] == report["arms"]
     markdown = (tmp_path / "report" / "detection.md").read_text()
     assert "| real+copy-paste |" in markdown and "16 highest local maxima" in markdown
-    assert "| chance (random candidates) |" in markdown
-    assert "min per (arm, seed) run" in markdown and "for the 4 runs timed" in markdown
+    assert "| chance (random candidates) |" in markdown and "Paired CPM differences" in markdown
+    assert "min per (arm, seed) run" in markdown and f"for the {len(ARMS)} runs timed" in markdown
+    assert (tmp_path / "report" / "froc.png").is_file() and (tmp_path / "report" / "scarce_curve.png").is_file()
 
 
 def test_the_on_the_fly_arm_gets_the_work_folder_bank_and_no_bank_count(tmp_path):
     recipe = DetectionRecipe(on_the_fly={"prob": 0.3, "malignancy": "balanced", "bank": "build", "bank_count": 50})
-    settings = _trainer_settings(recipe, "real+on-the-fly", 2, tmp_path)
+    settings = trainer_settings(recipe, "real+on-the-fly", 2, tmp_path)
     assert settings["bank"] == str(tmp_path / "bank") and "bank_count" not in settings
     assert settings["seed"] == 2 and settings["prob"] == 0.3
-    assert _trainer_settings(recipe, "real", 2, tmp_path)["prob"] == 0.0  # the other arms insert nothing
+    assert trainer_settings(recipe, "real", 2, tmp_path)["prob"] == 0.0  # the other arms insert nothing

@@ -29,9 +29,17 @@ def test_speed_benchmark_reports_every_part(tmp_path, smoke_models):
     for mode in ("live", "batch", "bank"):
         transforms = report["transforms"][mode]
         assert transforms["samples"] == 3 and 0 < transforms["changed_share"]["mean"] < 0.2
-    assert [r["batch_size"] for r in report["transforms"]["synthesize"]] == [1, 2]
+    rates = report["transforms"]["synthesize"]
+    assert [(r["batch_size"], r["ray"]) for r in rates] == [(1, None), (2, None), (2, "local")]  # Ray: one task per core
+    assert all(r["cases_per_minute"] > 0 for r in rates)
+    profile = report["transforms"]["synthesize_profile"]
+    assert set(profile["stages"]) == {"phantom drawing", "semantic map (K-means lung)",
+                                      "diffusion (encode, sample, decode)", "writing (NIfTI, manifest)"}
+    assert all(v > 0 for v in profile["stages"].values())  # each stage found in the profile
+    assert sum(profile["stages"].values()) <= profile["seconds_per_case"]
     text = (tmp_path / "speed.md").read_text()
     assert "| bank (Poisson placement) | 3 |" in text and "Pixel space costs" in text
+    assert "| 2, Ray local (one task per core) | 2 |" in text and "| phantom drawing |" in text
 
 
 def test_speed_cli_names_bad_step_lists(tmp_path):

@@ -1,8 +1,12 @@
 """``nnUNetTrainerNoduleSynth``: nnU-Net's trainer with NoduleSynth prepended to the training transforms.
 
 Found by nnU-Net through ``nnUNet_extTrainer`` (see :mod:`lsdm_aug.nnunet`). Only
-``get_training_transforms`` changes (as nnU-Net's own ``nnUNetTrainerDA5`` does), plus the optional
-epoch budget and seed from ``LSDM_AUG_NNUNET``.
+``get_training_transforms`` changes (as nnU-Net's own ``nnUNetTrainerDA5`` does), plus optional trainer
+attributes from ``LSDM_AUG_NNUNET``: the epoch budget (``num_epochs``, ``num_iterations_per_epoch``,
+``num_val_iterations_per_epoch``), the share of patches forced to hold foreground
+(``oversample_foreground_percent``, nnU-Net's 0.33, as its ``nnUNetTrainer_probabilisticOversampling_*``
+variants change it), the optimizer (``optimizer``: ``"sgd"``, nnU-Net's default, or ``"adamw"``, its
+``nnUNetTrainerAdam`` variant; ``initial_lr``) and the seed.
 
 A seed makes a run repeatable: it seeds the initial weights and, through seeds handed to nnU-Net's
 background augmenters (which nnU-Net starts unseeded, so their patch sampling and augmentation differ
@@ -28,6 +32,9 @@ from lsdm_aug.nnunet.plans import check_lung_window
 from lsdm_aug.transforms.nnunet import NoduleSynthTransform
 
 _BUDGET_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch")
+_FRACTION_KEYS = ("oversample_foreground_percent",)
+_OPTIMIZER_KEYS = ("optimizer", "initial_lr")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 def _settings() -> dict:
@@ -94,7 +101,21 @@ class nnUNetTrainerNoduleSynth(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming
         for key in _BUDGET_KEYS:
             if key in settings:
                 setattr(self, key, int(settings[key]))
-        self.nodule_synth_settings = {k: v for k, v in settings.items() if k not in _BUDGET_KEYS}
+        for key in _FRACTION_KEYS:
+            if key in settings:
+                value = float(settings[key])
+                if not 0.0 <= value <= 1.0:
+                    raise ValueError(f"{key} in LSDM_AUG_NNUNET must be in [0, 1], got {settings[key]!r}")
+                setattr(self, key, value)
+        self.optimizer_name = str(settings.get("optimizer", "sgd"))
+        if self.optimizer_name not in OPTIMIZERS:
+            raise ValueError(f"optimizer in LSDM_AUG_NNUNET must be one of {OPTIMIZERS}, got {self.optimizer_name!r}")
+        if "initial_lr" in settings:
+            self.initial_lr = float(settings["initial_lr"])
+            if not self.initial_lr > 0:
+                raise ValueError(f"initial_lr in LSDM_AUG_NNUNET must be > 0, got {settings['initial_lr']!r}")
+        trainer_keys = _BUDGET_KEYS + _FRACTION_KEYS + _OPTIMIZER_KEYS
+        self.nodule_synth_settings = {k: v for k, v in settings.items() if k not in trainer_keys}
 
     def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
                                 do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False,
@@ -112,6 +133,14 @@ class nnUNetTrainerNoduleSynth(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming
         if synth.prob > 0 and synth.synthesizer.mode == "insert":  # insertion looks for lung in the patch
             check_lung_window(properties)
         return ComposeTransforms([synth, *base.transforms])
+
+    def configure_optimizers(self):
+        """nnU-Net's SGD, or with ``optimizer: adamw`` its ``nnUNetTrainerAdam`` (AdamW, amsgrad, poly decay)."""
+        if self.optimizer_name == "adamw":
+            from nnunetv2.training.nnUNetTrainer.variants.optimizer.nnUNetTrainerAdam import nnUNetTrainerAdam
+
+            return nnUNetTrainerAdam.configure_optimizers(self)
+        return super().configure_optimizers()
 
     def get_dataloaders(self):
         """nnU-Net's loaders; with a seed, its background augmenters get seeds drawn from the seeded NumPy state

@@ -1,0 +1,192 @@
+"""The detection benchmark's datasets in nnU-Net's raw format: the real training slices, the test set with its
+lesion table, the synthetic arms (LSDM guided and unguided), the copy-paste arm and the on-the-fly arm's bank.
+
+Every writer skips a dataset whose ``dataset.json`` (test set: ``lesions.csv``) exists, so a rerun continues.
+
+Example:
+    >>> recipe = DetectionRecipe(image_size=64, train_patients=1, test_patients=1, slices_per_patient=2)
+    >>> [case[0] for case in real_slices(recipe, "test")]
+    ['test_p01000_s0', 'test_p01000_s1']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lsdm_aug.benchmarks.detection.recipe import DetectionRecipe
+from lsdm_aug.data.nnunet_format import read_case, write_case, write_dataset_json
+from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig, free_site
+from lsdm_aug.data.prepared import atomic_write_text
+
+__all__ = ["dataset_name", "real_slices", "write_real", "write_synthetic_arm", "copy_paste_cases",
+           "write_copy_paste_arm", "ensure_bank", "trained_dataset"]
+
+DATASET_OFFSETS = {"real": 0, "real+synthetic": 1, "real+copy-paste": 2, "real+synthetic-unguided": 3}
+RealSlice = tuple[str, np.ndarray, np.ndarray, float, list[float], str]
+
+
+def trained_dataset(arm: str) -> str:
+    """The arm whose dataset ``arm`` trains on (the on-the-fly arm trains on the real set)."""
+    return "real" if arm == "real+on-the-fly" else arm
+
+
+def dataset_name(recipe: DetectionRecipe, arm: str) -> str:
+    """nnU-Net's dataset name of ``arm``'s training set, e.g. ``Dataset900_real``."""
+    arm = trained_dataset(arm)
+    return f"Dataset{recipe.dataset_id + DATASET_OFFSETS[arm]:03d}_{arm.replace('+', '').replace('-', '')}"
+
+
+def real_slices(recipe: DetectionRecipe, split: str) -> list[RealSlice]:
+    """(case id, HU, instance mask, spacing, malignancy per instance, patient id) of the real train or test slices."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if recipe.prepared is not None:
+        return _prepared_slices(recipe, split)
+    config = PhantomConfig(size=recipe.image_size, slices_per_patient=recipe.slices_per_patient,
+                           nodule_free_fraction=recipe.nodule_free_fraction)
+    phantom = ChestPhantom(config)
+    first, patients = (0, recipe.train_patients) if split == "train" else (recipe.test_first_patient,
+                                                                           recipe.test_patients)
+    out = []
+    for patient in range(first, first + patients):
+        for position in range(recipe.slices_per_patient):
+            ct = phantom.slice(patient * recipe.slices_per_patient + position, seed=recipe.data_seed)
+            out.append((f"{split}_p{patient:05d}_s{position}", ct.hu, ct.nodule_mask, ct.spacing_mm,
+                        [float(n["malignancy"]) for n in ct.nodules], f"p{patient:05d}"))
+    return out
+
+
+def _prepared_slices(recipe: DetectionRecipe, split: str) -> list[RealSlice]:
+    from lsdm_aug.data.prepared import PreparedDataset, unit_to_hu
+
+    dataset = PreparedDataset(recipe.prepared, split=split)
+    patients = sorted(dataset.cases.patient_id.unique())
+    keep = set(patients[:recipe.train_patients] if split == "train" else patients[:recipe.test_patients])
+    rows = dataset.cases[dataset.cases.patient_id.isin(keep)]
+    out = []
+    for case_id, patient in zip(rows.case_id, rows.patient_id):
+        case = dataset[case_id]
+        out.append((case_id, unit_to_hu(case["image"]), case["nodule_mask"], float(case["spacing_mm"]),
+                    [float(n["malignancy"]) for n in case["nodules"]], str(patient)))
+    return out
+
+
+def write_real(recipe: DetectionRecipe, raw: Path, test: Path) -> list[str]:
+    """The real training dataset (nnU-Net raw) and the test set (images, instance labels, ``lesions.csv`` with
+    one row per lesion, or one with lesion 0 for a nodule-free slice); returns the training case ids."""
+    real = raw / dataset_name(recipe, "real")
+    train = real_slices(recipe, "train")
+    if not (real / "dataset.json").is_file():
+        for case_id, hu, mask, spacing, *_ in train:
+            write_case(real, case_id, hu, (mask > 0).astype(np.uint8), (spacing, spacing))
+        write_dataset_json(real, len(train), name="real", description=f"{recipe.name}: scarce real training slices")
+    if not (test / "lesions.csv").is_file():
+        rows = []
+        for case_id, hu, mask, spacing, malignancy, patient in real_slices(recipe, "test"):
+            write_case(test, case_id, hu, mask.astype(np.uint8), (spacing, spacing))  # instance ids kept
+            rows += [{"case_id": case_id, "patient_id": patient, "lesion": k + 1, "malignancy": m}
+                     for k, m in enumerate(malignancy) if (mask == k + 1).any()]
+            if not (mask > 0).any():
+                rows.append({"case_id": case_id, "patient_id": patient, "lesion": 0, "malignancy": np.nan})
+        atomic_write_text(test / "lesions.csv", pd.DataFrame(rows).to_csv(index=False))
+    return [case[0] for case in train]
+
+
+def _copy_real_into(recipe: DetectionRecipe, raw: Path, target: Path, real_cases: list[str]) -> None:
+    for case_id in real_cases:
+        image, label, spacing = read_case(raw / dataset_name(recipe, "real"), case_id)
+        write_case(target, case_id, image, label, spacing[:2])
+
+
+def write_synthetic_arm(recipe: DetectionRecipe, raw: Path, work: Path, real_cases: list[str],
+                        arm: str = "real+synthetic") -> None:
+    """The real cases plus ``synthetic_count`` cases from ``synthesize`` (malignancy balanced) on the real training
+    slices as backgrounds (as copy-paste uses them, so that only the nodules differ between the arms): with the
+    recipe's guidance (``real+synthetic``) or none at all (``real+synthetic-unguided``: s = 0 and w = 0, no
+    feature steered: the value of control)."""
+    from lsdm_aug.synthesis import SynthesisRequest, synthesize
+
+    target = raw / dataset_name(recipe, arm)
+    if (target / "dataset.json").is_file():
+        return
+    unguided = arm == "real+synthetic-unguided"
+    request = SynthesisRequest(count=recipe.synthetic_count, size=recipe.image_size, seed=recipe.data_seed,
+                               steps=recipe.synthetic_steps, model=recipe.model,
+                               source=str(raw / dataset_name(recipe, "real")),
+                               guidance_scale=0.0 if unguided else recipe.guidance_scale,
+                               cfg_scale=0.0 if unguided else recipe.cfg_scale)
+    synthetic = work / ("synthetic-unguided" if unguided else "synthetic")
+    manifest = synthesize(synthetic, request, device=recipe.device)
+    for case_id in manifest.case_id:
+        image, label, spacing = read_case(synthetic, case_id)
+        write_case(target, case_id, image, label, spacing[:2])
+    _copy_real_into(recipe, raw, target, real_cases)
+    write_dataset_json(target, len(real_cases) + len(manifest), name=arm)
+
+
+def copy_paste_cases(real: Path, real_cases: list[str], count: int,
+                     seed: int) -> Iterator[tuple[str, np.ndarray, np.ndarray, tuple[float, ...]]]:
+    """``count`` slices, each a real slice with a real training nodule pasted, pixels as they are, at a free site
+    of its lung (the naive baseline). Yields (case id, image, label, spacing)."""
+    from scipy import ndimage
+
+    from lsdm_aug.data.semantic import SemanticLabel, semantic_map_from_hu
+
+    rng = np.random.default_rng(seed)
+    cases = {c: read_case(real, c) for c in real_cases}
+    sources = []
+    for image, label, _ in cases.values():
+        components, _ = ndimage.label(label > 0)
+        for box in ndimage.find_objects(components):
+            sources.append((image[box], label[box] > 0))
+    if not sources:
+        raise ValueError("copy-paste needs real training slices with nodules; the real set has none")
+    made = 0
+    for _ in range(count * 20):
+        if made == count:
+            break
+        image, label, spacing = cases[real_cases[rng.integers(len(real_cases))]]
+        patch, mask = sources[rng.integers(len(sources))]
+        lung = semantic_map_from_hu(image.astype(np.float32), spacing_mm=spacing[0]) == SemanticLabel.LUNG
+        site = free_site(lung & (label == 0), mask, spacing[0], rng)
+        if site is None:
+            continue
+        image, label = image.copy(), label.copy()
+        window = (slice(site[0], site[0] + mask.shape[0]), slice(site[1], site[1] + mask.shape[1]))
+        image[window][mask] = patch[mask]
+        label[window][mask] = 1
+        yield f"copypaste_{made:05d}", image, label, spacing[:2]
+        made += 1
+
+
+def write_copy_paste_arm(recipe: DetectionRecipe, raw: Path, real_cases: list[str]) -> None:
+    """The real cases plus ``synthetic_count`` copy-paste cases (:func:`copy_paste_cases`)."""
+    target = raw / dataset_name(recipe, "real+copy-paste")
+    if (target / "dataset.json").is_file():
+        return
+    made = 0
+    for case_id, image, label, spacing in copy_paste_cases(raw / dataset_name(recipe, "real"), real_cases,
+                                                           recipe.synthetic_count, recipe.data_seed):
+        write_case(target, case_id, image, label, spacing)
+        made += 1
+    _copy_real_into(recipe, raw, target, real_cases)
+    write_dataset_json(target, len(real_cases) + made, name="real+copy-paste")
+
+
+def ensure_bank(recipe: DetectionRecipe, work: Path) -> None:
+    """With ``on_the_fly: {bank: build, bank_count: N}``: N LSDM nodules (malignancy balanced) generated once
+    into ``work/bank`` (resumable) on the real training slices, which the on-the-fly arm then places in its
+    training patches."""
+    if recipe.on_the_fly.get("bank") != "build":
+        return
+    from lsdm_aug.synthesis import SynthesisRequest, build_bank
+
+    request = SynthesisRequest(count=int(recipe.on_the_fly.get("bank_count", 200)), size=recipe.image_size,
+                               seed=recipe.data_seed + 1, steps=recipe.synthetic_steps,
+                               guidance_scale=recipe.guidance_scale, cfg_scale=recipe.cfg_scale, model=recipe.model,
+                               source=str(work / "raw" / dataset_name(recipe, "real")))
+    build_bank(work / "bank", request, device=recipe.device, batch_size=8)

@@ -1,0 +1,143 @@
+"""Scoring the detection benchmark's runs: lesion-level figures of one run on the test set, their spread over
+seeds, and paired bootstrap intervals over test patients.
+
+A paired difference between two arms resamples the test *patients* (with replacement, all their slices
+together), recomputes each seed's CPM of both arms on the resampled set, and takes the difference of the seed
+means; its 2.5 and 97.5 percentiles are the 95 % interval. Seeds pair the arms too (same seed, same initial
+weights and batches). A difference is resolved when its interval excludes 0.
+
+Example:
+    >>> from lsdm_aug.metrics.detection import Candidate, CaseDetections
+    >>> hit, miss = CaseDetections([Candidate(0.9, 1)], [1]), CaseDetections([Candidate(0.9, 0)], [1])
+    >>> better = {"runs": [[hit, hit]]}; worse = {"runs": [[miss, hit]]}
+    >>> interval = paired_difference(better, worse, ["a", "b"], resamples=200, seed=0)
+    >>> interval["mean"] > 0
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lsdm_aug.data.nnunet_format import read_case
+from lsdm_aug.metrics.detection import CaseDetections, detect_case, dice, froc, score_at_rate, sensitivity_by_group
+
+__all__ = ["evaluate", "summary", "paired_difference", "bootstrap_cpm"]
+
+
+def _foreground(predictions: Path | int, case_id: str, shape: tuple[int, ...], noise) -> np.ndarray:
+    if noise is not None:
+        return noise.uniform(0.0, 1e-3, shape)
+    with np.load(Path(predictions) / f"{case_id}.npz", allow_pickle=False) as arrays:
+        # the foreground channels themselves: 1 - background loses probabilities below float precision
+        return arrays["probabilities"][1:].astype(np.float64).sum(0).reshape(shape)
+
+
+def evaluate(test: Path, predictions: Path | int, threshold: float, peaks: int = 0,
+             operating_fps: float = 2.0) -> tuple[dict[str, Any], list[CaseDetections]]:
+    """Lesion-level detection figures of one trained model on the test set, and its per-slice detections (in
+    the order of the test set's case ids, for the bootstrap).
+
+    ``predictions``: the folder of nnU-Net's ``.npz`` probabilities, or an integer seed for the chance level
+    (uniform noise as the foreground probability: candidates at random places). Candidates are the ``peaks``
+    highest local maxima of each slice's foreground probability (0: connected components above
+    ``threshold``). Sensitivity, false positives and Dice are read at ``threshold``; the per-malignancy
+    sensitivity also at the score where the FROC reaches ``operating_fps`` per slice."""
+    lesions = pd.read_csv(test / "lesions.csv")
+    cases, groups, fps, predicted, reference = [], [], [], [], []
+    noise = np.random.default_rng(predictions) if isinstance(predictions, int) else None
+    for case_id in sorted(lesions.case_id.unique()):
+        _, instances, _ = read_case(test, case_id)
+        foreground = _foreground(predictions, case_id, instances.shape, noise)
+        case = detect_case(foreground, instances, threshold, instances=True, peaks=peaks)
+        cases.append(case)
+        rows = lesions[(lesions.case_id == case_id) & (lesions.lesion > 0)]
+        groups.append({int(r.lesion): int(np.floor(r.malignancy + 0.5)) for r in rows.itertuples()})
+        predicted.append((foreground >= threshold).ravel())
+        reference.append((instances > 0).ravel())
+        fps.append(case.false_positives(threshold))
+    result = froc(cases)
+    operating = score_at_rate(cases, operating_fps)
+    figures = {"cpm": result.cpm, "sensitivity_at": {str(k): v for k, v in result.at_rates.items()},
+               "sensitivity": sum(len(c.true_positives(threshold)) for c in cases) / max(result.lesions, 1),
+               "false_positives_per_slice": float(np.mean(fps)),
+               "dice": dice(np.concatenate(predicted), np.concatenate(reference)),  # over the whole test set
+               "sensitivity_by_malignancy": {str(k): v for k, v in
+                                             sensitivity_by_group(cases, groups, threshold).items()},
+               "sensitivity_by_malignancy_at_operating_point": {
+                   str(k): v for k, v in sensitivity_by_group(cases, groups, operating).items()},
+               "operating_score": operating if np.isfinite(operating) else None,  # None: no candidate fits the rate
+               "froc": {"fps_per_slice": result.fps_per_image.tolist(), "sensitivity": result.sensitivity.tolist()},
+               "lesions": result.lesions, "slices": result.images}
+    return figures, cases
+
+
+def summary(runs: list[dict]) -> dict[str, Any]:
+    """Mean and std over seeds of each figure of :func:`evaluate`."""
+    def spread(values: list[float]) -> dict[str, float]:
+        return {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values))}
+
+    keys = ("cpm", "sensitivity", "false_positives_per_slice", "dice")
+    out = {k: spread([r[k] for r in runs]) for k in keys}
+    levels = sorted({level for r in runs for level in r["sensitivity_by_malignancy"]})
+    for key in ("sensitivity_by_malignancy", "sensitivity_by_malignancy_at_operating_point"):
+        out[key] = {level: spread([r[key].get(level, np.nan) for r in runs]) for level in levels}
+    out["sensitivity_at"] = {rate: spread([r["sensitivity_at"][rate] for r in runs])
+                             for rate in runs[0]["sensitivity_at"]}
+    return out
+
+
+def _resamples(patients: Sequence[str], count: int, seed: int) -> list[np.ndarray]:
+    """``count`` bootstrap resamples of the test slices, as slice positions, drawn patient-wise."""
+    patients = np.asarray(patients)
+    names = np.unique(patients)
+    slices_of = {name: np.flatnonzero(patients == name) for name in names}
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([slices_of[name] for name in rng.choice(names, len(names))]) for _ in range(count)]
+
+
+def bootstrap_cpm(arm: dict[str, Any], resamples: list[np.ndarray]) -> np.ndarray:
+    """Seed-mean CPM of one arm (``arm["runs"]``: each seed's per-slice detections) on each resample; a
+    resample without lesions is NaN."""
+    values = np.full(len(resamples), np.nan)
+    for k, positions in enumerate(resamples):
+        seeds = []
+        for cases in arm["runs"]:
+            chosen = [cases[p] for p in positions]
+            if sum(len(c.lesions) for c in chosen):
+                seeds.append(froc(chosen).cpm)
+        if seeds:
+            values[k] = float(np.mean(seeds))
+    return values
+
+
+def paired_difference(arm: dict[str, Any], baseline: dict[str, Any], patients: Sequence[str],
+                      resamples: int = 1000, seed: int = 0, cache: dict | None = None,
+                      names: tuple[str, str] | None = None) -> dict[str, Any]:
+    """CPM of ``arm`` minus ``baseline`` (seed means) with a paired patient bootstrap 95 % interval.
+
+    ``arm`` / ``baseline``: ``{"runs": [per-slice detections of each seed, same seeds in the same order]}``;
+    ``patients``: each test slice's patient. With ``names`` (the two arms' names), ``cache`` keeps the resamples and
+    each named arm's bootstrap CPMs for the next comparison (same ``patients``, ``resamples`` and ``seed``)."""
+    if len(arm["runs"]) != len(baseline["runs"]):
+        raise ValueError(f"paired arms need the same seeds, got {len(arm['runs'])} and {len(baseline['runs'])} runs")
+    observed = (np.mean([froc(c).cpm for c in arm["runs"]]) - np.mean([froc(c).cpm for c in baseline["runs"]]))
+    seed_differences = [froc(a).cpm - froc(b).cpm for a, b in zip(arm["runs"], baseline["runs"])]
+    result = {"mean": float(observed), "seed_differences": [float(d) for d in seed_differences],
+              "resamples": int(resamples)}
+    if resamples:
+        cache = {} if cache is None or names is None else cache
+        if "resamples" not in cache:
+            cache["resamples"] = _resamples(patients, resamples, seed)
+        a, b = (cache[name] if name in cache else bootstrap_cpm(runs, cache["resamples"])
+                for name, runs in zip(names or ("", ""), (arm, baseline)))
+        if names is not None:
+            cache.update(zip(names, (a, b)))
+        low, high = np.nanpercentile(a - b, [2.5, 97.5])
+        result |= {"low": float(low), "high": float(high), "resolved": bool(low > 0 or high < 0)}
+    return result
