@@ -127,7 +127,8 @@ def test_trainer_prepends_nodule_synth_with_the_plans_statistics(nnunet_dirs, sm
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(key, nnunet_dirs[key])
     monkeypatch.setenv("LSDM_AUG_NNUNET", json.dumps({"prob": 0.5, "model": str(smoke_models), "steps": 2,
-                                                      "num_epochs": 3, "oversample_foreground_percent": 0.75}))
+                                                      "num_epochs": 3, "oversample_foreground_percent": 0.75,
+                                                      "optimizer": "adamw", "initial_lr": 0.001}))
     from lsdm_aug.nnunet.trainers.nnUNetTrainerNoduleSynth import nnUNetTrainerNoduleSynth
 
     folder = Path(nnunet_dirs["nnUNet_preprocessed"]) / "Dataset988_LsdmTrain"
@@ -136,16 +137,22 @@ def test_trainer_prepends_nodule_synth_with_the_plans_statistics(nnunet_dirs, sm
                                        device=torch.device("cpu"))
     assert trainer.num_epochs == 3 and trainer.oversample_foreground_percent == 0.75
     assert "oversample_foreground_percent" not in trainer.nodule_synth_settings  # a trainer attribute only
+    trainer.initialize()
+    optimizer, _ = trainer.configure_optimizers()  # nnU-Net's own nnUNetTrainerAdam choice
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["lr"] == 0.001
     transforms = trainer.get_training_transforms(np.array([64, 64]), (0, 0), None, (0, 1), False,
                                                  foreground_labels=[1])
     first = transforms.transforms[0]
     assert isinstance(first, NoduleSynthTransform) and first.prob == 0.5
     stats = plans["foreground_intensity_properties_per_channel"]["0"]
     assert first.synthesizer.hu_mean == stats["mean"] and first.synthesizer.hu_std == stats["std"]
-    monkeypatch.setenv("LSDM_AUG_NNUNET", json.dumps({"oversample_foreground_percent": 1.5}))
-    with pytest.raises(ValueError, match="oversample_foreground_percent in LSDM_AUG_NNUNET must be in \\[0, 1\\], got 1.5"):
-        nnUNetTrainerNoduleSynth(plans, "2d", 0, json.loads((folder / "dataset.json").read_text()),
-                                 device=torch.device("cpu"))
+    for bad, message in (({"oversample_foreground_percent": 1.5},
+                          "oversample_foreground_percent in LSDM_AUG_NNUNET must be in \\[0, 1\\], got 1.5"),
+                         ({"optimizer": "lion"}, "optimizer in LSDM_AUG_NNUNET must be one of \\('sgd', 'adamw'\\)")):
+        monkeypatch.setenv("LSDM_AUG_NNUNET", json.dumps(bad))
+        with pytest.raises(ValueError, match=message):
+            nnUNetTrainerNoduleSynth(plans, "2d", 0, json.loads((folder / "dataset.json").read_text()),
+                                     device=torch.device("cpu"))
 
 
 @pytest.mark.slow
