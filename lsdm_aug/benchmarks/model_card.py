@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ def _classifier_summary(feature: str, v: dict) -> str:
 def model_card(model_dir: str | Path, data_command: str, train_commands: list[str],
                quality: dict[str, Any] | None = None, notes: list[str] | None = None) -> str:
     """The card's Markdown text."""
-    from lsdm_aug.benchmarks.model_quality import gates
+    from lsdm_aug.benchmarks.model_quality import control_markdown, gates
 
     folder = Path(model_dir)
     autoencoder, unet = _read(folder / "autoencoder.json"), _read(folder / "unet.json")
@@ -84,7 +85,7 @@ def model_card(model_dir: str | Path, data_command: str, train_commands: list[st
                   "| gate | measured | met |", "| --- | --- | --- |"]
         lines += [f"| {name} | {figure} | {'n/a' if ok is None else 'yes' if ok else 'no'} |"
                   for name, figure, ok in gates(quality)]
-        lines.append("")
+        lines += ["", *control_markdown(quality, "##"), ""]
     else:
         lines += ["## Gates on held-out slices", "", "Not measured yet: run `lsdm-aug benchmark model-quality` and "
                   "rewrite this card with `lsdm-aug benchmark model-card --quality ...`.", ""]
@@ -102,8 +103,11 @@ def model_card(model_dir: str | Path, data_command: str, train_commands: list[st
 
 def write_model_card(model_dir: str | Path, data_command: str, train_commands: list[str],
                      quality_path: str | Path | None = None, notes: list[str] | None = None) -> str:
-    """Write ``MODEL_CARD.md`` into ``model_dir`` and return it."""
+    """Write ``MODEL_CARD.md`` into ``model_dir`` (with the quality report's ``guidance_grid.png`` beside it, which
+    the card shows) and return it."""
     quality = _read(Path(quality_path)) if quality_path else None
     text = model_card(model_dir, data_command, train_commands, quality, notes)
+    if quality_path and (Path(quality_path).parent / "guidance_grid.png").is_file():
+        shutil.copyfile(Path(quality_path).parent / "guidance_grid.png", Path(model_dir) / "guidance_grid.png")
     (Path(model_dir) / "MODEL_CARD.md").write_text(text)
     return text

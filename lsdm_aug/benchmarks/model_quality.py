@@ -506,6 +506,25 @@ def gates(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     return out
 
 
+def control_markdown(report: dict[str, Any], heading: str = "##") -> list[str]:
+    """The guidance settings side by side: control AUC per feature, saturated share, guidance alone (AUC, nodule
+    Fréchet relative to no guidance, seconds per insertion) and the guidance grid."""
+    ctrl = report["control"]
+    names = [g["name"] for g in report["settings"]["settings"]]
+    lines = [f"{heading} Control AUC per guidance setting (level 1 vs 5; malignancy 1-2 vs 4-5)", "",
+             "| feature | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for feature, aucs in ctrl["per_feature"].items():
+        lines.append(f"| {feature} | " + " | ".join(_fmt(aucs.get(n)) for n in names) + " |")
+    lines.append("| saturated share | " + " | ".join(_fmt(ctrl["saturated"].get(n)) for n in names) + " |")
+    lines += ["", "Guidance alone (the same outlines, requested malignancy 1 vs 5):", "",
+              "| setting | AUC | nodule Fréchet | vs none | s per insertion |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {p['setting']} | {p['auc']:.3f} | {p['nodule_frechet']:.2f} | {p['frechet_vs_none']:.2f} | "
+              f"{p['seconds_per_insertion']:.2f} |" for p in ctrl["guidance_alone"]]
+    lines += ["", "One outline at one site with one seed; rows: malignancy 1..5 requested; columns: the settings above "
+              "(lung window -1000..400 HU):", "", "![guidance grid](guidance_grid.png)"]
+    return lines
+
+
 def quality_markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     command = (f"lsdm-aug benchmark model-quality --data {s['data']} --model {s['model']} --count {s['count']} "
@@ -522,19 +541,7 @@ def quality_markdown(report: dict[str, Any]) -> str:
               "## Evaluators (trained on clean phantom crops only)", "",
               "| feature | validation AUC (low <= 2 vs high >= 4) | train nodules |", "| --- | --- | --- |"]
     lines += [f"| {f} | {_fmt(r['validation_auc'])} | {r['train_nodules']} |" for f, r in report["evaluators"].items()]
-    ctrl = report["control"]
-    names = [g["name"] for g in s["settings"]]
-    lines += ["", "## Control AUC per guidance setting (level 1 vs 5; malignancy 1-2 vs 4-5)", "",
-              "| feature | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
-    for feature, aucs in ctrl["per_feature"].items():
-        lines.append(f"| {feature} | " + " | ".join(_fmt(aucs.get(n)) for n in names) + " |")
-    lines.append("| saturated share | " + " | ".join(_fmt(ctrl["saturated"].get(n)) for n in names) + " |")
-    lines += ["", "Guidance alone (the same outlines, requested malignancy 1 vs 5):", "",
-              "| setting | AUC | nodule Fréchet | vs none | s per insertion |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {p['setting']} | {p['auc']:.3f} | {p['nodule_frechet']:.2f} | {p['frechet_vs_none']:.2f} | "
-              f"{p['seconds_per_insertion']:.2f} |" for p in ctrl["guidance_alone"]]
-    lines += ["", "One outline at one site with one seed; rows: malignancy 1..5 requested; columns: the settings above "
-              "(lung window -1000..400 HU):", "", "![guidance grid](guidance_grid.png)"]
+    lines += ["", *control_markdown(report, "##")]
     lines += ["", "## Texture fidelity (inserted, non-calcified, default guidance)", "",
               "| where | texture | inserted mean HU | phantom mean HU |", "| --- | --- | --- | --- |"]
     for where, entry in [("test slices", report["texture"]), *[(f"{k} mm", v) for k, v in report["other_spacings"].items()]]:

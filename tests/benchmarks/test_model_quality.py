@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
+from lsdm_aug.benchmarks.model_card import write_model_card
 from lsdm_aug.benchmarks.model_quality import GuidanceSetting, QualitySettings, gates, run_model_quality
 
 
@@ -26,6 +28,12 @@ def test_model_quality_writes_every_gate(tmp_path, smoke_models, phantom_dataset
     assert "| gate | measured | met |" in markdown and "lsdm-aug benchmark model-quality" in markdown
     grid = tmp_path / "q" / "guidance_grid.png"
     assert grid.is_file() and grid.stat().st_size > 1000 and "guidance_grid.png" in markdown
+    model = tmp_path / "model"
+    shutil.copytree(smoke_models, model)
+    card = write_model_card(model, "lsdm-aug prepare phantom ...", ["lsdm-aug train ..."],
+                            tmp_path / "q" / "model_quality.json")
+    assert "| feature | none | classifier s=1 | cfg w=2 |" in card and "![guidance grid](guidance_grid.png)" in card
+    assert (model / "guidance_grid.png").read_bytes() == grid.read_bytes()  # the card's picture beside it
 
 
 def test_a_rerun_resumes_from_finished_sections(tmp_path, smoke_models, phantom_dataset, monkeypatch):
