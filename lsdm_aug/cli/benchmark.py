@@ -98,6 +98,7 @@ def model_card(
     train_command: Annotated[list[str], typer.Option(help="A training command (repeat the option per stage).")],
     quality: Annotated[Path | None, typer.Option(help="model_quality.json of lsdm-aug benchmark model-quality.")]
     = None,
+    note: Annotated[list[str] | None, typer.Option(help="A limit to state in the card (repeat per limit).")] = None,
 ) -> None:
     """Write a model folder's card from its training configs and its quality report."""
     if not (model / "unet.json").is_file():
@@ -106,7 +107,7 @@ def model_card(
         fail(f"--quality {str(quality)!r} does not exist")
     from lsdm_aug.benchmarks.model_card import write_model_card
 
-    typer.echo(write_model_card(model, data_command, train_command, quality))
+    typer.echo(write_model_card(model, data_command, train_command, quality, [f"- {n}" for n in note or []]))
 
 
 @app.command("data-layer")

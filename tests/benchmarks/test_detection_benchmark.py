@@ -166,7 +166,7 @@ def test_copy_paste_moves_real_nodule_pixels_into_lung(tmp_path):
 def test_every_arm_trains_predicts_and_is_scored_then_a_rerun_skips_them(tmp_path, smoke_models):
     recipe = DetectionRecipe(name="smoke", image_size=64, model=str(smoke_models), train_patients=2, test_patients=2,
                              slices_per_patient=3, nodule_free_fraction=0.3, synthetic_count=3, synthetic_steps=2,
-                             on_the_fly={"prob": 0.5, "malignancy": "balanced", "bank": "build", "bank_count": 3},
+                             on_the_fly={"prob": 1.0, "malignancy": "balanced", "bank": "build", "bank_count": 3},
                              seeds=(0,), features_per_stage=(4, 8, 8, 8), batch_size=2, num_epochs=1,
                              iterations_per_epoch=2, val_iterations_per_epoch=1, dataset_id=960, workers=2,
                              bootstrap=50, curve_train_patients=(1,), curve_arms=("real",))
