@@ -105,13 +105,17 @@ def _condition(maps: torch.Tensor, pixel: bool, pipe: LSDMPipeline) -> SemanticC
 
 
 def latent_vs_pixel(pipe: LSDMPipeline, settings: SpeedSettings) -> dict:
-    """One DDIM run (the middle step count) of the LSDM U-Net on the latent and on the slice itself."""
+    """One DDIM run (the middle step count) of the LSDM U-Net on the latent and on the slice itself, over the
+    edit window (:attr:`LSDMPipeline.window_px`, the U-Net's training window; the central crop of a slice): at
+    512 px the pixel-space U-Net's attention over a whole slice alone would take minutes per step."""
     steps = sorted(settings.steps)[len(settings.steps) // 2]
     case = _slices(pipe, 1, settings.seed)[0]
-    maps = torch.as_tensor(case.semantic_map)[None, None].long()
-    size, factor = pipe.recipe.image_size, pipe.factor
+    size, factor = min(pipe.window_px, pipe.recipe.image_size), pipe.factor
+    top = (case.semantic_map.shape[0] - size) // 2
+    left = (case.semantic_map.shape[1] - size) // 2
+    maps = torch.as_tensor(case.semantic_map[top:top + size, left:left + size])[None, None].long()
     pixel_unet = build_unet(pipe.recipe.diffusion, 1).eval()
-    result = {"steps": steps}
+    result = {"steps": steps, "window_px": size}
     for name, unet, shape in (("latent", pipe.unet.cpu(), (1, pipe.recipe.autoencoder.latent_channels,
                                                              size // factor, size // factor)),
                               ("pixel", pixel_unet, (1, 1, size, size))):
@@ -173,7 +177,8 @@ def speed_markdown(report: dict) -> str:
         lines.append(f"| {r['steps']} | {'malignancy + texture' if r['guided'] else 'none'} | {r['generate_s']:.3f} | "
                      f"{r['insert_s']:.3f} | {r['generate_s'] / r['insert_s']:.2f} |")
     lp = report["latent_vs_pixel"]
-    lines += ["", f"## Latent vs pixel-space diffusion, same U-Net recipe (DDIM {lp['steps']} steps)", "",
+    lines += ["", f"## Latent vs pixel-space diffusion, same U-Net recipe (DDIM {lp['steps']} steps, "
+                  f"{lp.get('window_px', '?')} px window)", "",
               "| space | s / sample | GFLOPs per U-Net step | parameters |", "| --- | --- | --- | --- |"]
     for name in ("latent", "pixel"):
         r = lp[name]
