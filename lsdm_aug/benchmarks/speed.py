@@ -168,7 +168,10 @@ def run_speed(settings: SpeedSettings) -> dict:
 
 def speed_markdown(report: dict) -> str:
     s, m = report["settings"], report["machine"]
-    lines = ["# Speed", "", f"Command: `lsdm-aug benchmark speed --model {s['model']} --out {s['out']}`", "",
+    command = (f"lsdm-aug benchmark speed --model {s['model']} --out {s['out']} --repeats {s['repeats']} --steps "
+               f"{','.join(str(n) for n in s['steps'])} --transform-samples {s['transform_samples']} --batch-size "
+               f"{s['batch_size']} --bank-size {s['bank_size']} --synth-count {s['synth_count']}")
+    lines = ["# Speed", "", f"Command: `{command}`", "",
              f"Machine: {m['cpus']} CPUs ({m['processor']}), torch {m['torch']} with {m['torch_threads']} threads, "
              f"CUDA {m['cuda']}. Model `{report['model']}` at {report['image_size']} px; {s['repeats']} samples per "
              "timing after a warm-up.", "", "## Generation vs local insertion (seconds per sample)", "",

@@ -32,7 +32,7 @@ from monai.data import DataLoader, Dataset, MetaTensor, list_data_collate
 
 from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig
 from lsdm_aug.synthesis import SynthesisRequest, build_bank, synthesize
-from lsdm_aug.transforms.monai import NoduleSynthBatchd, NoduleSynthd, synthesis_records
+from lsdm_aug.transforms.monai import NoduleSynthBatchd, NoduleSynthd
 
 def backgrounds(count: int, seed: int, size: int) -> list[dict]:
     phantom = ChestPhantom(PhantomConfig(size=size, nodule_free_fraction=1.0))
