@@ -151,8 +151,8 @@ def test_trainer_prepends_nodule_synth_with_the_plans_statistics(nnunet_dirs, sm
                          ({"optimizer": "lion"}, "optimizer in LSDM_AUG_NNUNET must be one of \\('sgd', 'adamw'\\)")):
         monkeypatch.setenv("LSDM_AUG_NNUNET", json.dumps(bad))
         with pytest.raises(ValueError, match=message):
-            nnUNetTrainerNoduleSynth(plans, "2d", 0, json.loads((folder / "dataset.json").read_text()),
-                                     device=torch.device("cpu"))
+            nnUNetTrainerNoduleSynth(plans | {"continue_training": False}, "2d", 0,  # nnU-Net pops that key
+                                     json.loads((folder / "dataset.json").read_text()), device=torch.device("cpu"))
 
 
 @pytest.mark.slow
