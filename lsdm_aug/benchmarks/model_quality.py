@@ -48,6 +48,7 @@ from lsdm_aug.metrics.evaluator import NoduleEvaluator, nodule_crops
 from lsdm_aug.metrics.features import frechet_distance
 from lsdm_aug.pipeline import LSDMPipeline
 from lsdm_aug.progress import track_progress
+from lsdm_aug.sampling.schedulers import build_scheduler
 from lsdm_aug.training.autoencoder import reconstruction_metrics
 from lsdm_aug.transforms.core import choose_outline, nodule_outline, usable_nodule_table
 
@@ -137,6 +138,43 @@ def autoencoder_quality(pipe: LSDMPipeline, test: PreparedDataset, limit: int = 
                 kept.append(float((rec[mask].mean() - rec[ring].mean()) / contrast))
     return {**metrics, "slices": len(ids), "nodule_contrast_kept": float(np.median(kept)) if kept else None,
             "nodules_measured": len(kept)}
+
+
+def feature_sensitivity(pipe: LSDMPipeline, test: PreparedDataset, count: int = 8, seed: int = 0,
+                        timesteps: tuple[int, ...] = (100, 500, 900)) -> dict[str, Any] | None:
+    """How much the feature vector moves the U-Net (what classifier-free guidance can amplify): on ``count``
+    windows of the edit size around test nodules, the norm of eps(texture 5) - eps(texture 1), and of
+    eps(texture 1) - eps(not given), relative to the norm of eps(not given), at each of ``timesteps``. None for a
+    U-Net without feature conditioning."""
+    if not pipe.feature_conditioned:
+        return None
+    from lsdm_aug.models.unet import feature_levels, predict_noise
+
+    size = min(pipe.window_px, pipe.recipe.image_size)
+    scheduler = build_scheduler(pipe.recipe.diffusion, "ddpm", 1000)
+    generator = torch.Generator().manual_seed(seed)
+    ratios: dict[int, dict[str, list[float]]] = {t: {"texture 5 - texture 1": [], "texture 1 - not given": []}
+                                                 for t in timesteps}
+    for row in test.features.head(count).itertuples():
+        case = test[row.case_id]
+        top = int(np.clip(round(row.centre_row) - size // 2, 0, case["image"].shape[0] - size))
+        left = int(np.clip(round(row.centre_col) - size // 2, 0, case["image"].shape[1] - size))
+        window = (slice(top, top + size), slice(left, left + size))
+        with torch.no_grad():
+            latent = pipe.encode(torch.as_tensor(case["image"][window], dtype=torch.float32)[None, None].to(pipe.device))
+            condition = pipe.condition(torch.as_tensor(case["semantic_map"][window])[None, None].long().to(pipe.device))
+            noise = torch.randn(latent.shape, generator=generator).to(latent.device)
+            for t in timesteps:
+                step = torch.tensor([t], device=latent.device)
+                noisy = scheduler.add_noise(latent, noise, step)
+                eps = {name: predict_noise(pipe.unet, noisy, step, condition.with_features(
+                    None if levels is None else feature_levels(levels).to(latent.device)))
+                    for name, levels in (("null", None), ("low", {"texture": 1}), ("high", {"texture": 5}))}
+                base = float(eps["null"].norm())
+                ratios[t]["texture 5 - texture 1"].append(float((eps["high"] - eps["low"]).norm()) / base)
+                ratios[t]["texture 1 - not given"].append(float((eps["low"] - eps["null"]).norm()) / base)
+    return {"windows": count, "window_px": size,
+            "relative_change": {str(t): {k: float(np.mean(v)) for k, v in r.items()} for t, r in ratios.items()}}
 
 
 # ---- generation and insertion ------------------------------------------------------------------------------------
@@ -455,6 +493,8 @@ def run_model_quality(settings: QualitySettings, progress: bool = True) -> dict[
         pipe, test, settings.generated_slices, settings.steps, settings.seed))
     report["texture"] = parts.get("texture", lambda: texture_fidelity(
         pipe, backgrounds, test, settings.count, settings.steps, settings.seed, crop_spacing))
+    report["feature_sensitivity"] = parts.get("feature_sensitivity", lambda: feature_sensitivity(pipe, test,
+                                                                                              seed=settings.seed))
     report["control"] = control_table([
         parts.get(f"control_{k}", lambda s=setting: control_setting(pipe, evaluators, backgrounds, settings, s,
                                                                     crop_spacing, real_crops))
@@ -547,6 +587,14 @@ def quality_markdown(report: dict[str, Any]) -> str:
               "| feature | validation AUC (low <= 2 vs high >= 4) | train nodules |", "| --- | --- | --- |"]
     lines += [f"| {f} | {_fmt(r['validation_auc'])} | {r['train_nodules']} |" for f, r in report["evaluators"].items()]
     lines += ["", *control_markdown(report, "##")]
+    sensitivity = report.get("feature_sensitivity")
+    if sensitivity:
+        lines += ["", f"How much the feature vector moves the U-Net (norm of the change in predicted noise relative to "
+                      f"eps(not given), mean over {sensitivity['windows']} {sensitivity['window_px']} px windows around "
+                      "test nodules): what classifier-free guidance can amplify.", "",
+                  "| timestep | texture 5 - texture 1 | texture 1 - not given |", "| --- | --- | --- |"]
+        lines += [f"| {t} | {v['texture 5 - texture 1']:.4f} | {v['texture 1 - not given']:.4f} |"
+                  for t, v in sensitivity["relative_change"].items()]
     lines += ["", "## Texture fidelity (inserted, non-calcified, default guidance)", "",
               "| where | texture | inserted mean HU | phantom mean HU |", "| --- | --- | --- | --- |"]
     for where, entry in [("test slices", report["texture"]), *[(f"{k} mm", v) for k, v in report["other_spacings"].items()]]:

@@ -24,6 +24,9 @@ def test_model_quality_writes_every_gate(tmp_path, smoke_models, phantom_dataset
     assert any("SSIM" in n for n in names) and any("at 2.8 mm" in n for n in names)
     assert set(report["control"]["per_feature"]["malignancy"]) == {"none", "classifier s=1", "cfg w=2"}
     assert report["control"]["guidance_alone"][0]["frechet_vs_none"] == 1.0
+    sensitivity = report["feature_sensitivity"]  # the smoke U-Net is feature-conditioned
+    assert set(sensitivity["relative_change"]) == {"100", "500", "900"}
+    assert all(v >= 0 for t in sensitivity["relative_change"].values() for v in t.values())
     markdown = (tmp_path / "q" / "model_quality.md").read_text()
     assert "| gate | measured | met |" in markdown and "lsdm-aug benchmark model-quality" in markdown
     grid = tmp_path / "q" / "guidance_grid.png"
@@ -55,6 +58,7 @@ def test_a_rerun_resumes_from_finished_sections(tmp_path, smoke_models, phantom_
     monkeypatch.setattr(model_quality, "texture_fidelity", refuse)
     monkeypatch.setattr(model_quality.NoduleEvaluator, "train", refuse)
     monkeypatch.setattr(model_quality, "guidance_grid", refuse)
+    monkeypatch.setattr(model_quality, "feature_sensitivity", refuse)
     original = model_quality.control_setting
     monkeypatch.setattr(model_quality, "control_setting", lambda *a, **k: calls.append(1) or original(*a, **k))
     again = run_model_quality(settings, progress=False)
