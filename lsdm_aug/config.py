@@ -158,7 +158,9 @@ class DiffusionTraining:
     ``crop_px`` (image pixels, a multiple of the downsampling; 0 = whole slices) is the training window,
     ``nodule_share`` the share of windows placed around a nodule. ``feature_dropout_all`` /
     ``feature_dropout`` drop the feature vector of a feature-conditioned U-Net (all four / each alone) for
-    classifier-free guidance. ``init_from`` starts from another model folder's U-Net (keys that the other
+    classifier-free guidance; ``feature_lr_scale`` multiplies the learning rate of the feature embedding alone
+    (it starts at zero and, at the U-Net's rate, hardly moves in a few thousand CPU steps). ``init_from`` starts
+    from another model folder's U-Net (keys that the other
     net lacks, such as the feature embedding, keep their initial values). ``max_train_slices`` (0: all) encodes
     only the first slices of the train split: at 512 px the frozen encoder costs about a second per slice on
     one CPU core, and crops of a few hundred whole slices already outnumber the training steps' samples.
@@ -173,6 +175,7 @@ class DiffusionTraining:
     nodule_share: float = 0.5
     feature_dropout_all: float = 0.15
     feature_dropout: float = 0.15
+    feature_lr_scale: float = 1.0
     init_from: str | None = None
     max_train_slices: int = 0
 
@@ -182,6 +185,8 @@ class DiffusionTraining:
         if self.crop_px < 0 or self.crop_px % downsampling:
             raise RecipeError(f"train_diffusion.crop_px must be 0 or a positive multiple of {downsampling}, "
                               f"got {self.crop_px}")
+        if not self.feature_lr_scale > 0:
+            raise RecipeError(f"train_diffusion.feature_lr_scale must be > 0, got {self.feature_lr_scale}")
         for name in ("nodule_share", "feature_dropout_all", "feature_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise RecipeError(f"train_diffusion.{name} must be in [0, 1], got {getattr(self, name)}")

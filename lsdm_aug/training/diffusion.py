@@ -221,6 +221,24 @@ def _validation_loss(unet: torch.nn.Module, crops: LatentCrops, scheduler, devic
     return sum(losses) / max(elements, 1)
 
 
+def parameter_groups(unet: torch.nn.Module, learning_rate: float, feature_lr_scale: float = 1.0) -> list[dict]:
+    """The U-Net's parameters for the optimizer: the feature embedding of a feature-conditioned U-Net in a group
+    of its own at ``learning_rate * feature_lr_scale``, everything else at ``learning_rate``.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 2)
+        >>> [group["lr"] for group in parameter_groups(net, 1e-4)]
+        [0.0001]
+    """
+    embedding = getattr(unet, "class_embedding", None)
+    own = [] if embedding is None or not is_feature_conditioned(unet) else list(embedding.parameters())
+    rest = [p for p in unet.parameters() if all(p is not q for q in own)]
+    groups = [{"params": rest, "lr": learning_rate}]
+    if own:
+        groups.append({"params": own, "lr": learning_rate * feature_lr_scale})
+    return groups
+
+
 def train_diffusion(recipe: Recipe, data_dir: str | Path, model_dir: str | Path, device: str | None = None,
                     seed: int = 0, progress: bool = True, max_validation: int = 128) -> dict[str, Any]:
     """Train (or resume) the SPADE U-Net in ``model_dir``, which must hold the trained autoencoder.
@@ -238,7 +256,7 @@ def train_diffusion(recipe: Recipe, data_dir: str | Path, model_dir: str | Path,
                                    settings.nodule_share, limit=max_validation)
     torch.manual_seed(seed)
     unet = build_unet(recipe.diffusion, recipe.autoencoder.latent_channels).to(context.device)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.learning_rate)
+    optimizer = torch.optim.AdamW(parameter_groups(unet, settings.learning_rate, settings.feature_lr_scale))
     start, history = 0, []
     state_path = model_dir / STATE_FILE
     if state_path.exists():

@@ -12,7 +12,7 @@ from lsdm_aug.models.checkpoint import load_weights
 from lsdm_aug.models.unet import (FeatureEmbedding, SemanticCondition, build_unet, feature_levels,
                                   is_feature_conditioned, predict_noise, semantic_onehot)
 from lsdm_aug.training.common import initialise_from
-from lsdm_aug.training.diffusion import LatentCrops, LatentData, UNET_FILE, drop_features
+from lsdm_aug.training.diffusion import LatentCrops, LatentData, UNET_FILE, drop_features, parameter_groups
 
 TINY = dict(channels=(16, 16, 32), attention_levels=(False, False, False), norm_num_groups=8,
             spade_intermediate_channels=8, num_head_channels=8)
@@ -77,10 +77,31 @@ def test_feature_conditioning_needs_the_spade_unet():
         recipe_from_dict({"diffusion": {"spade": False, "feature_conditioning": True}})
 
 
-@pytest.mark.parametrize(("key", "value"), [("crop_px", 30), ("nodule_share", 1.5), ("feature_dropout", -0.1)])
+@pytest.mark.parametrize(("key", "value"), [("crop_px", 30), ("nodule_share", 1.5), ("feature_dropout", -0.1),
+                                            ("feature_lr_scale", 0.0)])
 def test_bad_diffusion_training_settings_name_the_key(key, value):
     with pytest.raises(RecipeError, match=f"train_diffusion.{key}"):
         recipe_from_dict({"train_diffusion": {key: value}})
+
+
+def test_the_feature_embedding_gets_its_own_learning_rate():
+    unet = build_unet(DiffusionConfig(**TINY, feature_conditioning=True), 3)
+    with torch.no_grad():  # MONAI zero-initialises the output convolution: no gradient reaches the embedding
+        for name, parameter in unet.named_parameters():
+            if not name.startswith("class_embedding"):
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+    rest, embedding = parameter_groups(unet, 2e-4, 50.0)
+    assert rest["lr"] == 2e-4 and embedding["lr"] == pytest.approx(1e-2)
+    assert len(embedding["params"]) == 1 and embedding["params"][0] is unet.class_embedding.weight
+    assert len(rest["params"]) + 1 == len(list(unet.parameters()))  # every parameter in exactly one group
+    optimizer = torch.optim.AdamW([rest, embedding])
+    predict_noise(unet, torch.randn(2, 3, 8, 8), torch.tensor([10, 500]),
+                  _condition(2, torch.tensor([[5, 1, 1, 5], [1, 0, 0, 1]]))).pow(2).mean().backward()
+    optimizer.step()  # one Adam step moves each embedding element by about its group's rate
+    moved = unet.class_embedding.weight.detach().abs()
+    assert moved.max() == pytest.approx(1e-2, rel=0.05)
+    plain = build_unet(DiffusionConfig(**TINY), 3)
+    assert [g["lr"] for g in parameter_groups(plain, 2e-4, 50.0)] == [2e-4]  # no embedding, one group
 
 
 def test_drop_features_drops_all_or_each_at_the_given_rates():
