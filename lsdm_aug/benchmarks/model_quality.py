@@ -42,7 +42,8 @@ from scipy import ndimage
 
 from lsdm_aug.config import FEATURES
 from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig, free_site
-from lsdm_aug.data.prepared import PreparedDataset, atomic_write_npz, atomic_write_text, hu_to_unit, unit_to_hu
+from lsdm_aug.data.prepared import (PreparedDataset, atomic_write_figure, atomic_write_npz, atomic_write_text,
+                                    hu_to_unit, unit_to_hu)
 from lsdm_aug.data.semantic import SemanticLabel, semantic_map_from_hu
 from lsdm_aug.metrics.evaluator import NoduleEvaluator, nodule_crops
 from lsdm_aug.metrics.features import frechet_distance
@@ -373,10 +374,8 @@ def save_grid_png(path: Path, grid: np.ndarray, settings: tuple[GuidanceSetting,
             if c == 0:
                 axes[r, c].set_ylabel(f"malignancy {r + 1}", fontsize=7)
     figure.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    figure.savefig(tmp, dpi=110)
+    atomic_write_figure(path, figure, dpi=110)
     plt.close(figure)
-    tmp.replace(path)
 
 
 def texture_fidelity(pipe: LSDMPipeline, backgrounds: list[Background], test: PreparedDataset, count: int, steps: int,

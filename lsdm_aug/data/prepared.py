@@ -134,6 +134,13 @@ def atomic_write_npz(path: Path, **arrays: np.ndarray) -> None:
     _atomic_write_bytes(Path(path), lambda handle: np.savez_compressed(handle, **arrays))
 
 
+def atomic_write_figure(path: Path, figure, dpi: int = 100) -> None:
+    """Save a Matplotlib ``figure`` as PNG at ``path`` atomically (its folder made if missing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(path, lambda handle: figure.savefig(handle, format="png", dpi=dpi))
+
+
 def patient_wise_split(case_patients: pd.Series, fractions: dict[str, float], seed: int) -> dict[str, list[str]]:
     """Split case ids so that every patient's slices land in one split.
 

@@ -10,8 +10,6 @@ Example:
 from __future__ import annotations
 
 import itertools
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -22,6 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from lsdm_aug.data.nnunet_format import read_case  # noqa: E402
+from lsdm_aug.data.prepared import atomic_write_figure  # noqa: E402
 
 __all__ = ["draw_preview"]
 
@@ -66,10 +65,6 @@ def draw_preview(dataset_dir: str | Path, manifest: pd.DataFrame, out: str | Pat
             axis.text(1, 3, case.case_id[-6:], color="white", fontsize=6)
     figure.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".", suffix=".png", dir=out.parent)
-    os.close(handle)
-    figure.savefig(temporary, dpi=90)
+    atomic_write_figure(out, figure, dpi=90)
     plt.close(figure)
-    os.replace(temporary, out)
     return out

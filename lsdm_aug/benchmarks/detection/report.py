@@ -9,14 +9,13 @@ Example:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lsdm_aug.benchmarks.detection.runs import CONFIGURATION
+from lsdm_aug.data.prepared import atomic_write_figure
 from lsdm_aug.metrics.detection import LUNA16_FP_RATES
 
 __all__ = ["detection_markdown", "save_froc_png", "save_curve_png"]
@@ -29,15 +28,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _save(figure, path: Path) -> None:
-    """Write a figure atomically (a temporary file renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(handle)
-    figure.savefig(temporary, dpi=110)
-    os.replace(temporary, path)
 
 
 def save_froc_png(report: dict[str, Any], path: Path) -> None:
@@ -58,7 +48,7 @@ def save_froc_png(report: dict[str, Any], path: Path) -> None:
              title=f"FROC on {report['test_patients']} test patients, mean ± std over {len(report['recipe']['seeds'])} seeds")
     axes.legend(fontsize=8, loc="upper left")
     figure.tight_layout()
-    _save(figure, path)
+    atomic_write_figure(path, figure, dpi=110)
     plt.close(figure)
 
 
@@ -74,7 +64,7 @@ def save_curve_png(report: dict[str, Any], path: Path) -> None:
     axes.set_xticks(sorted({p["train_patients"] for p in report["curve"]}))
     axes.legend(fontsize=8)
     figure.tight_layout()
-    _save(figure, path)
+    atomic_write_figure(path, figure, dpi=110)
     plt.close(figure)
 
 
