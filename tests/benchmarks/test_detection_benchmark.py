@@ -85,6 +85,20 @@ def test_the_test_set_does_not_depend_on_the_training_set_size():
     assert train.isdisjoint(t[5] for t in tests[0]) and len(train) == 6
 
 
+def test_a_written_real_set_is_not_drawn_again(tmp_path, monkeypatch):
+    from lsdm_aug.benchmarks.detection import data
+
+    recipe = DetectionRecipe(image_size=64, train_patients=2, test_patients=1, slices_per_patient=2)
+    first = data.write_real(recipe, tmp_path / "raw", tmp_path / "test")
+    assert first == sorted(first) and len(first) == 4
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the phantom was drawn again")
+
+    monkeypatch.setattr(data, "real_slices", refuse)
+    assert data.write_real(recipe, tmp_path / "raw", tmp_path / "test") == first
+
+
 def _case(hit: bool, lesions: int = 1) -> CaseDetections:
     return CaseDetections([Candidate(0.9, 1 if hit else 0), Candidate(0.2, 0)], list(range(1, lesions + 1)))
 

@@ -50,9 +50,14 @@ def _prepare(recipe: DetectionRecipe, work: Path, arms: tuple[str, ...]) -> None
 
 
 def train_arms(recipe: DetectionRecipe, work: Path, arms: tuple[str, ...]) -> dict[str, Any]:
-    """Train, predict and score every seed of ``arms`` in ``work``; per arm its runs' figures, their summary and
-    each seed's per-slice detections (``detections``, not saved)."""
+    """Make the datasets of ``arms`` in ``work``, then train, predict and score every seed (:func:`_train_and_score`)."""
     _prepare(recipe, work, arms)
+    return _train_and_score(recipe, work, arms)
+
+
+def _train_and_score(recipe: DetectionRecipe, work: Path, arms: tuple[str, ...]) -> dict[str, Any]:
+    """Train, predict and score every seed of ``arms`` on datasets already prepared; per arm its runs' figures,
+    their summary and each seed's per-slice detections (``detections``, not saved)."""
     folders = runs.train_and_predict_all(recipe, work, [(arm, seed) for arm in arms for seed in recipe.seeds])
     out: dict[str, Any] = {}
     for arm in arms:
@@ -118,7 +123,7 @@ def run_detection(recipe: DetectionRecipe, work_dir: str | Path, out_dir: str | 
     _prepare(recipe, work, recipe.arms)
     data_minutes = (time.perf_counter() - started) / 60
     profile = runs.profile(recipe, work, "real")
-    arms = train_arms(recipe, work, recipe.arms)
+    arms = _train_and_score(recipe, work, recipe.arms)
     lesions = pd.read_csv(work / "test" / "lesions.csv")
     patients = lesions.drop_duplicates("case_id").sort_values("case_id").patient_id.astype(str).tolist()
     report: dict[str, Any] = {

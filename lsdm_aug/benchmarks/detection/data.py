@@ -77,13 +77,17 @@ def _prepared_slices(recipe: DetectionRecipe, split: str) -> list[RealSlice]:
 
 def write_real(recipe: DetectionRecipe, raw: Path, test: Path) -> list[str]:
     """The real training dataset (nnU-Net raw) and the test set (images, instance labels, ``lesions.csv`` with
-    one row per lesion, or one with lesion 0 for a nodule-free slice); returns the training case ids."""
+    one row per lesion, or one with lesion 0 for a nodule-free slice); returns the training case ids, sorted.
+    A dataset already written is not drawn again."""
     real = raw / dataset_name(recipe, "real")
-    train = real_slices(recipe, "train")
-    if not (real / "dataset.json").is_file():
+    if (real / "dataset.json").is_file():
+        case_ids = sorted(path.name.removesuffix(".nii.gz") for path in (real / "labelsTr").glob("*.nii.gz"))
+    else:
+        train = real_slices(recipe, "train")
         for case_id, hu, mask, spacing, *_ in train:
             write_case(real, case_id, hu, (mask > 0).astype(np.uint8), (spacing, spacing))
         write_dataset_json(real, len(train), name="real", description=f"{recipe.name}: scarce real training slices")
+        case_ids = sorted(case[0] for case in train)
     if not (test / "lesions.csv").is_file():
         rows = []
         for case_id, hu, mask, spacing, malignancy, patient in real_slices(recipe, "test"):
@@ -93,7 +97,7 @@ def write_real(recipe: DetectionRecipe, raw: Path, test: Path) -> list[str]:
             if not (mask > 0).any():
                 rows.append({"case_id": case_id, "patient_id": patient, "lesion": 0, "malignancy": np.nan})
         atomic_write_text(test / "lesions.csv", pd.DataFrame(rows).to_csv(index=False))
-    return [case[0] for case in train]
+    return case_ids
 
 
 def _copy_real_into(recipe: DetectionRecipe, raw: Path, target: Path, real_cases: list[str]) -> None:

@@ -146,10 +146,15 @@ def _train_and_predict(recipe: DetectionRecipe, work: Path, arm: str, seed: int,
 
 def train_and_predict_all(recipe: DetectionRecipe, work: Path, runs: list[tuple[str, int]]) -> dict[tuple[str, int], Path]:
     """Every (arm, seed) of ``runs``, ``recipe.workers`` at a time, each with an equal share of the CPU cores."""
-    threads = max(1, (os.cpu_count() or 1) // recipe.workers)
+    threads = run_threads(recipe)
     with ThreadPoolExecutor(max_workers=recipe.workers) as pool:
         futures = {run: pool.submit(_train_and_predict, recipe, work, *run, threads) for run in runs}
         return {run: future.result() for run, future in futures.items()}
+
+
+def run_threads(recipe: DetectionRecipe) -> int:
+    """Torch threads of one (arm, seed) run: an equal share of the CPU cores among ``recipe.workers`` runs."""
+    return max(1, (os.cpu_count() or 1) // recipe.workers)
 
 
 def run_minutes(predictions: Path) -> dict[str, float | None]:
@@ -165,8 +170,7 @@ def profile(recipe: DetectionRecipe, work: Path, arm: str = "real", iterations: 
     once per work folder in a process with the threads a benchmark run gets, batches made in that process."""
     out = work / "profile" / f"{arm.replace('+', '_')}.json"
     if not out.is_file():
-        threads = max(1, (os.cpu_count() or 1) // recipe.workers)
-        env = environment(work, 0, threads) | {
+        env = environment(work, 0, run_threads(recipe)) | {
             "nnUNet_n_proc_DA": "0", "LSDM_AUG_NNUNET": json.dumps(trainer_settings(recipe, arm, 0, work)),
             "nnUNet_results": str(work / "results" / "profile")}
         out.parent.mkdir(parents=True, exist_ok=True)
