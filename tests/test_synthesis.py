@@ -169,3 +169,17 @@ def test_a_local_ray_cluster_writes_the_single_machine_dataset(tmp_path, smoke_m
     synthesize(alone, request)
     synthesize(spread, request, batch_size=1, ray_address="local")
     _same_dataset(alone, spread)
+
+
+def _no_kmeans(*_args, **_kwargs):
+    raise AssertionError("K-means lung segmentation ran on a background whose lung fields are known")
+
+
+def test_phantom_and_prepared_backgrounds_bring_their_own_lung_fields(tmp_path, smoke_models, phantom_dataset,
+                                                                      monkeypatch):
+    monkeypatch.setattr("lsdm_aug.transforms.core.lung_mask_from_hu", _no_kmeans)
+    assert len(synthesize(tmp_path / "phantom", _request(smoke_models, count=2))) == 2
+    assert len(synthesize(tmp_path / "prepared", _request(smoke_models, count=2, source=str(phantom_dataset)))) == 2
+    synthesize(tmp_path / "raw" / "Dataset986_Known", _request(smoke_models, count=2))
+    with pytest.raises(AssertionError, match="K-means lung segmentation ran"):  # an nnU-Net set has no lung fields
+        synthesize(tmp_path / "again", _request(smoke_models, count=1, source=str(tmp_path / "raw" / "Dataset986_Known")))

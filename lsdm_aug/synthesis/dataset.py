@@ -127,8 +127,13 @@ def case_features(request: SynthesisRequest, index: int) -> dict[str, float]:
     return {name: float(v) for name, v in {**fixed, **chosen}.items()}
 
 
+Background = tuple[np.ndarray, np.ndarray, tuple[float, float], str, "np.ndarray | None"]
+
+
 class _Backgrounds:
-    """Background slice ``i`` (HU, existing label, spacing, description) from the phantom or a dataset."""
+    """Background slice ``i`` (HU, existing label, spacing, description, lung fields) from the phantom or a
+    dataset. The phantom and prepared datasets know their lung fields, so the transforms need no K-means for
+    them (an nnU-Net dataset gives None: K-means finds them)."""
 
     def __init__(self, request: SynthesisRequest) -> None:
         self.request = request
@@ -148,17 +153,18 @@ class _Backgrounds:
                 if len(self.prepared) == 0:
                     raise DatasetMismatchError(f"--from {str(root)!r} is a prepared dataset without cases")
 
-    def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float], str]:
+    def __call__(self, index: int) -> Background:
         if self.prepared is not None:
             case = self.prepared[index % len(self.prepared)]
             label = (case["nodule_mask"] > 0).astype(np.uint8)
-            return unit_to_hu(case["image"]), label, (case["spacing_mm"],) * 2, case["case_id"]
+            return unit_to_hu(case["image"]), label, (case["spacing_mm"],) * 2, case["case_id"], case["lung_mask"]
         if self.nnunet_cases is not None:
             case_id = self.nnunet_cases[index % len(self.nnunet_cases)]
             image, label, spacing = read_case(self.request.source, case_id)
-            return image.astype(np.float32), (label > 0).astype(np.uint8), spacing[:2], case_id
+            return image.astype(np.float32), (label > 0).astype(np.uint8), spacing[:2], case_id, None
         ct = self.phantom.slice(index, seed=self.request.seed)
-        return ct.hu, np.zeros(ct.hu.shape, np.uint8), (ct.spacing_mm, ct.spacing_mm), f"phantom:{index}"
+        return (ct.hu, np.zeros(ct.hu.shape, np.uint8), (ct.spacing_mm, ct.spacing_mm), f"phantom:{index}",
+                ct.lung_mask)
 
 
 def _case_id(index: int) -> str:
@@ -201,6 +207,7 @@ class _CaseState:
     label: np.ndarray | None = None
     spacing: tuple[float, float] = (1.0, 1.0)
     background: str = ""
+    lung: np.ndarray | None = None
     placed: list[dict] = field(default_factory=list)
 
     def next_background(self, request: SynthesisRequest, backgrounds: _Backgrounds) -> None:
@@ -209,7 +216,8 @@ class _CaseState:
         if self.attempt >= MAX_BACKGROUND_ATTEMPTS:
             raise RuntimeError(f"case {self.index}: no background with room for {request.nodules_per_slice} "
                                "nodule(s) in the lung")
-        self.image, self.label, self.spacing, self.background = backgrounds(self.index + self.attempt * request.count)
+        self.image, self.label, self.spacing, self.background, self.lung = backgrounds(
+            self.index + self.attempt * request.count)
         self.placed = []
 
 
@@ -249,7 +257,8 @@ def _synthesize_cases(request: SynthesisRequest, backgrounds: _Backgrounds, indi
         for case in pending:
             n = len(case.placed)
             seed = np.random.SeedSequence([request.seed, case.index, case.attempt, n]).generate_state(1)[0]
-            params = case.synthesizer.draw(case.image, case.label, np.random.RandomState(seed), case.spacing)
+            params = case.synthesizer.draw(case.image, case.label, np.random.RandomState(seed), case.spacing,
+                                           lung_mask=case.lung)
             if params.skipped:  # no room in this background's lung: start again on the next candidate
                 case.next_background(request, backgrounds)
             else:
@@ -257,7 +266,8 @@ def _synthesize_cases(request: SynthesisRequest, backgrounds: _Backgrounds, indi
         if not drawn:
             continue
         applied = drawn[0][0].synthesizer.apply_batch([c.image for c, _ in drawn], [c.label for c, _ in drawn],
-                                                      [p for _, p in drawn], [c.spacing for c, _ in drawn])
+                                                      [p for _, p in drawn], [c.spacing for c, _ in drawn],
+                                                      [c.lung for c, _ in drawn])
         for (case, _), (image, label, info) in zip(drawn, applied):
             case.image, case.label = image, label
             case.placed.append(info)

@@ -17,6 +17,9 @@ Example:
 from __future__ import annotations
 
 import functools
+import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,10 +32,10 @@ from lsdm_aug.config import FEATURES
 from lsdm_aug.data.lidc import NoduleMaskBank, load_nodule_table, resample_mask
 from lsdm_aug.data.phantom import free_site
 from lsdm_aug.data.prepared import hu_to_unit, unit_to_hu
-from lsdm_aug.data.semantic import SemanticLabel, semantic_map_from_hu
+from lsdm_aug.data.semantic import SemanticLabel, lung_mask_from_hu, semantic_map_from_hu
 
 __all__ = ["NoduleSynthesizer", "NoduleParameters", "parse_feature", "MODES", "load_pipeline", "usable_nodule_table",
-           "choose_outline", "nodule_outline", "SHAPE_FEATURES"]
+           "choose_outline", "nodule_outline", "SHAPE_FEATURES", "slice_lung"]
 
 SHAPE_FEATURES = ("malignancy", "lobulation", "spiculation")  # what a nodule's outline carries
 
@@ -184,9 +187,14 @@ class NoduleSynthesizer:
         return choose_outline(usable_nodule_table(), features, self.size_mm, rng)
 
     def draw(self, image: np.ndarray, label: np.ndarray | None, rng: np.random.RandomState,
-             spacing_mm: Sequence[float]) -> NoduleParameters:
-        """Draw the parameters of one call (no model is run)."""
+             spacing_mm: Sequence[float], lung_mask: np.ndarray | None = None) -> NoduleParameters:
+        """Draw the parameters of one call (no model is run).
+
+        ``lung_mask`` (the image's shape, bool): the lung fields when the caller knows them (a phantom, a
+        prepared dataset, a lung segmentation); by default K-means finds them (:func:`slice_lung`).
+        """
         hu = self.to_hu(image)
+        _check_lung_mask(lung_mask, hu.shape)
         table = usable_nodule_table()
         features = self._draw_features(rng, table) if self.mode != "remove" else {}
         seed = int(rng.randint(2**31 - 1))
@@ -208,8 +216,8 @@ class NoduleSynthesizer:
             if centre_slice is None:
                 return NoduleParameters(self.mode, features, nodule_id, seed=seed, skipped="no lung tissue")
             hu_2d = hu[..., centre_slice] if hu.ndim == 3 else hu
-            lung = semantic_map_from_hu(hu_2d, spacing_mm=float(spacing_mm[0])) == SemanticLabel.LUNG
-            lung &= ~_occupied(label, lung.shape, centre_slice, outline.shape[2], float(spacing_mm[0]))
+            lung = _lung_of(hu_2d, lung_mask, centre_slice if hu.ndim == 3 else None, float(spacing_mm[0]))
+            lung = lung & ~_occupied(label, lung.shape, centre_slice, outline.shape[2], float(spacing_mm[0]))
             flat = outline.max(axis=2)
             site = free_site(lung, flat, float(spacing_mm[0]), np.random.default_rng(rng.randint(2**31)))
             if site is None:
@@ -245,8 +253,11 @@ class NoduleSynthesizer:
 
     # ---- applying -------------------------------------------------------------------------------------------
     def apply(self, image: np.ndarray, label: np.ndarray | None, params: NoduleParameters,
-              spacing_mm: Sequence[float]) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-        """Apply drawn parameters; returns the new image, the new label and what was done."""
+              spacing_mm: Sequence[float], lung_mask: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+        """Apply drawn parameters; returns the new image, the new label and what was done (``lung_mask``: as in
+        :meth:`draw`)."""
+        _check_lung_mask(lung_mask, np.shape(image))
         info = params.to_dict()
         if params.skipped:
             return image, label, info
@@ -263,7 +274,8 @@ class NoduleSynthesizer:
         for k in slices:
             hu_2d = hu if k is None else hu[..., k]
             label_2d = None if new_label is None else (new_label if k is None else new_label[..., k])
-            unit, semantic = _model_inputs(hu_2d, label_2d, spacing_mm)
+            lung = _lung_of(hu_2d, lung_mask, k, float(spacing_mm[0]))
+            unit, semantic = _model_inputs(hu_2d, label_2d, spacing_mm, lung)
             if params.mode == "insert":
                 layer = _layer(outline_3d, params, k)
                 if layer is None or not layer.any():
@@ -333,19 +345,26 @@ class NoduleSynthesizer:
         return int(footprint.sum())
 
     def apply_batch(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray | None],
-                    params: Sequence[NoduleParameters], spacings_mm: Sequence[Sequence[float]]
+                    params: Sequence[NoduleParameters], spacings_mm: Sequence[Sequence[float]],
+                    lung_masks: Sequence[np.ndarray | None] | None = None
                     ) -> list[tuple[np.ndarray, np.ndarray | None, dict[str, Any]]]:
         """:meth:`apply` on several images; 2D insertions run as one batch of the diffusion (same results as
         one by one with DDIM, faster above all on a GPU). Other items are applied one by one."""
+        lung_masks = [None] * len(images) if lung_masks is None else list(lung_masks)
+        if len(lung_masks) != len(images):
+            raise ValueError(f"lung_masks must hold one mask (or None) per image: {len(lung_masks)} for {len(images)} images")
         results: list[Any] = [None] * len(images)
         batch = [i for i, p in enumerate(params) if p.mode == "insert" and not p.skipped and np.ndim(images[i]) == 2]
         for i in set(range(len(images))) - set(batch):
-            results[i] = self.apply(images[i], labels[i], params[i], spacings_mm[i])
+            results[i] = self.apply(images[i], labels[i], params[i], spacings_mm[i], lung_masks[i])
         if batch:
             inputs = []
             for i in batch:
                 label = None if labels[i] is None else np.asarray(labels[i])
-                inputs.append(_model_inputs(self.to_hu(images[i]), label, spacings_mm[i]))
+                _check_lung_mask(lung_masks[i], np.shape(images[i]))
+                hu_2d = self.to_hu(images[i])
+                inputs.append(_model_inputs(hu_2d, label, spacings_mm[i],
+                                            _lung_of(hu_2d, lung_masks[i], None, float(spacings_mm[i][0]))))
             pipe = load_pipeline(self.model, self.device)
             edits = pipe.insert_batch([u for u, _ in inputs], [m for _, m in inputs],
                                       [nodule_outline(params[i].nodule_id, spacings_mm[i], 2, params[i].size_mm)[:, :, 0]
@@ -362,13 +381,59 @@ class NoduleSynthesizer:
         return results
 
 
-def _model_inputs(hu_2d: np.ndarray, label_2d: np.ndarray | None, spacing_mm: Sequence[float]
+def _model_inputs(hu_2d: np.ndarray, label_2d: np.ndarray | None, spacing_mm: Sequence[float], lung: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """A slice in the model's units ([-1, 1]) and its semantic map, the label's nodules marked (class 6)."""
-    semantic = semantic_map_from_hu(hu_2d, spacing_mm=float(spacing_mm[0]))
+    """A slice in the model's units ([-1, 1]) and its semantic map (lung fields ``lung``), the label's nodules
+    marked (class 6)."""
+    semantic = semantic_map_from_hu(hu_2d, spacing_mm=float(spacing_mm[0]), lung_mask=lung)
     if label_2d is not None:
         semantic[(label_2d > 0) & (semantic != SemanticLabel.BACKGROUND)] = SemanticLabel.NODULE_INDETERMINATE
     return hu_to_unit(hu_2d), semantic
+
+
+_LUNG_CACHE: OrderedDict[tuple, np.ndarray] = OrderedDict()
+_LUNG_CACHE_SIZE = 16
+_LUNG_LOCK = threading.Lock()
+
+
+def slice_lung(hu_2d: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """The lung fields of an HU slice (:func:`lung_mask_from_hu`: K-means, morphology, marching squares),
+    remembered by the slice's content for the last 16 slices: a transform's ``draw`` (the free site) and its
+    ``apply`` (the model's semantic map) ask for the same slice, and K-means is the costly part of both.
+    Returns a read-only mask.
+
+    Example:
+        >>> hu = np.full((64, 64), -1000.0, np.float32); hu[8:56, 8:56] = 40.0; hu[16:48, 14:30] = -850.0
+        >>> lung = slice_lung(hu, 2.0)
+        >>> bool(lung[30, 20]), lung is slice_lung(hu.copy(), 2.0)
+        (True, True)
+    """
+    hu_2d = np.ascontiguousarray(hu_2d, dtype=np.float32)
+    key = (hashlib.blake2b(hu_2d.tobytes(), digest_size=16).digest(), hu_2d.shape, float(spacing_mm))
+    with _LUNG_LOCK:
+        if key in _LUNG_CACHE:
+            _LUNG_CACHE.move_to_end(key)
+            return _LUNG_CACHE[key]
+    lung = lung_mask_from_hu(hu_2d, float(spacing_mm))
+    lung.setflags(write=False)
+    with _LUNG_LOCK:
+        _LUNG_CACHE[key] = lung
+        while len(_LUNG_CACHE) > _LUNG_CACHE_SIZE:
+            _LUNG_CACHE.popitem(last=False)
+    return lung
+
+
+def _check_lung_mask(lung_mask: np.ndarray | None, shape: tuple[int, ...]) -> None:
+    if lung_mask is not None and np.shape(lung_mask) != tuple(shape):
+        raise ValueError(f"lung_mask must have the image's shape {tuple(shape)}, got {np.shape(lung_mask)}")
+
+
+def _lung_of(hu_2d: np.ndarray, lung_mask: np.ndarray | None, k: int | None, spacing_mm: float) -> np.ndarray:
+    """The lung fields of slice ``k`` (None: a 2D image): the caller's mask when given, else :func:`slice_lung`."""
+    if lung_mask is None:
+        return slice_lung(hu_2d, spacing_mm)
+    mask = np.asarray(lung_mask, bool)
+    return mask if k is None else mask[..., k]
 
 
 @functools.cache
