@@ -299,7 +299,8 @@ class ChestPhantom:
 
     @classmethod
     def _paint_local(cls, hu, within, x, y, ellipse: tuple, value: float) -> None:
-        """Paint a small ellipse ``(cx, cy, a, b[, angle])`` inside ``within``, touching only its bounding window."""
+        """Paint a small ellipse ``(cx, cy, a, b[, angle])`` (inside ``within`` unless it is None), touching only
+        its bounding window: the cover is zero beyond it, so this equals painting the whole grid."""
         spacing = float(x[0, 1] - x[0, 0])
         cx, cy, a, b = ellipse[:4]
         reach = max(a, b) + 2 * spacing
@@ -308,7 +309,7 @@ class ChestPhantom:
         window = (slice(rows[0], rows[1]), slice(cols[0], cols[1]))
         if hu[window].size:
             cover = cls._soft(x[window], y[window], *ellipse, *(() if len(ellipse) == 5 else (0.0,)), spacing=spacing)
-            _paint(hu[window], cover * within[window], value)
+            _paint(hu[window], cover if within is None else cover * within[window], value)
 
     @classmethod
     def _ellipse(cls, x, y, cx, cy, a, b, angle=0.0) -> np.ndarray:
@@ -357,18 +358,18 @@ class ChestPhantom:
                 px, py = side * (ca + 6) * math.cos(angle), ccy + (cb + 6) * math.sin(angle)
                 tangent = math.atan2((cb + 6) * math.cos(angle), -side * (ca + 6) * math.sin(angle))
                 length, thick = rng.uniform(6, 12), rng.uniform(3.0, 4.5)
-                _paint(hu, self._soft(x, y, px, py, length, thick, tangent), CORTICAL_BONE_HU)
-                _paint(hu, self._soft(x, y, px, py, length - 1.6, thick - 1.6, tangent), MARROW_HU)
-        _paint(hu, self._soft(x, y, 0, ccy - cb - 4, 14, 6), CORTICAL_BONE_HU)  # sternum
-        _paint(hu, self._soft(x, y, 0, ccy - cb - 4, 12, 4), MARROW_HU)
+                self._paint_local(hu, None, x, y, (px, py, length, thick, tangent), CORTICAL_BONE_HU)
+                self._paint_local(hu, None, x, y, (px, py, length - 1.6, thick - 1.6, tangent), MARROW_HU)
+        self._paint_local(hu, None, x, y, (0, ccy - cb - 4, 14, 6), CORTICAL_BONE_HU)  # sternum
+        self._paint_local(hu, None, x, y, (0, ccy - cb - 4, 12, 4), MARROW_HU)
 
     def _draw_spine(self, hu, x, y, spine_y) -> None:
-        _paint(hu, self._soft(x, y, 0, spine_y, 19, 16), CORTICAL_BONE_HU)
-        _paint(hu, self._soft(x, y, 0, spine_y, 17, 14), MARROW_HU + 40)
+        self._paint_local(hu, None, x, y, (0, spine_y, 19, 16), CORTICAL_BONE_HU)
+        self._paint_local(hu, None, x, y, (0, spine_y, 17, 14), MARROW_HU + 40)
         for side in (-1, 1):  # pedicles and laminae
-            _paint(hu, self._soft(x, y, side * 11, spine_y + 22, 5, 11, side * 0.4), CORTICAL_BONE_HU)
-        _paint(hu, self._soft(x, y, 0, spine_y + 38, 4, 10), CORTICAL_BONE_HU)  # spinous process
-        _paint(hu, self._soft(x, y, 0, spine_y + 24, 8, 8), 25.0)  # spinal canal
+            self._paint_local(hu, None, x, y, (side * 11, spine_y + 22, 5, 11, side * 0.4), CORTICAL_BONE_HU)
+        self._paint_local(hu, None, x, y, (0, spine_y + 38, 4, 10), CORTICAL_BONE_HU)  # spinous process
+        self._paint_local(hu, None, x, y, (0, spine_y + 24, 8, 8), 25.0)  # spinal canal
 
     def _lung_fields(self, an, x, y, t, cavity, ccy, ca, cb, spine_y, spacing) -> np.ndarray:
         wobble = self._smooth_field(an.shape_seed, 18.0, spacing)
@@ -392,29 +393,30 @@ class ChestPhantom:
 
     def _draw_mediastinum(self, hu, an, x, y, t, ccy, cb, spine_y) -> None:
         blood = BLOOD_HU + an.contrast_hu
-        _paint(hu, self._soft(x, y, 18, spine_y - 26, 11, 11), blood)  # descending aorta
-        _paint(hu, self._soft(x, y, -6, spine_y - 24, 6, 5), MUSCLE_HU)  # oesophagus
+        self._paint_local(hu, None, x, y, (18, spine_y - 26, 11, 11), blood)  # descending aorta
+        self._paint_local(hu, None, x, y, (-6, spine_y - 24, 6, 5), MUSCLE_HU)  # oesophagus
         if t < 0.3:
-            _paint(hu, self._soft(x, y, 2, ccy - 0.1 * cb, 10, 9), 20.0)  # trachea wall
-            _paint(hu, self._soft(x, y, 2, ccy - 0.1 * cb, 8, 7.5), AIR_HU)
+            self._paint_local(hu, None, x, y, (2, ccy - 0.1 * cb, 10, 9), 20.0)  # trachea wall
+            self._paint_local(hu, None, x, y, (2, ccy - 0.1 * cb, 8, 7.5), AIR_HU)
         elif t < 0.45:
             for side in (-1, 1):  # main bronchi
-                _paint(hu, self._soft(x, y, side * 16, ccy, 7, 6), 20.0)
-                _paint(hu, self._soft(x, y, side * 16, ccy, 5.5, 4.5), AIR_HU)
+                self._paint_local(hu, None, x, y, (side * 16, ccy, 7, 6), 20.0)
+                self._paint_local(hu, None, x, y, (side * 16, ccy, 5.5, 4.5), AIR_HU)
         if t < 0.35:
-            _paint(hu, self._soft(x, y, 10, ccy - 0.45 * cb, 30, 10, -0.3), blood)  # aortic arch
+            self._paint_local(hu, None, x, y, (10, ccy - 0.45 * cb, 30, 10, -0.3), blood)  # aortic arch
         else:
-            _paint(hu, self._soft(x, y, 6, ccy - 0.45 * cb, 14, 14), blood)  # ascending aorta
-            _paint(hu, self._soft(x, y, -22, ccy - 0.4 * cb, 10, 9), blood)  # superior vena cava
+            self._paint_local(hu, None, x, y, (6, ccy - 0.45 * cb, 14, 14), blood)  # ascending aorta
+            self._paint_local(hu, None, x, y, (-22, ccy - 0.4 * cb, 10, 9), blood)  # superior vena cava
         if t > 0.45:
             grow = min(1.0, (t - 0.45) / 0.3)
             h_args = (an.heart_x, ccy - 0.25 * cb, an.heart_a * grow, an.heart_b * grow, 0.5)
-            _paint(hu, self._soft(x, y, h_args[0], h_args[1], h_args[2] + 5, h_args[3] + 4, h_args[4]), FAT_HU)
-            _paint(hu, self._soft(x, y, *h_args), MUSCLE_HU)
-            _paint(hu, self._soft(x, y, h_args[0] + 4, h_args[1], h_args[2] * 0.6, h_args[3] * 0.55, 0.5), blood)
+            self._paint_local(hu, None, x, y, (h_args[0], h_args[1], h_args[2] + 5, h_args[3] + 4, h_args[4]), FAT_HU)
+            self._paint_local(hu, None, x, y, h_args, MUSCLE_HU)
+            self._paint_local(hu, None, x, y, (h_args[0] + 4, h_args[1], h_args[2] * 0.6, h_args[3] * 0.55, 0.5), blood)
         if t > 0.72:
             grow = (t - 0.72) / 0.28
-            _paint(hu, self._soft(x, y, -0.45 * an.body_a * 0.7, ccy + 0.1 * cb, 0.55 * an.body_a * grow, 0.8 * cb * grow), 55.0)
+            liver = (-0.45 * an.body_a * 0.7, ccy + 0.1 * cb, 0.55 * an.body_a * grow, 0.8 * cb * grow)
+            self._paint_local(hu, None, x, y, liver, 55.0)
 
     def _draw_lung_structures(self, hu, lung, an, x, y, t, ccy, spacing, rng) -> None:
         """Pulmonary vessels (a branching tree, see :func:`vessel_tree`) and bronchi near the hila."""
