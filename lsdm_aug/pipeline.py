@@ -29,7 +29,7 @@ from lsdm_aug.data.semantic import SemanticLabel, malignancy_label
 from lsdm_aug.editing import EditWindow, ModelGrid, SpacingError, check_spacing, plan_window
 from lsdm_aug.editing.window import SAME_SPACING_TOLERANCE
 from lsdm_aug.models.autoencoder import build_autoencoder, encode_mean
-from lsdm_aug.models.checkpoint import CheckpointError, load_weights, read_config, resolve_model_dir
+from lsdm_aug.models.checkpoint import CheckpointError, load_weights, read_config, resolve_model_dir, weights_digest
 from lsdm_aug.models.classifiers import build_classifier
 from lsdm_aug.models.unet import (SemanticCondition, build_unet, feature_levels, is_feature_conditioned,
                                   semantic_onehot, semantic_to_unit)
@@ -156,7 +156,8 @@ class LSDMPipeline:
         spacing, serves = model_spacing(unet_config, folder)
         window = max(int(unet_config.get("crop_px") or recipe.image_size // 2), recipe.classifiers.crop_px)
         return cls(recipe, autoencoder, unet, classifiers, autoencoder_config["scale_factor"], device,
-                   model_id=f"{folder.name}@{autoencoder_config.get('steps', 0)}/{unet_config.get('steps', 0)}",
+                   model_id=f"{folder.name}@{autoencoder_config.get('steps', 0)}/{unet_config.get('steps', 0)}"
+                            f"#{weights_digest(folder)}",
                    default_cfg_scale=float(unet_config.get("default_cfg_scale", 1.0)), spacing_mm=spacing,
                    serves_spacing_mm=serves, window_px=window)
 

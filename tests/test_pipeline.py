@@ -70,7 +70,7 @@ def test_from_pretrained_loads_every_component(pipe, smoke_models):
     assert sorted(pipe.classifiers) == sorted(FEATURES)
     assert pipe.recipe.image_size == 64 and pipe.factor == 4
     assert pipe.scale_factor == json.loads((smoke_models / "autoencoder.json").read_text())["scale_factor"]
-    assert pipe.model_id.endswith("@6/6")
+    assert re.fullmatch(rf"{smoke_models.name}@6/6#[0-9a-f]{{8}}", pipe.model_id)
     from safetensors.torch import load_file
 
     saved = load_file(smoke_models / "unet.safetensors")

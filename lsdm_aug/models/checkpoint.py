@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 __all__ = ["CheckpointError", "save_weights", "load_weights", "load_matching_weights", "read_config",
            "save_training_state", "load_training_state", "config_path", "resolve_model_dir", "SHIPPED_MODELS_DIR",
-           "DEFAULT_MODEL", "shipped_models", "save_half_precision"]
+           "DEFAULT_MODEL", "shipped_models", "save_half_precision", "weights_digest"]
 
 SHIPPED_MODELS_DIR = Path(__file__).resolve().parent / "shipped"
 DEFAULT_MODEL = "phantom-512"
@@ -140,6 +141,23 @@ def save_half_precision(source: str | Path, target: str | Path) -> None:
     """
     tensors = {k: v.half() if v.dtype == torch.float32 else v for k, v in _read_tensors(Path(source)).items()}
     _save(Path(target), tensors, {**read_config(source), "stored_dtype": "float16"})
+
+
+def weights_digest(folder: str | Path, length: int = 8) -> str:
+    """A short SHA-256 over a model folder's weight files (training states left out): two folders with the same
+    name and step counts but other weights get other digests, so nothing keyed on a model mistakes one for the
+    other.
+
+    Example:
+        >>> len(weights_digest(resolve_model_dir("default")))
+        8
+    """
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        if not path.name.endswith("_state.safetensors"):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:length]
 
 
 def shipped_models() -> list[str]:

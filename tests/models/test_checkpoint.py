@@ -179,3 +179,19 @@ def test_no_torch_load_without_weights_only():
     assert offenders == []
     for source in Path(lsdm_aug.__file__).parent.rglob("*.py"):
         assert not re.search(r"\bpickle\.loads?\(", source.read_text()), source
+
+
+def test_the_weights_digest_tells_retrained_weights_apart(copy_models, smoke_models):
+    from safetensors.torch import load_file, save_file
+
+    from lsdm_aug.models.checkpoint import weights_digest
+
+    copy = copy_models()
+    assert weights_digest(copy) == weights_digest(smoke_models)  # the same weights, another folder
+    (copy / "unet_state.safetensors").write_bytes(b"resumable state is not weights")
+    assert weights_digest(copy) == weights_digest(smoke_models)
+    tensors = load_file(copy / "unet.safetensors")
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1e-3  # "retrained": same name, same step counts, other weights
+    save_file(tensors, copy / "unet.safetensors", metadata={"format": "pt"})
+    assert weights_digest(copy) != weights_digest(smoke_models)
