@@ -24,7 +24,7 @@ from monai.networks.schedulers import Scheduler
 
 from lsdm_aug.models.unet import SemanticCondition, is_feature_conditioned, predict_noise
 
-__all__ = ["KnownRegion", "sample_latents", "random_normal", "Generators", "guided_noise"]
+__all__ = ["KnownRegion", "sample_latents", "random_normal", "Generators", "guided_noise", "cfg_pair"]
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -56,11 +56,12 @@ class KnownRegion:
 
 
 def guided_noise(unet: torch.nn.Module, latent: torch.Tensor, timesteps: torch.Tensor, condition: SemanticCondition,
-                 cfg_scale: float = 1.0) -> torch.Tensor:
+                 cfg_scale: float = 1.0, paired: SemanticCondition | None = None) -> torch.Tensor:
     """The noise prediction with classifier-free guidance: ``eps(null) + w * (eps(features) - eps(null))``.
 
     ``w = 1`` is the plain conditional prediction and ``w = 0`` the unconditional one (each computed alone,
-    so both are exact); any other ``w`` runs the conditional and the null pass as one batch of ``2 B``.
+    so both are exact); any other ``w`` runs the conditional and the null pass as one batch of ``2 B`` (its
+    condition ``paired``, :func:`cfg_pair`, built here unless a sampler passes the one it built for all steps).
     Without given features, or with a U-Net that takes none, it is the plain prediction.
 
     Example:
@@ -74,9 +75,14 @@ def guided_noise(unet: torch.nn.Module, latent: torch.Tensor, timesteps: torch.T
     if cfg_scale == 0.0:
         return predict_noise(unet, latent, timesteps, condition.with_features(None))
     both = predict_noise(unet, torch.cat([latent, latent]), torch.cat([timesteps, timesteps]),
-                         SemanticCondition.cat([condition, condition.with_features(None)]))
+                         cfg_pair(condition) if paired is None else paired)
     conditional, null = both.chunk(2)
     return null + cfg_scale * (conditional - null)
+
+
+def cfg_pair(condition: SemanticCondition) -> SemanticCondition:
+    """The batch of ``2 B`` that classifier-free guidance runs: the condition with its features, then without."""
+    return SemanticCondition.cat([condition, condition.with_features(None)])
 
 
 @torch.no_grad()
@@ -111,9 +117,10 @@ def sample_latents(unet: torch.nn.Module, scheduler: Scheduler, condition: Seman
     timesteps = [int(t) for t in scheduler.timesteps]
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     step_generator = generator if generator is None or isinstance(generator, torch.Generator) else generator[0]
+    paired = cfg_pair(condition) if cfg_scale not in (0.0, 1.0) and condition.features is not None else None
     for index, timestep in enumerate(timesteps):
         batch_timesteps = torch.full((len(latent),), timestep, dtype=torch.long, device=device)
-        noise = guided_noise(unet, latent, batch_timesteps, condition, cfg_scale)
+        noise = guided_noise(unet, latent, batch_timesteps, condition, cfg_scale, paired)
         if guidance is not None:
             noise = noise - torch.sqrt(1.0 - alphas_cumprod[timestep]) * guidance(latent, batch_timesteps)
         latent, _ = scheduler.step(noise, timestep, latent, generator=step_generator)

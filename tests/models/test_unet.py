@@ -149,3 +149,66 @@ def test_the_ldm_baseline_has_no_spade_and_still_sees_the_map():
         a = predict_noise(unet, torch.zeros(1, 3, 8, 8), torch.tensor([10]), first)
         b = predict_noise(unet, torch.zeros(1, 3, 8, 8), torch.tensor([10]), second)
     assert a.shape == (1, 3, 8, 8) and not torch.equal(a, b)  # conditioned through the concatenated map
+
+
+def _random_unet():
+    """A smoke U-Net with every weight perturbed (MONAI zero-initialises the output layer: its noise would be 0)."""
+    torch.manual_seed(0)
+    recipe = load_recipe("phantom-smoke")
+    unet = build_unet(recipe.diffusion, recipe.autoencoder.latent_channels).eval()
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return unet
+
+
+def _modulation_calls(unet) -> list[int]:
+    calls = []
+    for block in unet.modules():
+        if isinstance(block, SPADE):
+            block.mlp_shared.register_forward_hook(lambda module, args, out: calls.append(1))
+    return calls
+
+
+def _noise(unet, condition, latent, timestep: int = 500) -> torch.Tensor:
+    return predict_noise(unet, latent, torch.tensor([timestep]), condition)
+
+
+def test_spade_modulation_is_kept_across_steps_with_the_same_map_and_gives_the_same_noise():
+    unet = _random_unet()
+    fresh = copy.deepcopy(unet)
+    calls = _modulation_calls(unet)
+    spades = len([m for m in unet.modules() if isinstance(m, SPADE)])
+    condition = SemanticCondition(latent=torch.randn(1, 3, 16, 16), onehot=semantic_onehot(lung_map(True)))
+    with torch.no_grad():
+        for timestep in (900, 500, 100):  # one map, the steps of a sampler
+            latent = torch.randn(1, 3, 16, 16)
+            kept = _noise(unet, condition, latent, timestep)
+            assert kept.abs().max() > 0.01
+            # a deep copy holds its own weights: it cannot reuse anything, and must agree bit for bit
+            other = SemanticCondition(latent=condition.latent, onehot=condition.onehot.clone())
+            assert torch.equal(kept, _noise(fresh, other, latent, timestep))
+    assert len(calls) == spades  # the map's convolutions ran once, not at every step
+    with torch.no_grad():
+        _noise(unet, SemanticCondition(latent=condition.latent, onehot=semantic_onehot(lung_map(False))),
+               torch.randn(1, 3, 16, 16))
+    assert len(calls) == 2 * spades  # another map: computed again
+
+
+def test_spade_modulation_is_recomputed_in_training_under_autograd_and_after_new_weights():
+    unet = _random_unet()
+    calls = _modulation_calls(unet)
+    spades = len([m for m in unet.modules() if isinstance(m, SPADE)])
+    condition = SemanticCondition(latent=torch.randn(1, 3, 16, 16), onehot=semantic_onehot(lung_map(True)))
+    latent = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        before = _noise(unet, condition, latent)
+        state = {k: v + 0.01 if "mlp_gamma" in k else v for k, v in unet.state_dict().items()}
+        unet.load_state_dict(state)
+        after = _noise(unet, condition, latent)
+    assert len(calls) == 2 * spades and not torch.equal(before, after)  # new weights: not the kept modulation
+    _noise(unet, condition, latent)  # autograd on
+    unet.train()
+    with torch.no_grad():
+        _noise(unet, condition, latent)
+    assert len(calls) == 4 * spades
