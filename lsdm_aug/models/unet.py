@@ -57,14 +57,17 @@ class MaxPoolSPADE(SPADE):
 
     def forward(self, x: torch.Tensor, segmap: torch.Tensor) -> torch.Tensor:
         size = tuple(x.shape[2:])
-        keep = not self.training and not torch.is_grad_enabled()
-        key = (segmap._version, size, self._weights_version())
-        cached = getattr(self, "_modulation", None)
-        if keep and cached is not None and cached[0]() is segmap and cached[1] == key:
-            gamma, beta = cached[2], cached[3]
-        else:
+        if self.training or torch.is_grad_enabled():
+            self._modulation = None
             gamma, beta = self._modulation_of(segmap, size)
-            self._modulation = (weakref.ref(segmap), key, gamma, beta) if keep else None
+        else:
+            key = (segmap._version, size, self._weights_version())
+            cached = getattr(self, "_modulation", None)
+            if cached is not None and cached[0]() is segmap and cached[1] == key:
+                gamma, beta = cached[2], cached[3]
+            else:
+                gamma, beta = self._modulation_of(segmap, size)
+                self._modulation = (weakref.ref(segmap), key, gamma, beta)
         return self.param_free_norm(x.contiguous()) * (1 + gamma) + beta
 
     def _modulation_of(self, segmap: torch.Tensor, size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -69,8 +69,7 @@ def guided_noise(unet: torch.nn.Module, latent: torch.Tensor, timesteps: torch.T
     """
     if cfg_scale < 0:
         raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale!r}")
-    given = condition.features is not None and bool((condition.features != 0).any())
-    if not given or not is_feature_conditioned(unet) or cfg_scale == 1.0:
+    if not _steers(unet, condition) or cfg_scale == 1.0:
         return predict_noise(unet, latent, timesteps, condition)
     if cfg_scale == 0.0:
         return predict_noise(unet, latent, timesteps, condition.with_features(None))
@@ -78,6 +77,17 @@ def guided_noise(unet: torch.nn.Module, latent: torch.Tensor, timesteps: torch.T
                          cfg_pair(condition) if paired is None else paired)
     conditional, null = both.chunk(2)
     return null + cfg_scale * (conditional - null)
+
+
+def _steers(unet: torch.nn.Module, condition: SemanticCondition) -> bool:
+    """Whether ``condition`` gives features that ``unet`` takes (else CFG is the plain prediction)."""
+    given = condition.features is not None and bool((condition.features != 0).any())
+    return given and is_feature_conditioned(unet)
+
+
+def _runs_paired(unet: torch.nn.Module, condition: SemanticCondition, cfg_scale: float) -> bool:
+    """Whether :func:`guided_noise` runs the conditional and the null pass as one batch."""
+    return cfg_scale not in (0.0, 1.0) and _steers(unet, condition)
 
 
 def cfg_pair(condition: SemanticCondition) -> SemanticCondition:
@@ -117,7 +127,7 @@ def sample_latents(unet: torch.nn.Module, scheduler: Scheduler, condition: Seman
     timesteps = [int(t) for t in scheduler.timesteps]
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     step_generator = generator if generator is None or isinstance(generator, torch.Generator) else generator[0]
-    paired = cfg_pair(condition) if cfg_scale not in (0.0, 1.0) and condition.features is not None else None
+    paired = cfg_pair(condition) if _runs_paired(unet, condition, cfg_scale) else None
     for index, timestep in enumerate(timesteps):
         batch_timesteps = torch.full((len(latent),), timestep, dtype=torch.long, device=device)
         noise = guided_noise(unet, latent, batch_timesteps, condition, cfg_scale, paired)
