@@ -11,7 +11,9 @@ nodule, so the CPU cost per step is that of a 128 px slice. A feature-conditione
 (``diffusion.feature_conditioning``) also gets the feature levels of the nodule the window shows (the
 largest inside; none: "not given"), dropped for classifier-free guidance: all four together with
 probability ``feature_dropout_all``, otherwise each alone with probability ``feature_dropout``, so
-that any subset of features can be asked and the null condition is learned on nodules too.
+that any subset of features can be asked and the null condition is learned on nodules too. The noise
+error on the nodules' footprint can weigh more than the rest (``nodule_loss_weight``,
+:func:`nodule_weighted_mse`).
 
 Example:
     >>> train_diffusion(load_recipe("phantom-smoke"), "prepared/phantom-64", "models/smoke")  # doctest: +SKIP
@@ -31,6 +33,7 @@ from lsdm_aug.config import Recipe
 from lsdm_aug.models.autoencoder import build_autoencoder, encode_mean
 from lsdm_aug.models.checkpoint import load_training_state, load_weights, save_training_state, save_weights
 from lsdm_aug.data.prepared import PreparedDataset
+from lsdm_aug.data.semantic import SemanticLabel
 from lsdm_aug.models.unet import (CONDITIONING_FEATURES, SemanticCondition, build_unet, feature_levels,
                                   is_feature_conditioned, predict_noise, semantic_onehot, semantic_to_unit)
 from lsdm_aug.progress import make_progress
@@ -38,7 +41,8 @@ from lsdm_aug.sampling.schedulers import training_scheduler
 from lsdm_aug.training.autoencoder import AUTOENCODER_FILE
 from lsdm_aug.training.common import EMA, DistributedContext, initialise_from, load_split_arrays, training_spacing
 
-__all__ = ["train_diffusion", "LatentData", "LatentCrops", "load_autoencoder", "UNET_FILE", "drop_features"]
+__all__ = ["train_diffusion", "LatentData", "LatentCrops", "load_autoencoder", "UNET_FILE", "drop_features",
+           "nodule_weighted_mse"]
 
 UNET_FILE = "unet.safetensors"
 STATE_FILE = "unet_state.safetensors"
@@ -185,6 +189,30 @@ def drop_features(levels: torch.Tensor, drop_all: float, drop_each: float, gener
     return torch.where((rows | each).to(levels.device), torch.zeros_like(levels), levels)
 
 
+def nodule_weighted_mse(prediction: torch.Tensor, noise: torch.Tensor, onehot: torch.Tensor,
+                        nodule_weight: float = 1.0) -> torch.Tensor:
+    """Noise-prediction MSE with the nodules' latent footprint weighed ``nodule_weight`` times the rest.
+
+    The footprint is the one-hot map's nodule labels (5, 6, 7) max-pooled to the latent's size and dilated by
+    one latent pixel (the decoder's reach); the weighted sum is divided by the sum of the weights, so that
+    ``nodule_weight = 1`` is exactly the plain MSE and the loss keeps its scale for any weight.
+
+    Example:
+        >>> onehot = torch.zeros(1, 8, 16, 16); onehot[:, 0] = 1
+        >>> error = torch.zeros(1, 3, 4, 4); error[..., 0, 0] = 1.0
+        >>> round(float(nodule_weighted_mse(error, torch.zeros_like(error), onehot, 10.0)), 4)  # no nodule: MSE
+        0.0625
+    """
+    squared = (prediction - noise).square()
+    if nodule_weight == 1.0:
+        return squared.mean()
+    factor = onehot.shape[-1] // prediction.shape[-1]
+    nodules = onehot[:, int(SemanticLabel.NODULE_BENIGN):].amax(1, keepdim=True)
+    footprint = F.max_pool2d(F.max_pool2d(nodules, factor), 3, stride=1, padding=1)
+    weights = 1.0 + (nodule_weight - 1.0) * footprint.to(squared.dtype)
+    return (squared * weights).sum() / (weights.sum() * squared.shape[1])
+
+
 def load_latent_crops(data_dir: str | Path, split: str, autoencoder: torch.nn.Module, scale: float,
                       crop_latent_px: int, factor: int, nodule_share: float, limit: int | None = None) -> LatentCrops:
     """Encode one split of a prepared dataset and wrap it as :class:`LatentCrops`."""
@@ -282,7 +310,8 @@ def train_diffusion(recipe: Recipe, data_dir: str | Path, model_dir: str | Path,
                                                    settings.feature_dropout, generator)
             noise = torch.randn(latent.shape, generator=generator).to(context.device)
             timesteps = torch.randint(0, scheduler.num_train_timesteps, (len(latent),), generator=generator).to(context.device)
-            loss = F.mse_loss(predict_noise(model, scheduler.add_noise(latent, noise, timesteps), timesteps, condition), noise)
+            prediction = predict_noise(model, scheduler.add_noise(latent, noise, timesteps), timesteps, condition)
+            loss = nodule_weighted_mse(prediction, noise, condition.onehot, settings.nodule_loss_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -12,7 +12,8 @@ from lsdm_aug.models.checkpoint import load_weights
 from lsdm_aug.models.unet import (FeatureEmbedding, SemanticCondition, build_unet, feature_levels,
                                   is_feature_conditioned, predict_noise, semantic_onehot)
 from lsdm_aug.training.common import initialise_from
-from lsdm_aug.training.diffusion import LatentCrops, LatentData, UNET_FILE, drop_features, parameter_groups
+from lsdm_aug.training.diffusion import (LatentCrops, LatentData, UNET_FILE, drop_features,
+                                       nodule_weighted_mse, parameter_groups)
 
 TINY = dict(channels=(16, 16, 32), attention_levels=(False, False, False), norm_num_groups=8,
             spade_intermediate_channels=8, num_head_channels=8)
@@ -78,7 +79,7 @@ def test_feature_conditioning_needs_the_spade_unet():
 
 
 @pytest.mark.parametrize(("key", "value"), [("crop_px", 30), ("nodule_share", 1.5), ("feature_dropout", -0.1),
-                                            ("feature_lr_scale", 0.0)])
+                                            ("feature_lr_scale", 0.0), ("nodule_loss_weight", 0.5)])
 def test_bad_diffusion_training_settings_name_the_key(key, value):
     with pytest.raises(RecipeError, match=f"train_diffusion.{key}"):
         recipe_from_dict({"train_diffusion": {key: value}})
@@ -155,3 +156,19 @@ def test_a_crop_trained_feature_conditioned_unet_records_its_window_and_spacing(
     assert set(config["spacing_mm"]) == {"median", "p05", "p95", "min", "max"}
     assert 4.0 < config["spacing_mm"]["median"] < 7.0  # 64 px phantom slices: 330-390 mm field of view
     assert json.loads((smoke_models / "autoencoder.json").read_text())["spacing_mm"] == config["spacing_mm"]
+
+
+def test_nodule_weighted_mse_is_plain_mse_at_weight_one_and_weighs_the_dilated_nodule_footprint():
+    maps = torch.zeros(1, 1, 32, 32, dtype=torch.long)
+    maps[..., 12:16, 12:16] = 7  # one malignant nodule: latent pixel (3, 3) at factor 4
+    onehot = semantic_onehot(maps)
+    prediction, noise = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)
+    assert torch.allclose(nodule_weighted_mse(prediction, noise, onehot, 1.0), torch.nn.functional.mse_loss(prediction, noise))
+    on_nodule, beside, far = (torch.zeros(1, 3, 8, 8) for _ in range(3))
+    on_nodule[..., 3, 3], beside[..., 4, 4], far[..., 7, 0] = 1.0, 1.0, 1.0
+    zero = torch.zeros(1, 3, 8, 8)
+    losses = [float(nodule_weighted_mse(error, zero, onehot, 10.0)) for error in (on_nodule, beside, far)]
+    assert losses[0] == pytest.approx(losses[1])  # the footprint is dilated by one latent pixel
+    assert losses[0] == pytest.approx(10 * losses[2])
+    weights_sum = 9 * 10 + (64 - 9)  # 3 x 3 footprint at weight 10, the rest at 1
+    assert losses[2] == pytest.approx(1.0 / weights_sum)
