@@ -2,7 +2,9 @@
 
 ``DatasetXXX_Name/imagesTr/<case>_0000.nii.gz``, ``labelsTr/<case>.nii.gz`` and ``dataset.json``
 (written with nnU-Net's own ``generate_dataset_json``). 2D slices are stored as NIfTI volumes of one
-slice with a large z spacing, which nnU-Net plans as 2D data. Every file is written atomically.
+slice with a large z spacing, which nnU-Net plans as 2D data. A case of several channels (e.g. a slice and
+its neighbours, for a 2.5D detector) has one image file per channel, ``<case>_0000``, ``<case>_0001``, ...,
+as nnU-Net expects. Every file is written atomically.
 
 Example:
     >>> write_case("Dataset501_Nodules", "case_0000", hu_slice, label_slice, spacing_mm=(0.7, 0.7))  # doctest: +SKIP
@@ -25,9 +27,10 @@ LABELS = {"background": 0, "nodule": 1}
 SLICE_THICKNESS_2D = 999.0
 
 
-def case_paths(root: str | Path, case_id: str) -> tuple[Path, Path]:
+def case_paths(root: str | Path, case_id: str, channel: int = 0) -> tuple[Path, Path]:
+    """(image file of ``channel``, label file) of a case."""
     root = Path(root)
-    return root / "imagesTr" / f"{case_id}_0000.nii.gz", root / "labelsTr" / f"{case_id}.nii.gz"
+    return root / "imagesTr" / f"{case_id}_{channel:04d}.nii.gz", root / "labelsTr" / f"{case_id}.nii.gz"
 
 
 def _write(array: np.ndarray, spacing_mm: Sequence[float], path: Path) -> None:
@@ -49,30 +52,46 @@ def _write(array: np.ndarray, spacing_mm: Sequence[float], path: Path) -> None:
 
 def write_case(root: str | Path, case_id: str, image_hu: np.ndarray, label: np.ndarray,
                spacing_mm: Sequence[float]) -> None:
-    """Write one case: the CT in HU (int16) and its label map (uint8), image first, each atomically."""
-    if image_hu.shape != label.shape:
-        raise ValueError(f"case {case_id!r}: image {image_hu.shape} and label {label.shape} differ in shape")
-    image_path, label_path = case_paths(root, case_id)
-    _write(np.round(image_hu).astype(np.int16), spacing_mm, image_path)
-    _write(label.astype(np.uint8), spacing_mm, label_path)
+    """Write one case: the CT in HU (int16) and its label map (uint8), image first, each atomically.
+
+    ``image_hu`` is shaped as ``label``, or has one more, leading axis of channels (one file per channel)."""
+    channels = image_hu if image_hu.ndim == label.ndim + 1 else image_hu[None]
+    if channels.shape[1:] != label.shape or not len(channels):
+        raise ValueError(f"case {case_id!r}: image {image_hu.shape} and label {label.shape} differ in shape "
+                         "(an image may have one more, leading axis of channels)")
+    for channel, image in enumerate(channels):
+        _write(np.round(image).astype(np.int16), spacing_mm, case_paths(root, case_id, channel)[0])
+    _write(label.astype(np.uint8), spacing_mm, case_paths(root, case_id)[1])
 
 
 def read_case(root: str | Path, case_id: str) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """(image, label, spacing (row, col[, slice]) in mm) of a case, 2D when it has one slice."""
+    """(image, label, spacing (row, col[, slice]) in mm) of a case, 2D when it has one slice; an image of several
+    channels has them on a leading axis."""
     image_path, label_path = case_paths(root, case_id)
-    image, label = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path))
-    arrays = [sitk.GetArrayFromImage(x) for x in (image, label)]
-    spacing = image.GetSpacing()
-    if arrays[0].shape[0] == 1:
-        return arrays[0][0], arrays[1][0], (spacing[1], spacing[0])
-    return np.moveaxis(arrays[0], 0, -1), np.moveaxis(arrays[1], 0, -1), (spacing[1], spacing[0], spacing[2])
+    label = _read(label_path)[0]
+    images = [_read(image_path)]
+    while (path := case_paths(root, case_id, len(images))[0]).is_file():
+        images.append(_read(path))
+    image = images[0][0] if len(images) == 1 else np.stack([array for array, _ in images])
+    return image, label, images[0][1]
+
+
+def _read(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """(array, spacing) of one file: (H, W) and (row, col) for one slice, else (H, W, D) and (row, col, slice)."""
+    image = sitk.ReadImage(str(path))
+    array, spacing = sitk.GetArrayFromImage(image), image.GetSpacing()
+    if array.shape[0] == 1:
+        return array[0], (spacing[1], spacing[0])
+    return np.moveaxis(array, 0, -1), (spacing[1], spacing[0], spacing[2])
 
 
 def write_dataset_json(root: str | Path, num_training: int, name: str = "lsdm-aug synthetic nodules",
-                       description: str = "") -> None:
-    """nnU-Net's dataset.json: one CT channel, labels background / nodule, .nii.gz files."""
+                       description: str = "", channels: int = 1) -> None:
+    """nnU-Net's dataset.json: ``channels`` CT channels, labels background / nodule, .nii.gz files."""
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
-    generate_dataset_json(str(root), channel_names={0: "CT"}, labels=LABELS, num_training_cases=num_training,
+    if channels < 1:
+        raise ValueError(f"channels must be >= 1, got {channels!r}")
+    generate_dataset_json(str(root), channel_names=dict.fromkeys(range(channels), "CT"), labels=LABELS, num_training_cases=num_training,
                           file_ending=".nii.gz", dataset_name=name, description=description,
                           license="LIDC-IDRI annotations CC BY 3.0; synthetic images", converted_by="lsdm-aug")

@@ -99,6 +99,36 @@ def test_a_written_real_set_is_not_drawn_again(tmp_path, monkeypatch):
     assert data.write_real(recipe, tmp_path / "raw", tmp_path / "test") == first
 
 
+def test_a_2_5d_recipe_writes_each_slice_with_its_neighbours_as_channels(tmp_path):
+    from lsdm_aug.benchmarks.detection import data
+    from lsdm_aug.data.nnunet_format import read_case
+
+    recipe = DetectionRecipe(image_size=128, train_patients=1, test_patients=1, slices_per_patient=3,
+                             nodule_free_fraction=0.0, arms=("real",), curve_arms=("real",), neighbour_slices=1,
+                             slice_thickness_mm=2.5).validate()
+    cases = data.write_real(recipe, tmp_path / "raw", tmp_path / "test")
+    image, label, spacing = read_case(tmp_path / "raw" / data.dataset_name(recipe, "real"), cases[0])
+    assert image.shape == (3, 128, 128) and label.shape == (128, 128) and label.any()
+    assert not np.array_equal(image[0], image[1]) and not np.array_equal(image[1], image[2])
+    rows, cols = np.nonzero(label)
+    assert image[1][rows, cols].mean() > -700  # the label is the middle slice's nodule
+    dataset = json.loads((tmp_path / "raw" / data.dataset_name(recipe, "real") / "dataset.json").read_text())
+    assert dataset["channel_names"] == {"0": "CT", "1": "CT", "2": "CT"}
+    lesions = pd.read_csv(tmp_path / "test" / "lesions.csv")
+    assert (lesions.lesion > 0).sum() >= 3  # every test slab has its nodules on the labelled slice
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"neighbour_slices": 8}, "neighbour_slices must be in 0..7"),
+    ({"neighbour_slices": 1, "slice_thickness_mm": 4.0}, "slice_thickness_mm must be in"),
+    ({"neighbour_slices": 1, "prepared": "prepared/lidc"}, "prepared dataset"),
+    ({"neighbour_slices": 1, "arms": ("real", "real+copy-paste")}, "the arms so far are"),
+])
+def test_bad_2_5d_settings_are_named(settings, message):
+    with pytest.raises(ValueError, match=message):
+        DetectionRecipe(**({"curve_arms": ("real",)} | settings)).validate()
+
+
 def _case(hit: bool, lesions: int = 1) -> CaseDetections:
     return CaseDetections([Candidate(0.9, 1 if hit else 0), Candidate(0.2, 0)], list(range(1, lesions + 1)))
 

@@ -20,13 +20,14 @@ import pandas as pd
 from lsdm_aug.benchmarks.detection.recipe import DetectionRecipe
 from lsdm_aug.data.nnunet_format import read_case, write_case, write_dataset_json
 from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig, free_site
+from lsdm_aug.data.phantom_slab import draw_slab
 from lsdm_aug.data.prepared import atomic_write_text
 
 __all__ = ["dataset_name", "real_slices", "write_real", "write_synthetic_arm", "copy_paste_cases",
            "write_copy_paste_arm", "ensure_bank", "trained_dataset"]
 
 DATASET_OFFSETS = {"real": 0, "real+synthetic": 1, "real+copy-paste": 2, "real+synthetic-unguided": 3}
-RealSlice = tuple[str, np.ndarray, np.ndarray, float, list[float], str]
+RealSlice = tuple[str, np.ndarray, np.ndarray, float, list[float], str]  # HU: (H, W), or (channels, H, W) slabs
 
 
 def trained_dataset(arm: str) -> str:
@@ -54,9 +55,16 @@ def real_slices(recipe: DetectionRecipe, split: str) -> list[RealSlice]:
     out = []
     for patient in range(first, first + patients):
         for position in range(recipe.slices_per_patient):
-            ct = phantom.slice(patient * recipe.slices_per_patient + position, seed=recipe.data_seed)
-            out.append((f"{split}_p{patient:05d}_s{position}", ct.hu, ct.nodule_mask, ct.spacing_mm,
-                        [float(n["malignancy"]) for n in ct.nodules], f"p{patient:05d}"))
+            index = patient * recipe.slices_per_patient + position
+            if recipe.neighbour_slices:
+                slab = draw_slab(phantom, index, recipe.data_seed, recipe.channels, recipe.slice_thickness_mm)
+                hu, mask, spacing, nodules = slab.hu, slab.nodule_mask[recipe.neighbour_slices], slab.spacing_mm, \
+                    slab.nodules
+            else:
+                ct = phantom.slice(index, seed=recipe.data_seed)
+                hu, mask, spacing, nodules = ct.hu, ct.nodule_mask, ct.spacing_mm, ct.nodules
+            out.append((f"{split}_p{patient:05d}_s{position}", hu, mask, spacing,
+                        [float(n["malignancy"]) for n in nodules], f"p{patient:05d}"))
     return out
 
 
@@ -86,7 +94,8 @@ def write_real(recipe: DetectionRecipe, raw: Path, test: Path) -> list[str]:
         train = real_slices(recipe, "train")
         for case_id, hu, mask, spacing, *_ in train:
             write_case(real, case_id, hu, (mask > 0).astype(np.uint8), (spacing, spacing))
-        write_dataset_json(real, len(train), name="real", description=f"{recipe.name}: scarce real training slices")
+        write_dataset_json(real, len(train), name="real", description=f"{recipe.name}: scarce real training slices",
+                           channels=recipe.channels)
         case_ids = sorted(case[0] for case in train)
     if not (test / "lesions.csv").is_file():
         rows = []

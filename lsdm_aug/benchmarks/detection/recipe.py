@@ -32,6 +32,10 @@ class DetectionRecipe:
     nnU-Net centres on foreground (None: its 0.33); ``optimizer`` / ``initial_lr``: nnU-Net's SGD or its AdamW
     variant (None: nnU-Net's 0.01); ``workers`` (arm, seed) runs share the CPU cores.
     ``curve_train_patients``: more real training-set sizes, each trained with ``curve_arms``.
+    ``neighbour_slices`` > 0 makes the detector 2.5D: each case is a phantom slab (:mod:`lsdm_aug.data.phantom_slab`)
+    whose middle slice is labelled and whose ``neighbour_slices`` slices on each side, ``slice_thickness_mm``
+    apart, are extra input channels (one nnU-Net channel per slice); a vessel continues and shifts from
+    slice to slice where a nodule stays and ends. So far only the ``real`` arm is built from slabs.
 
     Example:
         >>> DetectionRecipe(arms=("real", "real+synthetic"), seeds=(0,)).validate().num_epochs
@@ -76,6 +80,8 @@ class DetectionRecipe:
     bootstrap: int = 1000
     curve_train_patients: tuple[int, ...] = ()
     curve_arms: tuple[str, ...] = ("real", "real+synthetic")
+    neighbour_slices: int = 0
+    slice_thickness_mm: float = 2.0
 
     def validate(self) -> DetectionRecipe:
         for key, arms in (("arms", self.arms), ("curve_arms", self.curve_arms)):
@@ -112,9 +118,32 @@ class DetectionRecipe:
         if self.optimizer not in ("sgd", "adamw") or (self.initial_lr is not None and not self.initial_lr > 0):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw' and initial_lr > 0 or null (nnU-Net's 0.01), got "
                              f"{self.optimizer!r} and {self.initial_lr!r}")
+        self._validate_slabs()
         if any(n < 1 for n in self.curve_train_patients):
             raise ValueError(f"curve_train_patients must be >= 1, got {list(self.curve_train_patients)}")
         return self
+
+    def _validate_slabs(self) -> None:
+        from lsdm_aug.data.phantom_slab import MAX_SLICES, THICKNESS_RANGE_MM
+
+        if not 0 <= self.neighbour_slices <= MAX_SLICES // 2:
+            raise ValueError(f"neighbour_slices must be in 0..{MAX_SLICES // 2} (0: 2D), got {self.neighbour_slices!r}")
+        if not THICKNESS_RANGE_MM[0] <= self.slice_thickness_mm <= THICKNESS_RANGE_MM[1]:
+            raise ValueError(f"slice_thickness_mm must be in {list(THICKNESS_RANGE_MM)}, got {self.slice_thickness_mm!r}")
+        if self.neighbour_slices == 0:
+            return
+        if self.prepared is not None:
+            raise ValueError(f"neighbour_slices > 0 needs phantom slabs; a prepared dataset ({self.prepared}) holds "
+                             "single slices: set neighbour_slices: 0")
+        built = {"real"}
+        if not set(self.arms) | set(self.curve_arms) <= built:
+            raise ValueError(f"with neighbour_slices > 0 the arms so far are {sorted(built)}, got arms "
+                             f"{list(self.arms)} and curve_arms {list(self.curve_arms)}")
+
+    @property
+    def channels(self) -> int:
+        """Input channels of each case: the labelled slice and its neighbours."""
+        return 2 * self.neighbour_slices + 1
 
 
 def load_detection_recipe(name_or_path: str | Path) -> DetectionRecipe:
