@@ -187,14 +187,20 @@ class NoduleSynthesizer:
         return choose_outline(usable_nodule_table(), features, self.size_mm, rng)
 
     def draw(self, image: np.ndarray, label: np.ndarray | None, rng: np.random.RandomState,
-             spacing_mm: Sequence[float], lung_mask: np.ndarray | None = None) -> NoduleParameters:
+             spacing_mm: Sequence[float], lung_mask: np.ndarray | None = None,
+             centre_slice: int | None = None) -> NoduleParameters:
         """Draw the parameters of one call (no model is run).
 
         ``lung_mask`` (the image's shape, bool): the lung fields when the caller knows them (a phantom, a
         prepared dataset, a lung segmentation); by default K-means finds them (:func:`slice_lung`).
+        ``centre_slice`` (3D images): the axial slice an inserted nodule is centred on, e.g. the labelled middle
+        slice of a 2.5D slab; by default the ``location``'s slice or a random slice with lung.
         """
         hu = self.to_hu(image)
         _check_lung_mask(lung_mask, hu.shape)
+        if centre_slice is not None and (hu.ndim != 3 or not 0 <= centre_slice < hu.shape[2]):
+            raise ValueError(f"centre_slice must index an axial slice of a 3D image (0..{hu.shape[-1] - 1}), "
+                             f"got {centre_slice!r} for an image of shape {hu.shape}")
         table = usable_nodule_table()
         features = self._draw_features(rng, table) if self.mode != "remove" else {}
         seed = int(rng.randint(2**31 - 1))
@@ -209,10 +215,12 @@ class NoduleSynthesizer:
             outline = nodule_outline(nodule_id, spacing_mm, hu.ndim, self.size_mm)
         slice_axis_len = hu.shape[2] if hu.ndim == 3 else 1
         if self.location is not None:
-            centre_slice = self.location[2] if len(self.location) == 3 else slice_axis_len // 2
+            if centre_slice is None:
+                centre_slice = self.location[2] if len(self.location) == 3 else slice_axis_len // 2
             centre = (float(self.location[0]), float(self.location[1]))
         else:
-            centre_slice = _lung_slice(hu, rng, spacing_mm) if hu.ndim == 3 else 0
+            if centre_slice is None:
+                centre_slice = _lung_slice(hu, rng, spacing_mm) if hu.ndim == 3 else 0
             if centre_slice is None:
                 return NoduleParameters(self.mode, features, nodule_id, seed=seed, skipped="no lung tissue")
             hu_2d = hu[..., centre_slice] if hu.ndim == 3 else hu
@@ -486,7 +494,8 @@ def usable_nodule_table():
 
 
 def nodule_outline(nodule_id: str, spacing_mm: Sequence[float], ndim: int, size_mm: float | None) -> np.ndarray:
-    """A nodule's consensus mask at the image's spacing, (H, W, D); for 2D images its centre slice, (H, W, 1)."""
+    """A nodule's consensus mask at the image's spacing, (H, W, D) without empty end layers (so that layer
+    ``D // 2`` is its middle); for 2D images its centre slice, (H, W, 1)."""
     bank = NoduleMaskBank.default()
     index = bank.nodule_ids.index(nodule_id)
     zoom = 1.0
@@ -496,7 +505,9 @@ def nodule_outline(nodule_id: str, spacing_mm: Sequence[float], ndim: int, size_
     if ndim == 2:
         return resample_mask(bank.centre_slice(nodule_id), in_plane, [float(s) for s in spacing_mm[:2]])[:, :, None]
     native = (in_plane, in_plane, float(bank.slice_spacing_mm[index]) * zoom)
-    return resample_mask(bank.mask_3d(nodule_id), native, [float(s) for s in spacing_mm[:3]])
+    outline = resample_mask(bank.mask_3d(nodule_id), native, [float(s) for s in spacing_mm[:3]])
+    filled = np.flatnonzero(outline.any(axis=(0, 1)))  # resampling to thick slices can empty the end layers
+    return outline[:, :, filled[0]:filled[-1] + 1]
 
 
 NODULE_MARGIN_MM = 5.0

@@ -118,11 +118,54 @@ def test_a_2_5d_recipe_writes_each_slice_with_its_neighbours_as_channels(tmp_pat
     assert (lesions.lesion > 0).sum() >= 3  # every test slab has its nodules on the labelled slice
 
 
+def test_2_5d_copy_paste_moves_a_nodule_with_its_neighbouring_layers_into_free_lung():
+    from lsdm_aug.benchmarks.detection.data import copy_paste_slabs, real_slabs
+
+    recipe = DetectionRecipe(image_size=128, train_patients=2, test_patients=1, slices_per_patient=2,
+                             nodule_free_fraction=0.0, arms=("real", "real+copy-paste"), curve_arms=("real",),
+                             neighbour_slices=1, slice_thickness_mm=1.5).validate()
+    slabs = dict(real_slabs(recipe, "train"))
+    made = list(copy_paste_slabs(list(slabs.items()), 3, seed=0))
+    assert len(made) == 3
+    for _, image, label, spacing in made:
+        assert image.shape == (3, 128, 128) and label.shape == (128, 128) and spacing[0] == spacing[1]
+        background = min(slabs.values(), key=lambda slab: int((image != slab.hu).sum()))
+        pasted = (image != background.hu).any(axis=0)
+        assert 0 < pasted.sum() < 0.05 * pasted.size
+        assert background.lung_mask.all(axis=0)[pasted].all()  # inside the lung on every slice
+        assert not (background.nodule_mask > 0).any(axis=0)[pasted].any()  # over no other nodule
+        assert label[pasted].any() and (label[~pasted] == (background.nodule_mask[1] > 0)[~pasted]).all()
+
+
+def test_2_5d_lsdm_cases_insert_one_nodule_over_its_slices_centred_on_the_labelled_one(tmp_path, smoke_models):
+    from lsdm_aug.benchmarks.detection import data
+
+    recipe = DetectionRecipe(image_size=128, model=str(smoke_models), train_patients=2, test_patients=1,
+                             slices_per_patient=2, arms=("real", "real+synthetic-unguided"), curve_arms=("real",),
+                             neighbour_slices=1, slice_thickness_mm=1.5, synthetic_count=3, synthetic_steps=2).validate()
+    slabs = dict(data.real_slabs(recipe, "train"))
+    made = list(data.synthetic_slabs(recipe, list(slabs.items()), unguided=True))
+    assert len(made) == 3 and [d["params"].features["malignancy"] for _, _, d in made] == [1, 2, 3]
+    for _, slab, drawn in made:
+        assert drawn["params"].centre_slice == 1 and 1 in drawn["params"].slices
+        image, label, info = data.insert_into_slab(slab, drawn)
+        changed = (image != slab.hu).any(axis=0)
+        assert info["changed_pixels"] > 0 and changed.any()
+        assert (label > (slab.nodule_mask[1] > 0)).sum() > 0  # the new nodule is labelled on the middle slice
+        assert set(np.flatnonzero((image != slab.hu).any(axis=(1, 2)))) <= set(drawn["params"].slices)
+    real_cases = data.write_real(recipe, tmp_path / "raw", tmp_path / "test")
+    data.write_synthetic_arm(recipe, tmp_path / "raw", tmp_path, real_cases, "real+synthetic-unguided")
+    target = tmp_path / "raw" / data.dataset_name(recipe, "real+synthetic-unguided")
+    manifest = pd.read_csv(target / "manifest.csv")
+    assert len(manifest) == 3 and (manifest.guidance_scale == 0).all() and (manifest.cfg_scale == 0).all()
+    assert json.loads((target / "dataset.json").read_text())["numTraining"] == len(real_cases) + 3
+
+
 @pytest.mark.parametrize(("settings", "message"), [
     ({"neighbour_slices": 8}, "neighbour_slices must be in 0..7"),
     ({"neighbour_slices": 1, "slice_thickness_mm": 4.0}, "slice_thickness_mm must be in"),
     ({"neighbour_slices": 1, "prepared": "prepared/lidc"}, "prepared dataset"),
-    ({"neighbour_slices": 1, "arms": ("real", "real+copy-paste")}, "the arms so far are"),
+    ({"neighbour_slices": 1, "arms": ("real", "real+on-the-fly")}, "the arms so far are"),
 ])
 def test_bad_2_5d_settings_are_named(settings, message):
     with pytest.raises(ValueError, match=message):

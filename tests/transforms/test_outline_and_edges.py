@@ -138,3 +138,28 @@ def test_3d_sites_keep_clear_of_nodules_on_the_slices_the_new_one_spans(slice_hu
     for seed in range(10):
         params = synth.draw(volume, label, np.random.RandomState(seed), (spacing, spacing, 2.0))
         assert params.skipped == "no lung tissue" or 4 not in params.slices
+
+
+def test_a_3d_insertion_can_be_centred_on_a_chosen_slice(slice_hu):
+    hu, spacing = slice_hu
+    volume = np.repeat(hu[..., None], 5, axis=2)
+    synth = NoduleSynthesizer(malignancy=4, size_mm=10.0)
+    centres = {synth.draw(volume, None, np.random.RandomState(seed), (spacing, spacing, 2.0), centre_slice=3).centre_slice
+               for seed in range(5)}
+    assert centres == {3}
+    params = synth.draw(volume, None, np.random.RandomState(0), (spacing, spacing, 2.0), centre_slice=3)
+    assert 3 in params.slices and params.slices == tuple(sorted(params.slices))
+    with pytest.raises(ValueError, match="centre_slice must index an axial slice .* got 5"):
+        synth.draw(volume, None, np.random.RandomState(0), (spacing, spacing, 2.0), centre_slice=5)
+    with pytest.raises(ValueError, match="centre_slice must index"):
+        synth.draw(hu, None, np.random.RandomState(0), (spacing, spacing), centre_slice=0)
+
+
+@pytest.mark.parametrize("voxel_mm", [(2.7, 2.7, 1.5), (0.7, 0.7, 2.5), (0.5, 0.5, 0.6)])
+def test_3d_outlines_have_no_empty_end_layers_so_the_middle_layer_lands_on_the_centre_slice(voxel_mm):
+    from lsdm_aug.transforms.core import nodule_outline, usable_nodule_table
+
+    for nodule_id in usable_nodule_table().nodule_id.iloc[:60]:
+        outline = nodule_outline(nodule_id, voxel_mm, 3, None)
+        assert outline[:, :, 0].any() and outline[:, :, -1].any(), nodule_id
+        assert outline[:, :, outline.shape[2] // 2].any(), nodule_id

@@ -20,10 +20,11 @@ import pandas as pd
 from lsdm_aug.benchmarks.detection.recipe import DetectionRecipe
 from lsdm_aug.data.nnunet_format import read_case, write_case, write_dataset_json
 from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig, free_site
-from lsdm_aug.data.phantom_slab import draw_slab
+from lsdm_aug.data.phantom_slab import PhantomSlab, draw_slab
 from lsdm_aug.data.prepared import atomic_write_text
 
-__all__ = ["dataset_name", "real_slices", "write_real", "write_synthetic_arm", "copy_paste_cases",
+__all__ = ["dataset_name", "real_slices", "real_slabs", "copy_paste_slabs", "synthetic_slabs", "insert_into_slab",
+           "write_real", "write_synthetic_arm", "copy_paste_cases",
            "write_copy_paste_arm", "ensure_bank", "trained_dataset"]
 
 DATASET_OFFSETS = {"real": 0, "real+synthetic": 1, "real+copy-paste": 2, "real+synthetic-unguided": 3}
@@ -47,25 +48,41 @@ def real_slices(recipe: DetectionRecipe, split: str) -> list[RealSlice]:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if recipe.prepared is not None:
         return _prepared_slices(recipe, split)
-    config = PhantomConfig(size=recipe.image_size, slices_per_patient=recipe.slices_per_patient,
-                           nodule_free_fraction=recipe.nodule_free_fraction)
-    phantom = ChestPhantom(config)
+    if recipe.neighbour_slices:
+        return [(case_id, slab.hu, slab.nodule_mask[recipe.neighbour_slices], slab.spacing_mm,
+                 [float(n["malignancy"]) for n in slab.nodules], case_id.split("_")[1])
+                for case_id, slab in real_slabs(recipe, split)]
+    phantom = _phantom(recipe)
+    out = []
+    for patient, position, case_id in _case_ids(recipe, split):
+        ct = phantom.slice(patient * recipe.slices_per_patient + position, seed=recipe.data_seed)
+        out.append((case_id, ct.hu, ct.nodule_mask, ct.spacing_mm, [float(n["malignancy"]) for n in ct.nodules],
+                    f"p{patient:05d}"))
+    return out
+
+
+def real_slabs(recipe: DetectionRecipe, split: str) -> list[tuple[str, PhantomSlab]]:
+    """(case id, phantom slab) of the real train or test cases of a 2.5D recipe (``neighbour_slices`` > 0): the
+    slabs whose middle slices :func:`real_slices` gives, with every slice's nodule and lung masks."""
+    if not recipe.neighbour_slices:
+        raise ValueError("real_slabs needs a 2.5D recipe (neighbour_slices > 0)")
+    phantom = _phantom(recipe)
+    return [(case_id, draw_slab(phantom, patient * recipe.slices_per_patient + position, recipe.data_seed,
+                                recipe.channels, recipe.slice_thickness_mm))
+            for patient, position, case_id in _case_ids(recipe, split)]
+
+
+def _phantom(recipe: DetectionRecipe) -> ChestPhantom:
+    return ChestPhantom(PhantomConfig(size=recipe.image_size, slices_per_patient=recipe.slices_per_patient,
+                                      nodule_free_fraction=recipe.nodule_free_fraction))
+
+
+def _case_ids(recipe: DetectionRecipe, split: str) -> list[tuple[int, int, str]]:
+    """(patient, slice position, case id) of the phantom's train or test cases."""
     first, patients = (0, recipe.train_patients) if split == "train" else (recipe.test_first_patient,
                                                                            recipe.test_patients)
-    out = []
-    for patient in range(first, first + patients):
-        for position in range(recipe.slices_per_patient):
-            index = patient * recipe.slices_per_patient + position
-            if recipe.neighbour_slices:
-                slab = draw_slab(phantom, index, recipe.data_seed, recipe.channels, recipe.slice_thickness_mm)
-                hu, mask, spacing, nodules = slab.hu, slab.nodule_mask[recipe.neighbour_slices], slab.spacing_mm, \
-                    slab.nodules
-            else:
-                ct = phantom.slice(index, seed=recipe.data_seed)
-                hu, mask, spacing, nodules = ct.hu, ct.nodule_mask, ct.spacing_mm, ct.nodules
-            out.append((f"{split}_p{patient:05d}_s{position}", hu, mask, spacing,
-                        [float(n["malignancy"]) for n in nodules], f"p{patient:05d}"))
-    return out
+    return [(patient, position, f"{split}_p{patient:05d}_s{position}")
+            for patient in range(first, first + patients) for position in range(recipe.slices_per_patient)]
 
 
 def _prepared_slices(recipe: DetectionRecipe, split: str) -> list[RealSlice]:
@@ -127,6 +144,11 @@ def write_synthetic_arm(recipe: DetectionRecipe, raw: Path, work: Path, real_cas
     if (target / "dataset.json").is_file():
         return
     unguided = arm == "real+synthetic-unguided"
+    if recipe.neighbour_slices:
+        made = _write_synthetic_slabs(recipe, target, unguided)
+        _copy_real_into(recipe, raw, target, real_cases)
+        write_dataset_json(target, len(real_cases) + made, name=arm, channels=recipe.channels)
+        return
     request = SynthesisRequest(count=recipe.synthetic_count, size=recipe.image_size, seed=recipe.data_seed,
                                steps=recipe.synthetic_steps, model=recipe.model,
                                source=str(raw / dataset_name(recipe, "real")),
@@ -139,6 +161,68 @@ def write_synthetic_arm(recipe: DetectionRecipe, raw: Path, work: Path, real_cas
         write_case(target, case_id, image, label, spacing[:2])
     _copy_real_into(recipe, raw, target, real_cases)
     write_dataset_json(target, len(real_cases) + len(manifest), name=arm)
+
+
+def synthetic_slabs(recipe: DetectionRecipe, slabs: list[tuple[str, PhantomSlab]], unguided: bool = False,
+                    ) -> Iterator[tuple[str, PhantomSlab, dict]]:
+    """``synthetic_count`` LSDM insertions into real training slabs, for a 2.5D recipe: the product's 3D path
+    (:class:`~lsdm_aug.transforms.core.NoduleSynthesizer` on the slab as an (H, W, k) volume at its voxel
+    spacing, the outline's layers over the slices it spans), each nodule centred on the labelled middle slice,
+    malignancy cycling through 1..5 (balanced). Yields (case id, background slab, the drawn parameters); the
+    insertion itself is :func:`insert_into_slab`."""
+    from lsdm_aug.transforms.core import NoduleSynthesizer
+
+    rng = np.random.RandomState(recipe.data_seed + 3)
+    middle = recipe.neighbour_slices
+    made = 0
+    for attempt in range(recipe.synthetic_count * 20):
+        if made == recipe.synthetic_count:
+            break
+        case_id, slab = slabs[rng.randint(len(slabs))]
+        synthesizer = NoduleSynthesizer(malignancy=made % 5 + 1, steps=recipe.synthetic_steps, model=recipe.model,
+                                        guidance_scale=0.0 if unguided else recipe.guidance_scale,
+                                        cfg_scale=0.0 if unguided else recipe.cfg_scale, device=recipe.device)
+        volume, label, lung = (np.moveaxis(a, 0, -1) for a in (slab.hu, slab.nodule_mask > 0, slab.lung_mask))
+        params = synthesizer.draw(volume, label, rng, _voxel(slab), lung_mask=lung, centre_slice=middle)
+        if params.skipped:
+            continue
+        yield f"lsdm_{made:05d}", slab, {"synthesizer": synthesizer, "params": params, "background": case_id}
+        made += 1
+
+
+def insert_into_slab(slab: PhantomSlab, drawn: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(slab HU (k, H, W), middle slice's label, the synthesizer's record) after the insertion drawn by
+    :func:`synthetic_slabs`."""
+    volume, label, lung = (np.moveaxis(a, 0, -1) for a in (slab.hu, slab.nodule_mask > 0, slab.lung_mask))
+    out, new_label, info = drawn["synthesizer"].apply(volume, label.astype(np.uint8), drawn["params"], _voxel(slab),
+                                                       lung_mask=lung)
+    middle = slab.hu.shape[0] // 2
+    return np.moveaxis(out, -1, 0), (new_label[..., middle] > 0).astype(np.uint8), info
+
+
+def _voxel(slab: PhantomSlab) -> tuple[float, float, float]:
+    return slab.spacing_mm, slab.spacing_mm, slab.slice_thickness_mm
+
+
+def _write_synthetic_slabs(recipe: DetectionRecipe, target: Path, unguided: bool) -> int:
+    """The LSDM slabs of :func:`synthetic_slabs` written into ``target`` with their manifest; cases already
+    written are kept (the draws are replayed, so a rerun continues with the same cases)."""
+    from lsdm_aug.data.nnunet_format import case_paths
+
+    manifest = target / "manifest.csv"
+    done = pd.read_csv(manifest).set_index("case_id", drop=False) if manifest.is_file() else pd.DataFrame()
+    rows = []
+    for case_id, slab, drawn in synthetic_slabs(recipe, real_slabs(recipe, "train"), unguided):
+        if case_id in done.index and case_paths(target, case_id)[1].is_file():
+            rows.append(done.loc[case_id].to_dict())
+            continue
+        image, label, info = insert_into_slab(slab, drawn)
+        write_case(target, case_id, image, label, (slab.spacing_mm, slab.spacing_mm))
+        rows.append({"case_id": case_id, "background": drawn["background"], **info.pop("features"), **info,
+                     "guidance_scale": drawn["synthesizer"].guidance_scale,
+                     "cfg_scale": drawn["synthesizer"].cfg_scale})
+        atomic_write_text(manifest, pd.DataFrame(rows).to_csv(index=False))
+    return len(rows)
 
 
 def copy_paste_cases(real: Path, real_cases: list[str], count: int,
@@ -176,18 +260,56 @@ def copy_paste_cases(real: Path, real_cases: list[str], count: int,
         made += 1
 
 
+def copy_paste_slabs(slabs: list[tuple[str, PhantomSlab]], count: int,
+                     seed: int) -> Iterator[tuple[str, np.ndarray, np.ndarray, tuple[float, ...]]]:
+    """:func:`copy_paste_cases` for 2.5D slabs: a real training nodule with its voxels on every slice of the slab
+    pasted into another slab, at a site inside the lung and free of nodules on every slice, its middle layer on
+    the middle slice. Yields (case id, slab HU (k, H, W), middle slice's label, spacing)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    sources = []
+    for _, slab in slabs:
+        for k, box in enumerate(ndimage.find_objects(slab.nodule_mask), start=1):
+            if box is not None:
+                sources.append((slab.hu[:, box[1], box[2]], slab.nodule_mask[:, box[1], box[2]] == k))
+    if not sources:
+        raise ValueError("copy-paste needs real training slabs with nodules; the real set has none")
+    made, middle = 0, slabs[0][1].hu.shape[0] // 2
+    for _ in range(count * 20):
+        if made == count:
+            break
+        _, slab = slabs[rng.integers(len(slabs))]
+        patch, mask = sources[rng.integers(len(sources))]
+        free = slab.lung_mask.all(axis=0) & ~(slab.nodule_mask > 0).any(axis=0)
+        site = free_site(free, mask.any(axis=0), slab.spacing_mm, rng)
+        if site is None:
+            continue
+        image, label = slab.hu.copy(), slab.nodule_mask[middle] > 0
+        window = (slice(None), slice(site[0], site[0] + mask.shape[1]), slice(site[1], site[1] + mask.shape[2]))
+        image[window][mask] = patch[mask]
+        label[window[1:]] |= mask[middle]
+        yield f"copypaste_{made:05d}", image, label.astype(np.uint8), (slab.spacing_mm, slab.spacing_mm)
+        made += 1
+
+
 def write_copy_paste_arm(recipe: DetectionRecipe, raw: Path, real_cases: list[str]) -> None:
-    """The real cases plus ``synthetic_count`` copy-paste cases (:func:`copy_paste_cases`)."""
+    """The real cases plus ``synthetic_count`` copy-paste cases (:func:`copy_paste_cases`, or
+    :func:`copy_paste_slabs` for a 2.5D recipe)."""
     target = raw / dataset_name(recipe, "real+copy-paste")
     if (target / "dataset.json").is_file():
         return
+    if recipe.neighbour_slices:
+        cases = copy_paste_slabs(real_slabs(recipe, "train"), recipe.synthetic_count, recipe.data_seed)
+    else:
+        cases = copy_paste_cases(raw / dataset_name(recipe, "real"), real_cases, recipe.synthetic_count,
+                                 recipe.data_seed)
     made = 0
-    for case_id, image, label, spacing in copy_paste_cases(raw / dataset_name(recipe, "real"), real_cases,
-                                                           recipe.synthetic_count, recipe.data_seed):
+    for case_id, image, label, spacing in cases:
         write_case(target, case_id, image, label, spacing)
         made += 1
     _copy_real_into(recipe, raw, target, real_cases)
-    write_dataset_json(target, len(real_cases) + made, name="real+copy-paste")
+    write_dataset_json(target, len(real_cases) + made, name="real+copy-paste", channels=recipe.channels)
 
 
 def ensure_bank(recipe: DetectionRecipe, work: Path) -> None:

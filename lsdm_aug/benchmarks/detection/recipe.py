@@ -35,7 +35,8 @@ class DetectionRecipe:
     ``neighbour_slices`` > 0 makes the detector 2.5D: each case is a phantom slab (:mod:`lsdm_aug.data.phantom_slab`)
     whose middle slice is labelled and whose ``neighbour_slices`` slices on each side, ``slice_thickness_mm``
     apart, are extra input channels (one nnU-Net channel per slice); a vessel continues and shifts from
-    slice to slice where a nodule stays and ends. So far only the ``real`` arm is built from slabs.
+    slice to slice where a nodule stays and ends. All arms but ``real+on-the-fly`` are built
+    from slabs.
 
     Example:
         >>> DetectionRecipe(arms=("real", "real+synthetic"), seeds=(0,)).validate().num_epochs
@@ -135,7 +136,7 @@ class DetectionRecipe:
         if self.prepared is not None:
             raise ValueError(f"neighbour_slices > 0 needs phantom slabs; a prepared dataset ({self.prepared}) holds "
                              "single slices: set neighbour_slices: 0")
-        built = {"real"}
+        built = {"real", "real+copy-paste", "real+synthetic", "real+synthetic-unguided"}
         if not set(self.arms) | set(self.curve_arms) <= built:
             raise ValueError(f"with neighbour_slices > 0 the arms so far are {sorted(built)}, got arms "
                              f"{list(self.arms)} and curve_arms {list(self.curve_arms)}")
