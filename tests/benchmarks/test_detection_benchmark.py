@@ -165,7 +165,6 @@ def test_2_5d_lsdm_cases_insert_one_nodule_over_its_slices_centred_on_the_labell
     ({"neighbour_slices": 8}, "neighbour_slices must be in 0..7"),
     ({"neighbour_slices": 1, "slice_thickness_mm": 4.0}, "slice_thickness_mm must be in"),
     ({"neighbour_slices": 1, "prepared": "prepared/lidc"}, "prepared dataset"),
-    ({"neighbour_slices": 1, "arms": ("real", "real+on-the-fly")}, "the arms so far are"),
 ])
 def test_bad_2_5d_settings_are_named(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -309,6 +308,26 @@ def test_every_arm_trains_predicts_and_is_scored_then_a_rerun_skips_them(tmp_pat
     assert "| chance (random candidates) |" in markdown and "Paired CPM differences" in markdown
     assert "min per (arm, seed) run" in markdown and f"for the {len(ARMS)} runs timed" in markdown
     assert (tmp_path / "report" / "froc.png").is_file() and (tmp_path / "report" / "scarce_curve.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_2_5d_benchmark_trains_on_slabs_and_inserts_on_the_fly_over_the_channels(tmp_path, smoke_models):
+    recipe = DetectionRecipe(name="smoke-2.5d", image_size=64, model=str(smoke_models), train_patients=2,
+                             test_patients=1, slices_per_patient=3, nodule_free_fraction=0.0,
+                             on_the_fly={"prob": 1.0, "malignancy": "balanced", "bank": "build", "bank_count": 3},
+                             arms=("real", "real+on-the-fly"), curve_arms=("real",), seeds=(0,),
+                             features_per_stage=(4, 8, 8, 8), batch_size=2, num_epochs=1, iterations_per_epoch=2,
+                             val_iterations_per_epoch=1, dataset_id=970, workers=1, bootstrap=20,
+                             neighbour_slices=1, slice_thickness_mm=2.5, synthetic_steps=2)
+    work = tmp_path / "work"
+    report = run_detection(recipe, work, tmp_path / "report")
+    plans = json.loads((work / "preprocessed" / "Dataset970_real" / "nnUNetPlans.json").read_text())
+    assert len(plans["foreground_intensity_properties_per_channel"]) == 3  # three CT channels
+    predictions = work / "predictions"
+    real = [np.load(f)["probabilities"] for f in sorted((predictions / "real" / "seed0").glob("*.npz"))]
+    inserted = [np.load(f)["probabilities"] for f in sorted((predictions / "real_on-the-fly" / "seed0").glob("*.npz"))]
+    assert len(real) == 3 and any(np.abs(a - b).max() > 0 for a, b in zip(real, inserted))
+    assert all(0 <= report["arms"][arm]["runs"][0]["cpm"] <= 1 for arm in recipe.arms)
 
 
 def test_the_on_the_fly_arm_gets_the_work_folder_bank_and_no_bank_count(tmp_path):

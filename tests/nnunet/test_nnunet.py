@@ -40,6 +40,59 @@ def test_transform_inserts_in_normalized_units_and_labels_the_nodule(normalized_
     assert out["image"].abs().max() < 10  # still z-scored, not HU
 
 
+def test_a_2_5d_patch_gets_one_nodule_over_its_channel_slices_labelled_on_the_middle_one(normalized_sample,
+                                                                                        smoke_models):
+    image, segmentation, spacing = normalized_sample
+    patch = image.repeat(3, 1, 1)  # (channels = 3 neighbouring slices, y, x)
+    transform = NoduleSynthTransform((spacing, spacing), HU_MEAN, HU_STD, prob=1.0, model=str(smoke_models), steps=2,
+                                     malignancy=5, size_mm=12.0, slice_thickness_mm=2.0)
+    inserted = 0
+    for seed in range(4):
+        np.random.seed(seed)
+        out = transform(image=patch.clone(), segmentation=segmentation.clone())
+        record = transform.last_record
+        if record.get("changed_pixels", 0) == 0:
+            continue
+        inserted += 1
+        assert record["centre_slice"] == 1 and 1 in record["slices"]
+        changed = (out["image"] != patch).flatten(1).any(1).tolist()
+        assert changed[1] and set(np.flatnonzero(changed)) <= set(record["slices"])
+        labelled = out["segmentation"][0] > 0
+        assert out["segmentation"].shape == segmentation.shape and labelled.any()
+        assert (out["image"][1] != patch[1])[labelled].float().mean() > 0.9  # the middle slice's own nodule
+    assert inserted >= 3
+    with pytest.raises(ValueError, match="slice_thickness_mm .* needs a 2D patch spacing"):
+        NoduleSynthTransform((2.5, spacing, spacing), HU_MEAN, HU_STD, slice_thickness_mm=2.0)
+
+
+def test_2_5d_channels_normalised_apart_are_read_and_written_each_in_its_own_units(normalized_sample, smoke_models):
+    """nnU-Net z-scores every channel with its own foreground statistics: channel 1 here with (20, 60)."""
+    image, segmentation, spacing = normalized_sample
+    hu = image[0] * HU_STD + HU_MEAN
+    stats = [(HU_MEAN, HU_STD), (20.0, 60.0), (HU_MEAN, HU_STD)]
+    patch = torch.stack([(hu - mean) / std for mean, std in stats]).float()
+    transform = NoduleSynthTransform((spacing, spacing), HU_MEAN, HU_STD, prob=1.0, model=str(smoke_models), steps=2,
+                                     malignancy=5, size_mm=12.0, slice_thickness_mm=2.0, channel_stats=stats)
+    for seed in range(8):
+        np.random.seed(seed)
+        out = transform(image=patch.clone(), segmentation=segmentation.clone())
+        if len(transform.last_record.get("slices", ())) < 3 or not transform.last_record["changed_pixels"]:
+            continue  # the nodule must span the three slices
+        changed = out["image"][1] != patch[1]
+        assert changed.any() and torch.equal(out["image"][1][~changed], patch[1][~changed])
+        both = changed & (out["image"][0] != patch[0])
+        middle_hu = out["image"][1][both] * 60.0 + 20.0  # each channel in its own units
+        top_hu = out["image"][0][both] * HU_STD + HU_MEAN
+        assert both.sum() > 5 and abs(float(middle_hu.mean() - top_hu.mean())) < 300  # one nodule, one CT
+        return
+    pytest.fail("no draw spanned the three slices")
+
+
+def test_bad_channel_statistics_are_refused():
+    with pytest.raises(ValueError, match="channel_stats must be"):
+        NoduleSynthTransform((0.7, 0.7), HU_MEAN, HU_STD, slice_thickness_mm=2.0, channel_stats=[(0.0, 0.0)])
+
+
 def test_a_3d_patch_in_nnunet_axis_order_gets_nodules(normalized_sample, smoke_models):
     """nnU-Net's 3D patches are (C, z, y, x) with spacing (z, y, x): the nodule goes on consecutive z slices."""
     image, _, spacing = normalized_sample

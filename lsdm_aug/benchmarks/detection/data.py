@@ -320,8 +320,11 @@ def ensure_bank(recipe: DetectionRecipe, work: Path) -> None:
         return
     from lsdm_aug.synthesis import SynthesisRequest, build_bank
 
+    # a bank holds 2D nodules; for 2.5D slabs they are made on phantom slices (the bank spreads each over the
+    # slices of its real source nodule when it is placed)
+    source = None if recipe.neighbour_slices else str(work / "raw" / dataset_name(recipe, "real"))
     request = SynthesisRequest(count=int(recipe.on_the_fly.get("bank_count", 200)), size=recipe.image_size,
                                seed=recipe.data_seed + 1, steps=recipe.synthetic_steps,
                                guidance_scale=recipe.guidance_scale, cfg_scale=recipe.cfg_scale, model=recipe.model,
-                               source=str(work / "raw" / dataset_name(recipe, "real")))
+                               source=source)
     build_bank(work / "bank", request, device=recipe.device, batch_size=8)

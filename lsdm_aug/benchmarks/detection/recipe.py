@@ -35,8 +35,8 @@ class DetectionRecipe:
     ``neighbour_slices`` > 0 makes the detector 2.5D: each case is a phantom slab (:mod:`lsdm_aug.data.phantom_slab`)
     whose middle slice is labelled and whose ``neighbour_slices`` slices on each side, ``slice_thickness_mm``
     apart, are extra input channels (one nnU-Net channel per slice); a vessel continues and shifts from
-    slice to slice where a nodule stays and ends. All arms but ``real+on-the-fly`` are built
-    from slabs.
+    slice to slice where a nodule stays and ends. Every arm works on slabs; the on-the-fly arm's bank nodules
+    are made on phantom slices and spread over the slab's slices as their real source nodule spans them.
 
     Example:
         >>> DetectionRecipe(arms=("real", "real+synthetic"), seeds=(0,)).validate().num_epochs
@@ -131,15 +131,9 @@ class DetectionRecipe:
             raise ValueError(f"neighbour_slices must be in 0..{MAX_SLICES // 2} (0: 2D), got {self.neighbour_slices!r}")
         if not THICKNESS_RANGE_MM[0] <= self.slice_thickness_mm <= THICKNESS_RANGE_MM[1]:
             raise ValueError(f"slice_thickness_mm must be in {list(THICKNESS_RANGE_MM)}, got {self.slice_thickness_mm!r}")
-        if self.neighbour_slices == 0:
-            return
-        if self.prepared is not None:
+        if self.neighbour_slices and self.prepared is not None:
             raise ValueError(f"neighbour_slices > 0 needs phantom slabs; a prepared dataset ({self.prepared}) holds "
                              "single slices: set neighbour_slices: 0")
-        built = {"real", "real+copy-paste", "real+synthetic", "real+synthetic-unguided"}
-        if not set(self.arms) | set(self.curve_arms) <= built:
-            raise ValueError(f"with neighbour_slices > 0 the arms so far are {sorted(built)}, got arms "
-                             f"{list(self.arms)} and curve_arms {list(self.curve_arms)}")
 
     @property
     def channels(self) -> int:

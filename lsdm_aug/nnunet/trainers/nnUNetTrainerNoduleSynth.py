@@ -126,6 +126,9 @@ class nnUNetTrainerNoduleSynth(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming
         properties = self.plans_manager.foreground_intensity_properties_per_channel["0"]
         settings = dict(self.nodule_synth_settings)
         label_value = nodule_label_value(foreground_labels, settings.pop("label_value", None))
+        if settings.get("slice_thickness_mm") is not None:  # 2.5D: every channel is a CT slice with its own statistics
+            channels = self.plans_manager.foreground_intensity_properties_per_channel
+            settings["channel_stats"] = [(channels[c]["mean"], channels[c]["std"]) for c in sorted(channels, key=int)]
         synth = NoduleSynthTransform(spacing_mm=self.configuration_manager.spacing, hu_mean=properties["mean"],
                                      hu_std=properties["std"], label_value=label_value,
                                      axial_axis=axial_axis(self.plans_manager.transpose_forward, len(patch_size)),
