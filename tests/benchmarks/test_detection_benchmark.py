@@ -336,3 +336,10 @@ def test_the_on_the_fly_arm_gets_the_work_folder_bank_and_no_bank_count(tmp_path
     assert settings["bank"] == str(tmp_path / "bank") and "bank_count" not in settings
     assert settings["seed"] == 2 and settings["prob"] == 0.3
     assert trainer_settings(recipe, "real", 2, tmp_path)["prob"] == 0.0  # the other arms insert nothing
+
+
+def test_the_report_says_when_the_detector_is_2_5d(tmp_path):
+    report = _fake_report(tmp_path)
+    assert "2.5D" not in detection_markdown(report)
+    report["recipe"] |= {"neighbour_slices": 1, "slice_thickness_mm": 2.5}
+    assert "1 slice(s) on each side, 2.5 mm apart, are 2 more nnU-Net input channels" in detection_markdown(report)

@@ -81,13 +81,23 @@ def _setup_lines(report: dict[str, Any]) -> list[str]:
             f"patients and {report.get('test_patients', r['test_patients'])} held-out test patients x "
             f"{r['slices_per_patient']} slices ({r['nodule_free_fraction']:.0%} drawn nodule-free), {r['image_size']} px "
             f"at the patients' own pixel spacing. Synthetic arms: {r['synthetic_count']} cases (model `{r['model']}`, "
-            f"malignancy balanced, on the real training slices as backgrounds). nnU-Net 2D, configuration "
+            f"malignancy balanced, on the real training slices as backgrounds). {_slab_words(r)}nnU-Net 2D, configuration "
             f"`{CONFIGURATION}` = nnU-Net's 2d plan reduced to {patch} (stages as nnU-Net's planner gives that patch), "
             f"features per stage {r['features_per_stage'] or 'as planned'} and batch size {batch} in every arm; CT "
             f"clipped to {_window_words(r.get('ct_window'))}; {r['num_epochs']} epochs x {r['iterations_per_epoch']} "
             f"iterations; seeds {list(r['seeds'])}; nnU-Net's sliding-window predictor on whole test slices (step "
             f"{r.get('tile_step_size', 0.5)}, mirroring {'on' if r['test_time_mirroring'] else 'off'}). Mean ± std "
             "over seeds.", "", _candidates_sentence(r)]
+
+
+def _slab_words(r: dict[str, Any]) -> str:
+    """The 2.5D sentence of the set-up (empty for single slices)."""
+    if not r.get("neighbour_slices"):
+        return ""
+    n, thickness = r["neighbour_slices"], r["slice_thickness_mm"]
+    return (f"2.5D: every case is a phantom slab whose middle slice is labelled and whose {n} slice(s) on each side, "
+            f"{thickness} mm apart, are {2 * n} more nnU-Net input channels (one 3D vessel tree per patient; nodules "
+            "centred on the labelled slice; LSDM and copy-paste nodules span the slab's slices too). ")
 
 
 def _headline_lines(report: dict[str, Any]) -> list[str]:
