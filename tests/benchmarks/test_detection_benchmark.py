@@ -25,6 +25,9 @@ def test_shipped_recipes_load_and_bad_ones_are_named(tmp_path):
     assert phantom.image_size == 512 and phantom.patch_size is not None  # native resolution, reduced plan
     scarce = load_detection_recipe("bench-detection-phantom-scarce")
     assert len({scarce.train_patients, *scarce.curve_train_patients}) >= 3 and "real" in scarce.curve_arms
+    baseline = load_detection_recipe("bench-detection-phantom-baseline")
+    assert baseline.arms == ("real",) and baseline.neighbour_slices == phantom.neighbour_slices == 1
+    assert (baseline.num_epochs, baseline.patch_size) == (phantom.num_epochs, phantom.patch_size)
     lidc = load_detection_recipe("bench-detection-lidc-512")
     assert lidc.image_size == 512 and lidc.features_per_stage is None and lidc.device == "cuda"
     bad = tmp_path / "bad.yaml"
@@ -40,7 +43,8 @@ def test_shipped_recipes_load_and_bad_ones_are_named(tmp_path):
     bad.write_text("epochs: 3\n")
     with pytest.raises(ValueError, match="unknown keys \\['epochs'\\]"):
         load_detection_recipe(bad)
-    shipped = "['bench-detection-lidc-512', 'bench-detection-phantom', 'bench-detection-phantom-scarce']"
+    shipped = ("['bench-detection-lidc-512', 'bench-detection-phantom', 'bench-detection-phantom-baseline', "
+               "'bench-detection-phantom-scarce']")
     with pytest.raises(FileNotFoundError, match=re.escape(f"shipped: {shipped}")):
         load_detection_recipe("bench-detection-nothing")
 
