@@ -175,7 +175,7 @@ def synthetic_slabs(recipe: DetectionRecipe, slabs: list[tuple[str, PhantomSlab]
     rng = np.random.RandomState(recipe.data_seed + 3)
     middle = recipe.neighbour_slices
     made = 0
-    for attempt in range(recipe.synthetic_count * 20):
+    for _ in range(recipe.synthetic_count * 20):
         if made == recipe.synthetic_count:
             break
         case_id, slab = slabs[rng.randint(len(slabs))]
