@@ -47,6 +47,7 @@ from lsdm_aug.data.prepared import (PreparedDataset, atomic_write_figure, atomic
 from lsdm_aug.data.semantic import SemanticLabel, semantic_map_from_hu
 from lsdm_aug.metrics.evaluator import NoduleEvaluator, nodule_crops
 from lsdm_aug.metrics.features import frechet_distance
+from lsdm_aug.models.checkpoint import module_digest
 from lsdm_aug.pipeline import LSDMPipeline
 from lsdm_aug.progress import track_progress
 from lsdm_aug.sampling.schedulers import build_scheduler
@@ -430,17 +431,30 @@ def insertion_speed(pipe: LSDMPipeline, background: Background, steps: int, repe
 
 # ---- the report --------------------------------------------------------------------------------------------------
 
+def _key(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 class Parts:
-    """Finished sections of one run, kept as JSON under ``out/parts-<settings hash>/``: a rerun with the same
-    settings and model skips them (each written atomically, so an interruption loses only the section running)."""
+    """Finished sections of one run, kept as JSON under ``out/parts-<settings and model hash>/``: a rerun with the
+    same settings and model skips them (each written atomically, so an interruption loses only the section running).
 
-    def __init__(self, out: Path, settings: QualitySettings, model_id: str) -> None:
-        key = hashlib.sha256(json.dumps([asdict(settings), model_id], sort_keys=True, default=str).encode()).hexdigest()
-        self.folder = out / f"parts-{key[:12]}"
-        self.folder.mkdir(parents=True, exist_ok=True)
+    Sections that do not depend on the whole model live apart, so that another U-Net reuses them: the evaluators
+    (trained on clean phantom crops only) under ``out/evaluators-<settings hash>/``, and the autoencoder's gates
+    under ``out/autoencoder-<settings and autoencoder hash>/`` (``autoencoder_id``: a digest of its weights).
+    """
 
-    def get(self, name: str, compute: Callable[[], Any]) -> Any:
-        path = self.folder / f"{name}.json"
+    def __init__(self, out: Path, settings: QualitySettings, model_id: str, autoencoder_id: str | None = None) -> None:
+        self.folder = out / f"parts-{_key([asdict(settings), model_id])}"
+        model_free = {k: v for k, v in asdict(settings).items() if k != "model"}
+        self.evaluator_folder = out / f"evaluators-{_key(model_free)}"
+        self.autoencoder_folder = (out / f"autoencoder-{_key([model_free, autoencoder_id])}" if autoencoder_id
+                                   else self.folder)
+        for folder in (self.folder, self.evaluator_folder, self.autoencoder_folder):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def get(self, name: str, compute: Callable[[], Any], folder: Path | None = None) -> Any:
+        path = (folder or self.folder) / f"{name}.json"
         if path.is_file():
             return json.loads(path.read_text())
         value = compute()
@@ -457,7 +471,7 @@ class Parts:
         return value
 
     def evaluator(self, feature: str, train: Callable[[], tuple[NoduleEvaluator, dict]]) -> tuple[NoduleEvaluator, dict]:
-        path = self.folder / f"evaluator_{feature}.safetensors"
+        path = self.evaluator_folder / f"evaluator_{feature}.safetensors"
         if path.is_file():
             return NoduleEvaluator.load(path)
         evaluator, report = train()
@@ -471,7 +485,7 @@ def run_model_quality(settings: QualitySettings, progress: bool = True) -> dict[
     torch.manual_seed(settings.seed)
     pipe = LSDMPipeline.from_pretrained(settings.model)
     out = Path(settings.out)
-    parts = Parts(out, settings, pipe.model_id)
+    parts = Parts(out, settings, pipe.model_id, autoencoder_id=module_digest(pipe.autoencoder, pipe.scale_factor))
     test = PreparedDataset(settings.data, split="test")
     crop_px = pipe.recipe.classifiers.crop_px
     evaluators, evaluator_reports = {}, {}
@@ -487,7 +501,7 @@ def run_model_quality(settings: QualitySettings, progress: bool = True) -> dict[
     report: dict[str, Any] = {"settings": asdict(settings), "model": pipe.model_id,
                               "model_spacing_mm": pipe.spacing_mm, "default_cfg_scale": pipe.default_cfg_scale,
                               "evaluators": evaluator_reports}
-    report["autoencoder"] = parts.get("autoencoder", lambda: autoencoder_quality(pipe, test))
+    report["autoencoder"] = parts.get("autoencoder", lambda: autoencoder_quality(pipe, test), parts.autoencoder_folder)
     report["generated_lung"] = parts.get("generated_lung", lambda: generated_lung_hu(
         pipe, test, settings.generated_slices, settings.steps, settings.seed))
     report["texture"] = parts.get("texture", lambda: texture_fidelity(

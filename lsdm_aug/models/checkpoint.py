@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointError", "save_weights", "load_weights", "load_matching_weights", "read_config",
+__all__ = ["CheckpointError", "module_digest", "save_weights", "load_weights", "load_matching_weights", "read_config",
            "save_training_state", "load_training_state", "config_path", "resolve_model_dir", "SHIPPED_MODELS_DIR",
            "DEFAULT_MODEL", "shipped_models", "save_half_precision", "weights_digest"]
 
@@ -157,6 +157,22 @@ def weights_digest(folder: str | Path, length: int = 8) -> str:
         if not path.name.endswith("_state.safetensors"):
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
+    return digest.hexdigest()[:length]
+
+
+def module_digest(module: torch.nn.Module, *extra: Any, length: int = 8) -> str:
+    """A short SHA-256 over a module's state (and ``extra`` values, e.g. a latent scale factor): what a result
+    computed from that module alone can be keyed on.
+
+    Example:
+        >>> module_digest(torch.nn.Linear(2, 2)) == module_digest(torch.nn.Linear(2, 2))  # other random weights
+        False
+    """
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps(extra, default=str).encode())
     return digest.hexdigest()[:length]
 
 

@@ -48,7 +48,9 @@ def test_a_rerun_resumes_from_finished_sections(tmp_path, smoke_models, phantom_
                                other_spacings=())
     first = run_model_quality(settings, progress=False)
     parts = next((tmp_path / "q").glob("parts-*"))
-    assert (parts / "control_1.json").is_file() and (parts / "evaluator_malignancy.safetensors").is_file()
+    assert (parts / "control_1.json").is_file()
+    assert next((tmp_path / "q").glob("evaluators-*/evaluator_malignancy.safetensors")).is_file()
+    assert next((tmp_path / "q").glob("autoencoder-*/autoencoder.json")).is_file()
     (parts / "control_1.json").unlink()  # as if interrupted during the second setting
 
     def refuse(*args, **kwargs):
@@ -68,3 +70,9 @@ def test_a_rerun_resumes_from_finished_sections(tmp_path, smoke_models, phantom_
         assert point["auc"] == before["auc"] and point["nodule_frechet"] == pytest.approx(before["nodule_frechet"])
     other = QualitySettings(**{**settings.__dict__, "seed": 1})
     assert model_quality.Parts(tmp_path / "q", other, again["model"]).folder != parts  # other settings, other parts
+    here = model_quality.Parts(tmp_path / "q", settings, again["model"], "ae1")
+    another_unet = model_quality.Parts(tmp_path / "q", settings, again["model"] + "-retrained", "ae1")
+    assert another_unet.folder != here.folder  # the U-Net's sections are its own
+    assert another_unet.evaluator_folder == here.evaluator_folder  # evaluators never see the model
+    assert another_unet.autoencoder_folder == here.autoencoder_folder  # same autoencoder, same reconstruction gates
+    assert model_quality.Parts(tmp_path / "q", settings, again["model"], "ae2").autoencoder_folder != here.autoencoder_folder
