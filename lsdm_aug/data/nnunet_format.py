@@ -92,6 +92,7 @@ def write_dataset_json(root: str | Path, num_training: int, name: str = "lsdm-au
 
     if channels < 1:
         raise ValueError(f"channels must be >= 1, got {channels!r}")
-    generate_dataset_json(str(root), channel_names=dict.fromkeys(range(channels), "CT"), labels=LABELS, num_training_cases=num_training,
+    generate_dataset_json(str(root), channel_names=dict.fromkeys(range(channels), "CT"), labels=LABELS,
+                          num_training_cases=num_training,
                           file_ending=".nii.gz", dataset_name=name, description=description,
                           license="LIDC-IDRI annotations CC BY 3.0; synthetic images", converted_by="lsdm-aug")

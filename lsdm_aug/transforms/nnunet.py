@@ -144,10 +144,10 @@ class NoduleSynthTransform(BasicTransform):
     def apply(self, data_dict: dict, nodule: NoduleParameters | None = None, **params: Any) -> dict:
         if nodule is None or nodule.skipped:
             return data_dict
-        image = data_dict["image"]
-        segmentation = data_dict.get("segmentation")
         if self.slice_thickness_mm is not None:
             return self._apply_slab(data_dict, nodule)
+        image = data_dict["image"]
+        segmentation = data_dict.get("segmentation")
         ndim = image[0].ndim
         out, new_segmentation, info = self.synthesizer.apply(
             self._axial_last(image[0].numpy()),

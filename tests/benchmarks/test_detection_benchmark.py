@@ -122,6 +122,23 @@ def test_a_2_5d_recipe_writes_each_slice_with_its_neighbours_as_channels(tmp_pat
     assert (lesions.lesion > 0).sum() >= 3  # every test slab has its nodules on the labelled slice
 
 
+def test_2_5d_training_slabs_are_drawn_once_for_every_arm(tmp_path, monkeypatch):
+    from lsdm_aug.benchmarks.detection import data
+    from lsdm_aug.data.phantom_slab import draw_slab
+
+    recipe = DetectionRecipe(image_size=64, train_patients=1, test_patients=1, slices_per_patient=2,
+                             nodule_free_fraction=0.0, arms=("real", "real+copy-paste"), curve_arms=("real",),
+                             neighbour_slices=1, slice_thickness_mm=2.0, data_seed=321).validate()
+    drawn = []
+    monkeypatch.setattr(data, "draw_slab", lambda *args: drawn.append(args[1]) or draw_slab(*args))
+    first = data.real_slabs(recipe, "train")
+    again = data.real_slabs(recipe, "train")
+    assert drawn == [0, 1] and [c for c, _ in again] == [c for c, _ in first]
+    assert all(a is b for (_, a), (_, b) in zip(first, again))
+    data.real_slabs(recipe, "test")
+    assert len(drawn) == 4  # test slabs are drawn when asked
+
+
 def test_2_5d_copy_paste_moves_a_nodule_with_its_neighbouring_layers_into_free_lung():
     from lsdm_aug.benchmarks.detection.data import copy_paste_slabs, real_slabs
 

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from lsdm_aug.benchmarks.detection.recipe import DetectionRecipe
-from lsdm_aug.data.nnunet_format import read_case, write_case, write_dataset_json
+from lsdm_aug.data.nnunet_format import case_paths, read_case, write_case, write_dataset_json
 from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig, free_site
 from lsdm_aug.data.phantom_slab import PhantomSlab, draw_slab
 from lsdm_aug.data.prepared import atomic_write_text
@@ -52,7 +53,7 @@ def real_slices(recipe: DetectionRecipe, split: str) -> list[RealSlice]:
         return [(case_id, slab.hu, slab.nodule_mask[recipe.neighbour_slices], slab.spacing_mm,
                  [float(n["malignancy"]) for n in slab.nodules], case_id.split("_")[1])
                 for case_id, slab in real_slabs(recipe, split)]
-    phantom = _phantom(recipe)
+    phantom = _phantom(recipe.image_size, recipe.slices_per_patient, recipe.nodule_free_fraction)
     out = []
     for patient, position, case_id in _case_ids(recipe, split):
         ct = phantom.slice(patient * recipe.slices_per_patient + position, seed=recipe.data_seed)
@@ -63,18 +64,29 @@ def real_slices(recipe: DetectionRecipe, split: str) -> list[RealSlice]:
 
 def real_slabs(recipe: DetectionRecipe, split: str) -> list[tuple[str, PhantomSlab]]:
     """(case id, phantom slab) of the real train or test cases of a 2.5D recipe (``neighbour_slices`` > 0): the
-    slabs whose middle slices :func:`real_slices` gives, with every slice's nodule and lung masks."""
+    slabs whose middle slices :func:`real_slices` gives, with every slice's nodule and lung masks. The training
+    slabs are drawn once per process (the real set, copy-paste and both LSDM arms all start from them); callers
+    must not change them in place."""
     if not recipe.neighbour_slices:
         raise ValueError("real_slabs needs a 2.5D recipe (neighbour_slices > 0)")
-    phantom = _phantom(recipe)
-    return [(case_id, draw_slab(phantom, patient * recipe.slices_per_patient + position, recipe.data_seed,
-                                recipe.channels, recipe.slice_thickness_mm))
-            for patient, position, case_id in _case_ids(recipe, split)]
+    key = (recipe.image_size, recipe.slices_per_patient, recipe.nodule_free_fraction, recipe.data_seed,
+           recipe.channels, recipe.slice_thickness_mm, tuple(_case_ids(recipe, split)))
+    return list(_training_slabs(key) if split == "train" else _draw_slabs(key))
 
 
-def _phantom(recipe: DetectionRecipe) -> ChestPhantom:
-    return ChestPhantom(PhantomConfig(size=recipe.image_size, slices_per_patient=recipe.slices_per_patient,
-                                      nodule_free_fraction=recipe.nodule_free_fraction))
+def _draw_slabs(key: tuple) -> tuple[tuple[str, PhantomSlab], ...]:
+    size, slices_per_patient, nodule_free_fraction, seed, channels, thickness, cases = key
+    phantom = _phantom(size, slices_per_patient, nodule_free_fraction)
+    return tuple((case_id, draw_slab(phantom, patient * slices_per_patient + position, seed, channels, thickness))
+                 for patient, position, case_id in cases)
+
+
+_training_slabs = functools.lru_cache(maxsize=1)(_draw_slabs)
+
+
+def _phantom(size: int, slices_per_patient: int, nodule_free_fraction: float) -> ChestPhantom:
+    return ChestPhantom(PhantomConfig(size=size, slices_per_patient=slices_per_patient,
+                                      nodule_free_fraction=nodule_free_fraction))
 
 
 def _case_ids(recipe: DetectionRecipe, split: str) -> list[tuple[int, int, str]]:
@@ -182,7 +194,7 @@ def synthetic_slabs(recipe: DetectionRecipe, slabs: list[tuple[str, PhantomSlab]
         synthesizer = NoduleSynthesizer(malignancy=made % 5 + 1, steps=recipe.synthetic_steps, model=recipe.model,
                                         guidance_scale=0.0 if unguided else recipe.guidance_scale,
                                         cfg_scale=0.0 if unguided else recipe.cfg_scale, device=recipe.device)
-        volume, label, lung = (np.moveaxis(a, 0, -1) for a in (slab.hu, slab.nodule_mask > 0, slab.lung_mask))
+        volume, label, lung = _as_volume(slab)
         params = synthesizer.draw(volume, label, rng, _voxel(slab), lung_mask=lung, centre_slice=middle)
         if params.skipped:
             continue
@@ -193,11 +205,15 @@ def synthetic_slabs(recipe: DetectionRecipe, slabs: list[tuple[str, PhantomSlab]
 def insert_into_slab(slab: PhantomSlab, drawn: dict) -> tuple[np.ndarray, np.ndarray, dict]:
     """(slab HU (k, H, W), middle slice's label, the synthesizer's record) after the insertion drawn by
     :func:`synthetic_slabs`."""
-    volume, label, lung = (np.moveaxis(a, 0, -1) for a in (slab.hu, slab.nodule_mask > 0, slab.lung_mask))
-    out, new_label, info = drawn["synthesizer"].apply(volume, label.astype(np.uint8), drawn["params"], _voxel(slab),
-                                                       lung_mask=lung)
+    volume, label, lung = _as_volume(slab)
+    out, new_label, info = drawn["synthesizer"].apply(volume, label, drawn["params"], _voxel(slab), lung_mask=lung)
     middle = slab.hu.shape[0] // 2
     return np.moveaxis(out, -1, 0), (new_label[..., middle] > 0).astype(np.uint8), info
+
+
+def _as_volume(slab: PhantomSlab) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The slab as the synthesizer's (H, W, k) volume: HU, nodule label (uint8) and lung fields."""
+    return tuple(np.moveaxis(a, 0, -1) for a in (slab.hu, (slab.nodule_mask > 0).astype(np.uint8), slab.lung_mask))
 
 
 def _voxel(slab: PhantomSlab) -> tuple[float, float, float]:
@@ -207,8 +223,6 @@ def _voxel(slab: PhantomSlab) -> tuple[float, float, float]:
 def _write_synthetic_slabs(recipe: DetectionRecipe, target: Path, unguided: bool) -> int:
     """The LSDM slabs of :func:`synthetic_slabs` written into ``target`` with their manifest; cases already
     written are kept (the draws are replayed, so a rerun continues with the same cases)."""
-    from lsdm_aug.data.nnunet_format import case_paths
-
     manifest = target / "manifest.csv"
     done = pd.read_csv(manifest).set_index("case_id", drop=False) if manifest.is_file() else pd.DataFrame()
     rows = []
