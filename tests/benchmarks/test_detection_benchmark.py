@@ -329,6 +329,10 @@ def test_every_arm_trains_predicts_and_is_scored_then_a_rerun_skips_them(tmp_pat
     assert "| chance (random candidates) |" in markdown and "Paired CPM differences" in markdown
     assert "min per (arm, seed) run" in markdown and f"for the {len(ARMS)} runs timed" in markdown
     assert (tmp_path / "report" / "froc.png").is_file() and (tmp_path / "report" / "scarce_curve.png").is_file()
+    diagnosis = report["diagnosis"]  # each arm's added nodules against the test ones
+    assert set(diagnosis) == {"test", "real", "real+synthetic", "real+synthetic-unguided", "real+copy-paste"}
+    assert diagnosis["real+synthetic"]["count"] == 3 and diagnosis["test"]["count"] == int((lesions.lesion > 0).sum())
+    assert "| LSDM cases | 3 |" in markdown and "Verdict: LSDM cases" in markdown
 
 
 @pytest.mark.slow

@@ -27,7 +27,9 @@ Detection is measured at lesion level from the predicted foreground probabilitie
 of each slice (0: connected components above ``threshold``); FROC and CPM at the LUNA16 rates (false
 positives per slice), sensitivity per malignancy level at ``threshold`` and at the FROC operating point of
 ``operating_fps``, false positives per slice at ``threshold``, and Dice; paired CPM differences against real
-only and against copy-paste with a patient bootstrap 95 % interval (:mod:`.scoring`).
+only and against copy-paste with a patient bootstrap 95 % interval (:mod:`.scoring`). Then
+:mod:`.diagnosis` measures each arm's added nodules against the held-out real ones (appearance classifier
+AUC, size, pleura distance, vessel contact), so that the report can say why LSDM did or did not beat copy-paste.
 
 Example:
     >>> recipe = load_detection_recipe("bench-detection-phantom")

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from lsdm_aug.benchmarks.detection import data, runs, scoring
+from lsdm_aug.benchmarks.detection import data, diagnosis, runs, scoring
 from lsdm_aug.benchmarks.detection.recipe import DetectionRecipe
 from lsdm_aug.benchmarks.detection.report import detection_markdown, save_curve_png, save_froc_png
 from lsdm_aug.data.prepared import atomic_write_text
@@ -89,6 +89,12 @@ def _comparisons(recipe: DetectionRecipe, arms: dict[str, Any], patients: list[s
     return out
 
 
+def _diagnosis(recipe: DetectionRecipe, work: Path) -> dict[str, Any]:
+    """The real training nodules and each synthetic or copy-paste arm's added ones against the test nodules."""
+    arms = ["real", *(arm for arm in recipe.arms if arm in diagnosis.ADDED_CASES)]
+    return diagnosis.diagnose(work, {arm: data.dataset_name(recipe, arm) for arm in arms}, recipe.data_seed)
+
+
 def _chance(recipe: DetectionRecipe, test: Path) -> dict[str, Any]:
     chance = [scoring.evaluate(test, seed, recipe.threshold, recipe.candidates_per_slice, recipe.operating_fps)[0]
               for seed in recipe.seeds]
@@ -132,6 +138,7 @@ def run_detection(recipe: DetectionRecipe, work_dir: str | Path, out_dir: str | 
         "arms": {arm: {k: v for k, v in result.items() if k != "detections"} for arm, result in arms.items()},
         "comparisons": _comparisons(recipe, arms, patients), "chance": _chance(recipe, work / "test"),
         "test_patients": len(set(patients))}
+    report["diagnosis"] = _diagnosis(recipe, work)
     if recipe.curve_train_patients:
         report["curve"] = _curve(recipe, work, arms)
     report |= {"data_minutes": data_minutes, "wall_minutes": (time.perf_counter() - started) / 60}
