@@ -72,7 +72,8 @@ class GuidanceSetting:
 DEFAULT_SETTINGS = (GuidanceSetting("none", 0.0, 0.0), GuidanceSetting("classifier s=1", 1.0, 0.0),
                     GuidanceSetting("classifier s=2", 2.0, 0.0), GuidanceSetting("classifier s=4", 4.0, 0.0),
                     GuidanceSetting("cfg w=1", 0.0, 1.0), GuidanceSetting("cfg w=2", 0.0, 2.0),
-                    GuidanceSetting("cfg w=4", 0.0, 4.0), GuidanceSetting("both s=1 w=2", 1.0, 2.0))
+                    GuidanceSetting("cfg w=4", 0.0, 4.0), GuidanceSetting("both s=1 w=2", 1.0, 2.0),
+                    GuidanceSetting("both s=1 w=1", 1.0, 1.0))  # appended: earlier settings keep their section
 
 
 @dataclass
@@ -446,7 +447,7 @@ class Parts:
 
     def __init__(self, out: Path, settings: QualitySettings, model_id: str, autoencoder_id: str | None = None) -> None:
         self.folder = out / f"parts-{_key([asdict(settings), model_id])}"
-        model_free = {k: v for k, v in asdict(settings).items() if k != "model"}
+        model_free = {k: v for k, v in asdict(settings).items() if k not in ("model", "settings")}  # nor guidance
         self.evaluator_folder = out / f"evaluators-{_key(model_free)}"
         self.autoencoder_folder = (out / f"autoencoder-{_key([model_free, autoencoder_id])}" if autoencoder_id
                                    else self.folder)
