@@ -262,7 +262,8 @@ def detection_markdown(report: dict[str, Any]) -> str:
     """The report's Markdown (``detection.md``)."""
     lines = ["# Downstream detection with nnU-Net v2", "", *_setup_lines(report), "", *_headline_lines(report),
              "", "FROC per arm (mean ± std over seeds): `froc.png`.", *_malignancy_lines(report),
-             *_comparison_lines(report), *_diagnosis_lines(report), *_curve_lines(report), *_profile_lines(report), *_time_lines(report)]
+             *_comparison_lines(report), *_diagnosis_lines(report), *_curve_lines(report), *_profile_lines(report),
+             *_time_lines(report)]
     return "\n".join(lines) + "\n"
 
 
