@@ -94,3 +94,26 @@ def test_diagnose_measures_every_set_against_the_test_nodules_and_the_report_giv
     assert "| LSDM cases | 12 |" in text and "| copy-paste (real, moved) | 12 |" in text
     assert "Verdict: LSDM cases did not beat copy-paste (the difference is not resolved): CPM difference -0.040" in text
     assert "a classifier tells LSDM nodules from real ones with AUC" in text
+
+
+def test_an_added_case_counts_only_the_nodules_it_added_to_its_background(tmp_path):
+    rng = np.random.default_rng(3)
+    test, raw = tmp_path / "test", tmp_path / "raw"
+    for k in range(6):
+        write_case(test, f"test_p{k:05d}_s0", *_real_like(rng)[:2], (0.7, 0.7))
+    backgrounds = []
+    for k in range(6):  # real training slices, each with its own (dim) nodule
+        hu, label, _ = _lung_slice(rng, -50, 5, centre=(30, 30))
+        write_case(raw / "Dataset900_real", f"train_p{k:05d}_s0", hu, label, (0.7, 0.7))
+        backgrounds.append((hu, label))
+    for k, (hu, label) in enumerate(backgrounds):  # each LSDM case: a background plus one bright nodule
+        hu, label = hu.copy(), label.copy()
+        rows, cols = np.ogrid[:96, :96]
+        disc = (rows - 65) ** 2 + (cols - 65) ** 2 <= 25
+        hu[disc], label[disc] = 400.0, 1
+        write_case(raw / "Dataset901_realsynthetic", f"lsdm_{k:05d}", hu, label, (0.7, 0.7))
+    result = diagnose(tmp_path, {"real": "Dataset900_real", "real+synthetic": "Dataset901_realsynthetic"})
+    assert result["real+synthetic"]["count"] == 6  # not 12: the backgrounds' own nodules are not the arm's
+    assert result["real+synthetic"]["mean_hu"][0] > 300  # every counted nodule is an added bright one
+    with pytest.raises(ValueError, match="needs the real training set"):
+        diagnose(tmp_path, {"real+synthetic": "Dataset901_realsynthetic"})
