@@ -20,6 +20,9 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "FEATURES",
+    "RATING_LEVELS",
+    "CONDITIONING_FEATURES",
     "AutoencoderConfig",
     "DiffusionConfig",
     "ClassifierConfig",
@@ -33,7 +36,12 @@ __all__ = [
 ]
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-FEATURES = ("malignancy", "lobulation", "spiculation", "texture")
+FEATURES = ("malignancy", "lobulation", "spiculation", "texture")  # the guided features (one classifier each)
+#: Every feature a request may name, with its LIDC rating scale 1..n: the four guided ones and calcification
+#: (1 popcorn, 2 laminated, 3 solid, 4 non-central, 5 central, 6 absent), which only a U-Net conditioned on it
+#: steers (classifier-free guidance).
+RATING_LEVELS = {"malignancy": 5, "lobulation": 5, "spiculation": 5, "texture": 5, "calcification": 6}
+CONDITIONING_FEATURES = tuple(RATING_LEVELS)
 
 
 class RecipeError(ValueError):
@@ -71,7 +79,9 @@ class DiffusionConfig:
 
     ``spade: false`` builds the LDM baseline instead: MONAI's plain ``DiffusionModelUNet``, conditioned
     only by the encoded map concatenated to the noisy latent. ``feature_conditioning`` adds the nodule
-    feature vector (see :class:`lsdm_aug.models.unet.FeatureEmbedding`), for classifier-free guidance.
+    feature vector (see :class:`lsdm_aug.models.unet.FeatureEmbedding`), for classifier-free guidance;
+    ``conditioned_features`` names its features, in the order of the embedding's tables (a U-Net saved before the
+    key existed is conditioned on the four guided ones).
     """
 
     channels: tuple[int, ...] = (32, 64, 64)
@@ -86,8 +96,13 @@ class DiffusionConfig:
     beta_end: float = 0.0195
     spade: bool = True
     feature_conditioning: bool = False
+    conditioned_features: tuple[str, ...] = FEATURES
 
     def validate(self) -> None:
+        unknown = [f for f in self.conditioned_features if f not in CONDITIONING_FEATURES]
+        if unknown or len(set(self.conditioned_features)) != len(self.conditioned_features):
+            raise RecipeError(f"diffusion.conditioned_features must be distinct names among {CONDITIONING_FEATURES}, "
+                              f"got {list(self.conditioned_features)}")
         if self.feature_conditioning and not self.spade:
             raise RecipeError("diffusion.feature_conditioning needs the SPADE U-Net (spade: true)")
         if len(self.attention_levels) != len(self.channels):

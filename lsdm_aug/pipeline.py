@@ -24,15 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from lsdm_aug.config import FEATURES, Recipe, recipe_from_dict
+from lsdm_aug.config import CONDITIONING_FEATURES, FEATURES, RATING_LEVELS, Recipe, recipe_from_dict
 from lsdm_aug.data.semantic import SemanticLabel, malignancy_label
 from lsdm_aug.editing import EditWindow, ModelGrid, SpacingError, check_spacing, plan_window
 from lsdm_aug.editing.window import SAME_SPACING_TOLERANCE
 from lsdm_aug.models.autoencoder import build_autoencoder, encode_mean
 from lsdm_aug.models.checkpoint import CheckpointError, load_weights, read_config, resolve_model_dir, weights_digest
 from lsdm_aug.models.classifiers import build_classifier
-from lsdm_aug.models.unet import (SemanticCondition, build_unet, feature_levels, is_feature_conditioned,
-                                  semantic_onehot, semantic_to_unit)
+from lsdm_aug.models.unet import (SemanticCondition, build_unet, conditioned_features, feature_levels,
+                                  is_feature_conditioned, semantic_onehot, semantic_to_unit)
 from lsdm_aug.sampling.guidance import ClassifierGuidance, LatentBox, latent_nodule_mask
 from lsdm_aug.sampling.sampler import KnownRegion, random_normal, sample_latents
 from lsdm_aug.sampling.schedulers import build_scheduler
@@ -49,13 +49,15 @@ NODULE_LABELS = (SemanticLabel.NODULE_BENIGN, SemanticLabel.NODULE_INDETERMINATE
 
 
 def validate_features(features: Mapping[str, float] | None) -> dict[str, float]:
-    """Check requested feature values: names among the four features, values in 1..5."""
+    """Check requested feature values: names among :data:`~lsdm_aug.config.CONDITIONING_FEATURES`, values on
+    their LIDC rating scale (1..5; calcification 1..6, 6 = absent)."""
     features = dict(features or {})
     for name, value in features.items():
-        if name not in FEATURES:
-            raise ValueError(f"feature must be one of {FEATURES}, got {name!r}")
-        if not isinstance(value, (int, float, np.integer, np.floating)) or not 1 <= float(value) <= 5:
-            raise ValueError(f"{name} must be in 1..5, got {value!r}")
+        if name not in CONDITIONING_FEATURES:
+            raise ValueError(f"feature must be one of {CONDITIONING_FEATURES}, got {name!r}")
+        top = RATING_LEVELS[name]
+        if not isinstance(value, (int, float, np.integer, np.floating)) or not 1 <= float(value) <= top:
+            raise ValueError(f"{name} must be in 1..{top}, got {value!r}")
     return {k: float(v) for k, v in features.items()}
 
 
@@ -186,8 +188,10 @@ class LSDMPipeline:
                   ) -> SemanticCondition:
         """The U-Net's condition for (B, 1, H, W) integer maps, with one requested feature dict per map."""
         levels = None
-        if features is not None and is_feature_conditioned(self.unet):
-            levels = torch.cat([feature_levels(item) for item in features]).to(self.device)
+        names = conditioned_features(self.unet)
+        if features is not None and names:
+            levels = torch.cat([feature_levels({k: v for k, v in item.items() if k in names}, names=names)
+                                for item in features]).to(self.device)
         return SemanticCondition(self.encode(semantic_to_unit(semantic_maps)), semantic_onehot(semantic_maps), levels)
 
     @property
@@ -207,12 +211,13 @@ class LSDMPipeline:
         if guidance_scale == 0 and cfg_scale == 0:
             return
         requested = sorted({name for item in features for name in item})
+        conditioned = conditioned_features(self.unet)
         lost = [name for name in requested if not ((guidance_scale > 0 and name in self.classifiers)
-                                                   or (cfg_scale > 0 and self.feature_conditioned))]
+                                                   or (cfg_scale > 0 and name in conditioned))]
         if lost:
             raise ValueError(f"model {self.model_id} cannot steer {lost} at guidance_scale {guidance_scale:g} and "
                              f"cfg_scale {cfg_scale:g} (classifiers: {sorted(self.classifiers) or 'none'}; feature "
-                             f"conditioning: {'yes' if self.feature_conditioned else 'no'}); drop them or set both "
+                             f"conditioning: {list(conditioned) or 'none'}); drop them or set both "
                              "scales to 0 for an unguided sample")
 
     def _cfg_scale(self, cfg_scale: float | None, features: Sequence[Mapping[str, float]]) -> float:

@@ -345,3 +345,27 @@ def test_features_nothing_can_steer_are_refused(pipe, cases):
     without.generate(semantic_map, {"texture": 1}, spacing_mm=pipe.spacing_mm, steps=STEPS, cfg_scale=2.0)
     without.generate(semantic_map, {"texture": 1}, spacing_mm=pipe.spacing_mm, steps=STEPS, guidance_scale=0.0,
                      cfg_scale=0.0)
+
+
+def test_calcification_is_steered_by_a_unet_conditioned_on_it_and_refused_by_others(pipe, cases):
+    import dataclasses
+
+    from lsdm_aug.models.unet import build_unet, conditioned_features
+
+    semantic_map = cases["nodule"]["semantic_map"]
+    assert "calcification" in conditioned_features(pipe.unet)
+    absent = pipe.generate(semantic_map, {"malignancy": 2, "calcification": 6}, spacing_mm=pipe.spacing_mm,
+                           steps=STEPS, seed=0, cfg_scale=1.0)
+    popcorn = pipe.generate(semantic_map, {"malignancy": 2, "calcification": 1}, spacing_mm=pipe.spacing_mm,
+                            steps=STEPS, seed=0, cfg_scale=1.0)
+    assert absent.shape == popcorn.shape
+    with pytest.raises(ValueError, match=r"cannot steer \['calcification'\] at guidance_scale 1 and cfg_scale 0"):
+        pipe.generate(semantic_map, {"calcification": 6}, spacing_mm=pipe.spacing_mm, steps=STEPS, cfg_scale=0.0)
+    with pytest.raises(ValueError, match="calcification must be in 1..6, got 7"):
+        pipe.generate(semantic_map, {"calcification": 7}, spacing_mm=pipe.spacing_mm, steps=STEPS)
+    four = build_unet(dataclasses.replace(pipe.recipe.diffusion, conditioned_features=FEATURES), 3)
+    older = LSDMPipeline(pipe.recipe, pipe.autoencoder, four, pipe.classifiers, pipe.scale_factor, "cpu",
+                         spacing_mm=pipe.spacing_mm)
+    with pytest.raises(ValueError, match=r"cannot steer \['calcification'\].*feature conditioning: \['malignancy'"):
+        older.generate(semantic_map, {"calcification": 6}, spacing_mm=pipe.spacing_mm, steps=STEPS, cfg_scale=1.0)
+    older.generate(semantic_map, {"malignancy": 4}, spacing_mm=pipe.spacing_mm, steps=STEPS, cfg_scale=1.0)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lsdm_aug.config import FEATURES
+from lsdm_aug.config import CONDITIONING_FEATURES
 
 __all__ = ["NoduleBank", "BankEntry", "BANK_FORMAT", "BANK_VERSION"]
 
@@ -51,7 +51,7 @@ class BankEntry:
     @property
     def features(self) -> dict[str, float]:
         """The feature values the nodule was generated with."""
-        return {n: float(self.row[f"{n}_asked"]) for n in FEATURES if pd.notna(self.row.get(f"{n}_asked"))}
+        return {n: float(self.row[f"{n}_asked"]) for n in CONDITIONING_FEATURES if pd.notna(self.row.get(f"{n}_asked"))}
 
 
 class NoduleBank:

@@ -21,6 +21,8 @@ def build(
     lobulation: Level = "",
     spiculation: Level = "",
     texture: Level = "",
+    calcification: Annotated[str, typer.Option(help="LIDC calcification 1..6 (6 absent) or a range; steered by "
+                                                    "classifier-free guidance (models conditioned on it).")] = "",
     balance: Annotated[str, typer.Option(help="Comma-separated features whose levels get equal counts "
                                               "(default: malignancy when no feature is given).")] = "",
     guidance_scale: Annotated[float, typer.Option(help="Classifier guidance scale s (>= 0).")] = 1.0,
@@ -46,7 +48,8 @@ def build(
 
     with user_errors():
         request = build_request(count, {"malignancy": malignancy, "lobulation": lobulation, "spiculation": spiculation,
-                                        "texture": texture}, balance, size=size, seed=seed,
+                                        "texture": texture, "calcification": calcification}, balance,
+                                size=size, seed=seed,
                                 guidance_scale=guidance_scale, steps=steps, model=model, cfg_scale=cfg_scale,
                                 source=None if source is None else str(source))
         bank = build_bank(out, request, device or None, batch_size=batch_size, progress=True)

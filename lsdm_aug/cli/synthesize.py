@@ -30,6 +30,8 @@ def synthesize(
     lobulation: Level = "",
     spiculation: Level = "",
     texture: Level = "",
+    calcification: Annotated[str, typer.Option(help="LIDC calcification 1..6 (6 absent) or a range; steered by "
+                                                    "classifier-free guidance (models conditioned on it).")] = "",
     balance: Annotated[str, typer.Option(help="Comma-separated features whose levels get equal counts, "
                                               "e.g. malignancy,texture (default: malignancy when no feature is given).")] = "",
     guidance_scale: Annotated[float, typer.Option(help="Classifier guidance scale s (>= 0).")] = 1.0,
@@ -64,7 +66,8 @@ def synthesize(
 
     with user_errors():
         request = build_request(count, {"malignancy": malignancy, "lobulation": lobulation, "spiculation": spiculation,
-                                        "texture": texture}, balance, size=size, seed=seed,
+                                        "texture": texture, "calcification": calcification}, balance,
+                                size=size, seed=seed,
                                 guidance_scale=guidance_scale, steps=steps, nodules_per_slice=nodules_per_slice,
                                 model=model, cfg_scale=cfg_scale, source=None if source is None else str(source))
         manifest = run(out, request, device or None, progress=True, batch_size=batch_size, ray_address=ray or None,

@@ -7,7 +7,8 @@
   the thesis prescribes). :class:`MaxPoolSPADE` is swapped in for MONAI's ``SPADE`` after the net is
   built; it adds no parameters, so checkpoints stay MONAI-compatible.
 * optionally (``feature_conditioning``, for classifier-free guidance, thesis section 8.2) the nodule's
-  feature vector (malignancy, lobulation, spiculation, texture; each 1..5 or 0 = "not given"), through
+  feature vector (``conditioned_features``: malignancy, lobulation, spiculation, texture, each 1..5, and
+  calcification 1..6 in the native default; 0 = "not given"), through
   MONAI's class-embedding path: the U-Net is built with ``num_class_embeds`` and its ``class_embedding``
   is a :class:`FeatureEmbedding`, whose output MONAI adds to the time embedding of every block. An
   embedding added to the time embedding, not cross-attention: it reaches every resolution (cross-attention
@@ -36,13 +37,13 @@ import torch.nn.functional as F
 from monai.networks.blocks.spade_norm import SPADE
 from monai.networks.nets import DiffusionModelUNet, SPADEDiffusionModelUNet
 
-from lsdm_aug.config import DiffusionConfig
+from lsdm_aug.config import CONDITIONING_FEATURES, FEATURES, RATING_LEVELS, DiffusionConfig
 from lsdm_aug.data.semantic import NUM_LABELS
 
 __all__ = ["MaxPoolSPADE", "FeatureEmbedding", "build_unet", "semantic_onehot", "semantic_to_unit",
-           "SemanticCondition", "predict_noise", "is_feature_conditioned", "feature_levels", "NULL_LEVEL", "CONDITIONING_FEATURES"]
+           "SemanticCondition", "predict_noise", "is_feature_conditioned", "feature_levels", "conditioned_features", "NULL_LEVEL",
+           "CONDITIONING_FEATURES"]
 
-CONDITIONING_FEATURES = ("malignancy", "lobulation", "spiculation", "texture")
 NULL_LEVEL = 0  # "not given": the learned null token of each feature
 
 
@@ -84,57 +85,76 @@ class MaxPoolSPADE(SPADE):
 class FeatureEmbedding(torch.nn.Module):
     """The nodule feature vector as one embedding added to the U-Net's time embedding.
 
-    Each feature has its own table of 6 rows: row 0 is its learned null token ("not given"), rows 1..5 the
-    rating levels; the embeddings of the features are summed. Zero-initialised, so a U-Net that gains it
-    starts out computing exactly what it computed without it.
+    Each feature has its own table: row 0 its learned null token ("not given"), rows 1..n its rating levels
+    (n = :data:`~lsdm_aug.config.RATING_LEVELS`: 5, calcification 6); the features' embeddings are summed. The
+    tables lie one after the other in ``weight``, in the order of ``features``, so a feature appended to a trained
+    net's list adds rows at the end (a warm start keeps the trained rows). Zero-initialised, so a U-Net that gains
+    it starts out computing exactly what it computed without it.
 
     Args:
-        num_features: features in the vector (4: malignancy, lobulation, spiculation, texture).
+        features: the features of the vector, in order (names of :data:`~lsdm_aug.config.CONDITIONING_FEATURES`).
         dim: the U-Net's time-embedding width.
 
     Example:
-        >>> embedding = FeatureEmbedding(4, 8)
-        >>> embedding(torch.tensor([[5, 0, 0, 1]])).shape
-        torch.Size([1, 8])
+        >>> embedding = FeatureEmbedding(("malignancy", "lobulation", "spiculation", "texture", "calcification"), 8)
+        >>> embedding(torch.tensor([[5, 0, 0, 1, 6]])).shape, tuple(embedding.weight.shape)
+        (torch.Size([1, 8]), (31, 8))
     """
 
-    levels = 6
-
-    def __init__(self, num_features: int, dim: int) -> None:
+    def __init__(self, features: tuple[str, ...], dim: int) -> None:
         super().__init__()
-        self.num_features = num_features
-        self.weight = torch.nn.Parameter(torch.zeros(num_features * self.levels, dim))
+        unknown = [f for f in features if f not in RATING_LEVELS]
+        if unknown:
+            raise ValueError(f"unknown features {unknown}; allowed: {list(CONDITIONING_FEATURES)}")
+        self.features = tuple(features)
+        self.num_features = len(self.features)
+        self.register_buffer("_levels", torch.tensor([RATING_LEVELS[f] for f in self.features]), persistent=False)
+        rows = torch.tensor([RATING_LEVELS[f] + 1 for f in self.features])
+        self.register_buffer("_offsets", torch.cumsum(rows, 0) - rows, persistent=False)
+        self.weight = torch.nn.Parameter(torch.zeros(int(rows.sum()), dim))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.ndim != 2 or features.shape[1] != self.num_features:
-            raise ValueError(f"features must be (batch, {self.num_features}) levels 0..5, got {tuple(features.shape)}")
-        if features.numel() and (features.min() < 0 or features.max() >= self.levels):
-            raise ValueError(f"feature levels must be 0 (not given) or 1..5, got {features.min()}..{features.max()}")
-        offsets = torch.arange(self.num_features, device=features.device) * self.levels
-        return F.embedding(features.long() + offsets, self.weight).sum(1)
+            raise ValueError(f"features must be (batch, {self.num_features}) levels of {list(self.features)}, "
+                             f"got {tuple(features.shape)}")
+        features = features.long()
+        if features.numel() and ((features < 0) | (features > self._levels)).any():
+            raise ValueError(f"feature levels must be 0 (not given) or 1..{dict(zip(self.features, self._levels.tolist()))}"
+                             f", got {features.min()}..{features.max()}")
+        return F.embedding(features + self._offsets, self.weight).sum(1)
 
 
-def feature_levels(features: dict[str, float] | None, count: int = 1) -> torch.Tensor:
-    """(count, 4) long levels of a feature dict (ratings rounded half up; absent -> 0, "not given").
+def feature_levels(features: dict[str, float] | None, count: int = 1,
+                   names: tuple[str, ...] = FEATURES) -> torch.Tensor:
+    """(count, len(names)) long levels of a feature dict for the features ``names`` (ratings rounded half up;
+    absent -> 0, "not given").
 
     Example:
         >>> feature_levels({"malignancy": 4.5, "texture": 1})
         tensor([[5, 0, 0, 1]])
+        >>> feature_levels({"calcification": 6}, names=("malignancy", "calcification"))
+        tensor([[0, 6]])
     """
     features = features or {}
-    unknown = sorted(set(features) - set(CONDITIONING_FEATURES))
+    unknown = sorted(set(features) - set(names))
     if unknown:
-        raise ValueError(f"unknown features {unknown}; allowed: {list(CONDITIONING_FEATURES)}")
+        raise ValueError(f"unknown features {unknown}; allowed: {list(names)}")
     row = []
-    for name in CONDITIONING_FEATURES:
+    for name in names:
         value = features.get(name)
         if value is None:
             row.append(NULL_LEVEL)
             continue
-        if not 1 <= float(value) <= 5:
-            raise ValueError(f"{name} must be in 1..5, got {value!r}")
+        if not 1 <= float(value) <= RATING_LEVELS[name]:
+            raise ValueError(f"{name} must be in 1..{RATING_LEVELS[name]}, got {value!r}")
         row.append(int(math.floor(float(value) + 0.5)))
     return torch.tensor([row] * count, dtype=torch.long)
+
+
+def conditioned_features(unet: torch.nn.Module) -> tuple[str, ...]:
+    """The features a U-Net takes (empty for one without feature conditioning)."""
+    embedding = getattr(getattr(unet, "module", unet), "class_embedding", None)
+    return embedding.features if isinstance(embedding, FeatureEmbedding) else ()
 
 
 def build_unet(config: DiffusionConfig, latent_channels: int) -> SPADEDiffusionModelUNet | DiffusionModelUNet:
@@ -153,9 +173,10 @@ def build_unet(config: DiffusionConfig, latent_channels: int) -> SPADEDiffusionM
         channels=tuple(config.channels), attention_levels=tuple(config.attention_levels),
         num_res_blocks=(config.num_res_blocks,) * levels, norm_num_groups=config.norm_num_groups,
         num_head_channels=config.num_head_channels, spade_intermediate_channels=config.spade_intermediate_channels,
-        num_class_embeds=FeatureEmbedding.levels if config.feature_conditioning else None)
+        num_class_embeds=1 if config.feature_conditioning else None)  # MONAI's path; the table is replaced
     if config.feature_conditioning:
-        unet.class_embedding = FeatureEmbedding(len(CONDITIONING_FEATURES), unet.class_embedding.embedding_dim)
+        unet.class_embedding = FeatureEmbedding(tuple(config.conditioned_features),
+                                                unet.class_embedding.embedding_dim)
     for module in unet.modules():
         if type(module) is SPADE:
             module.__class__ = MaxPoolSPADE
@@ -203,17 +224,23 @@ class SemanticCondition:
         """The same maps with other feature levels (``None``: not given)."""
         return SemanticCondition(self.latent, self.onehot, features)
 
-    def levels(self) -> torch.Tensor:
-        """(B, 4) feature levels, zeros (not given) where there are none."""
+    def levels(self, width: int | None = None) -> torch.Tensor:
+        """(B, F) feature levels; zeros (not given) of ``width`` features where there are none."""
         if self.features is None:
-            return torch.zeros(len(self.latent), len(CONDITIONING_FEATURES), dtype=torch.long, device=self.latent.device)
+            if width is None:
+                raise ValueError("a condition without features needs the width of the feature vector")
+            return torch.zeros(len(self.latent), width, dtype=torch.long, device=self.latent.device)
         return self.features.to(self.latent.device)
 
     @staticmethod
     def cat(conditions: list[SemanticCondition]) -> SemanticCondition:
         """Conditions stacked along the batch (the two passes of classifier-free guidance in one call)."""
+        widths = {c.features.shape[1] for c in conditions if c.features is not None}
+        if len(widths) > 1:
+            raise ValueError(f"conditions with feature vectors of different widths {sorted(widths)}")
+        features = None if not widths else torch.cat([c.levels(next(iter(widths))) for c in conditions])
         return SemanticCondition(torch.cat([c.latent for c in conditions]), torch.cat([c.onehot for c in conditions]),
-                                 torch.cat([c.levels() for c in conditions]))
+                                 features)
 
 
 def predict_noise(unet: torch.nn.Module, noisy_latent: torch.Tensor, timesteps: torch.Tensor,
@@ -225,7 +252,8 @@ def predict_noise(unet: torch.nn.Module, noisy_latent: torch.Tensor, timesteps: 
     if isinstance(network, DiffusionModelUNet):
         return unet(inputs, timesteps)
     if is_feature_conditioned(network):
-        return unet(inputs, timesteps, seg=condition.onehot, class_labels=condition.levels())
+        width = network.class_embedding.num_features
+        return unet(inputs, timesteps, seg=condition.onehot, class_labels=condition.levels(width))
     return unet(inputs, timesteps, seg=condition.onehot)
 
 

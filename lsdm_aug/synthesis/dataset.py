@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lsdm_aug.config import FEATURES
+from lsdm_aug.config import CONDITIONING_FEATURES, RATING_LEVELS
 from lsdm_aug.data.lidc import RATING_NAMES
 from lsdm_aug.data.nnunet_format import case_paths, read_case, write_case, write_dataset_json
 from lsdm_aug.data.phantom import SUPPORTED_SIZES, ChestPhantom, PhantomConfig
@@ -42,19 +42,21 @@ STATE_DIR = ".lsdm-aug"
 
 
 def parse_level_option(name: str, text: str | None) -> int | tuple[int, int] | None:
-    """A CLI feature option: "4", "3-5" or "3..5" (None when omitted)."""
+    """A CLI feature option: "4", "3-5" or "3..5" (None when omitted); levels 1..5, calcification 1..6."""
     if text is None or text == "":
         return None
+    top = RATING_LEVELS.get(name, 5)
     parts = text.replace("..", "-").split("-")
     try:
         values = [int(p) for p in parts]
     except ValueError:
-        raise ValueError(f"--{name} must be a level 1..5 or a range like 3-5, got {text!r}") from None
+        raise ValueError(f"--{name} must be a level 1..{top} or a range like 3-5, got {text!r}") from None
     value: Any = values[0] if len(values) == 1 else tuple(values)
     try:
         return parse_feature(name, value)
     except ValueError:
-        raise ValueError(f"--{name} must be a level 1..5 or a range like 3-5 within 1..5, got {text!r}") from None
+        raise ValueError(f"--{name} must be a level 1..{top} or a range like 3-5 within 1..{top}, "
+                         f"got {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,8 @@ class SynthesisRequest:
 
     Args:
         count: number of cases, > 0.
-        features: feature -> a level 1..5, a (low, high) range (spread evenly), or absent.
-        balance: features whose levels (1..5, or their range) get equal counts; with no feature
+        features: feature -> a level 1..5 (calcification 1..6), a (low, high) range (spread evenly), or absent.
+        balance: features whose levels (1..5 or 1..6, or their range) get equal counts; with no feature
             given at all, malignancy is balanced over 1..5.
         size: phantom slice size (64, 128, 256, 512).
         seed: master seed.
@@ -97,8 +99,8 @@ class SynthesisRequest:
         if self.nodules_per_slice < 1:
             raise ValueError(f"nodules per slice must be >= 1, got {self.nodules_per_slice!r}")
         for name in [*self.features, *self.balance]:
-            if name not in FEATURES:
-                raise ValueError(f"feature must be one of {FEATURES}, got {name!r}")
+            if name not in CONDITIONING_FEATURES:
+                raise ValueError(f"feature must be one of {CONDITIONING_FEATURES}, got {name!r}")
         for name, value in self.features.items():
             parse_feature(name, value)
 
@@ -112,7 +114,7 @@ class SynthesisRequest:
             value = self.features.get(name)
             if isinstance(value, int):
                 raise ValueError(f"--balance {name} needs a range or nothing, but {name} is fixed at {value}")
-            low, high = value if isinstance(value, tuple) else (1, 5)
+            low, high = value if isinstance(value, tuple) else (1, RATING_LEVELS[name])
             levels[name] = list(range(low, high + 1))
         return levels
 
@@ -226,7 +228,7 @@ MAX_BACKGROUND_ATTEMPTS = 8
 
 def _new_case(request: SynthesisRequest, index: int, device: str | None) -> _CaseState:
     features = case_features(request, index)
-    spec = {name: int(features[name]) if name in features else None for name in FEATURES}
+    spec = {name: int(features[name]) if name in features else None for name in CONDITIONING_FEATURES}
     synthesizer = NoduleSynthesizer(mode="insert", **spec, guidance_scale=request.guidance_scale, steps=request.steps,
                                     label_value=1, device=device, model=request.model, cfg_scale=request.cfg_scale)
     return _CaseState(index, features, synthesizer)
@@ -280,7 +282,7 @@ def _row(request: SynthesisRequest, index: int, features: dict, placed: list[dic
     table = usable_nodule_table().set_index("nodule_id")
     first = placed[0]
     source = table.loc[first["nodule_id"]]
-    row = {"case_id": _case_id(index), **{f"{name}_asked": features.get(name) for name in FEATURES},
+    row = {"case_id": _case_id(index), **{f"{name}_asked": features.get(name) for name in CONDITIONING_FEATURES},
            "source_nodule_id": first["nodule_id"],
            **{f"source_{name}": float(source[name]) for name in RATING_NAMES},
            "source_diameter_mm": float(source.diameter_mm), "centre_row": first["centre"][0],

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lsdm_aug.config import Recipe
+from lsdm_aug.config import FEATURES, Recipe
 from lsdm_aug.models.autoencoder import build_autoencoder, encode_mean
 from lsdm_aug.models.checkpoint import load_training_state, load_weights, save_training_state, save_weights
 from lsdm_aug.data.prepared import PreparedDataset
 from lsdm_aug.data.semantic import SemanticLabel
-from lsdm_aug.models.unet import (CONDITIONING_FEATURES, SemanticCondition, build_unet, feature_levels,
+from lsdm_aug.models.unet import (SemanticCondition, build_unet, feature_levels,
                                   is_feature_conditioned, predict_noise, semantic_onehot, semantic_to_unit)
 from lsdm_aug.progress import make_progress
 from lsdm_aug.sampling.schedulers import training_scheduler
@@ -100,8 +100,8 @@ class LatentCrops:
     Args:
         data: whole-slice latents, encoded maps and maps of one split.
         nodule_masks: (N, H, W) uint8, k inside the slice's k-th nodule.
-        nodule_levels: per slice, a (n_nodules, 4) long tensor of feature levels 1..5 (see
-            :func:`~lsdm_aug.models.unet.feature_levels`).
+        nodule_levels: per slice, a (n_nodules, F) long tensor of feature levels (see
+            :func:`~lsdm_aug.models.unet.feature_levels`), F the same for every slice.
         crop_latent_px: window side in latent pixels (whole slices when it is not smaller than the latent).
         factor: the autoencoder's downsampling.
         nodule_share: share of windows placed around a nodule (on slices that have one).
@@ -118,7 +118,11 @@ class LatentCrops:
         if len(nodule_masks) != len(data) or len(nodule_levels) != len(data):
             raise ValueError(f"{len(data)} latents but {len(nodule_masks)} nodule masks and {len(nodule_levels)} "
                              "feature rows")
+        widths = {int(levels.shape[1]) for levels in nodule_levels}
+        if len(widths) > 1:
+            raise ValueError(f"every slice's feature rows must have one width, got {sorted(widths)}")
         self.data, self.masks, self.levels = data, nodule_masks, nodule_levels
+        self.width = widths.pop() if widths else 0
         self.size = min(crop_latent_px, *data.latents.shape[-2:])
         self.factor, self.nodule_share = factor, nodule_share
         self.centres = [self._centres(mask, len(levels)) for mask, levels in zip(nodule_masks, nodule_levels)]
@@ -154,7 +158,7 @@ class LatentCrops:
         window = self.masks[index, rows, cols].long().flatten()
         counts = torch.bincount(window, minlength=len(self.levels[index]) + 1)[1:]
         if not len(counts) or counts.max() == 0:
-            return torch.zeros(len(CONDITIONING_FEATURES), dtype=torch.long)
+            return torch.zeros(self.width, dtype=torch.long)
         return self.levels[index][int(counts.argmax())]
 
     def draw(self, count: int, generator: torch.Generator, device: torch.device | None = None
@@ -214,8 +218,10 @@ def nodule_weighted_mse(prediction: torch.Tensor, noise: torch.Tensor, onehot: t
 
 
 def load_latent_crops(data_dir: str | Path, split: str, autoencoder: torch.nn.Module, scale: float,
-                      crop_latent_px: int, factor: int, nodule_share: float, limit: int | None = None) -> LatentCrops:
-    """Encode one split of a prepared dataset and wrap it as :class:`LatentCrops`."""
+                      crop_latent_px: int, factor: int, nodule_share: float, limit: int | None = None,
+                      features: tuple[str, ...] = FEATURES) -> LatentCrops:
+    """Encode one split of a prepared dataset and wrap it as :class:`LatentCrops`, with the nodules' levels of
+    ``features`` (columns of its ``features.csv``)."""
     arrays = load_split_arrays(data_dir, split, ("image", "semantic_map", "nodule_mask"), limit=limit)
     dataset = PreparedDataset(data_dir, split=split)
     case_ids = dataset.case_ids()[:len(arrays["image"])]
@@ -224,9 +230,9 @@ def load_latent_crops(data_dir: str | Path, split: str, autoencoder: torch.nn.Mo
     for case in case_ids:
         rows = by_case.get(case)
         if rows is None or rows.empty:
-            levels.append(torch.zeros(0, len(CONDITIONING_FEATURES), dtype=torch.long))
+            levels.append(torch.zeros(0, len(features), dtype=torch.long))
         else:
-            levels.append(torch.cat([feature_levels({f: float(r[f]) for f in CONDITIONING_FEATURES})
+            levels.append(torch.cat([feature_levels({f: float(r[f]) for f in features}, names=features)
                                      for _, r in rows.iterrows()]))
     data = LatentData.encode(arrays, autoencoder, scale)
     return LatentCrops(data, torch.from_numpy(arrays["nodule_mask"]), levels, crop_latent_px, factor, nodule_share)
@@ -278,10 +284,11 @@ def train_diffusion(recipe: Recipe, data_dir: str | Path, model_dir: str | Path,
     autoencoder, scale = load_autoencoder(model_dir, recipe, context.device)
     factor = recipe.autoencoder.downsampling
     crop_latent = (settings.crop_px or recipe.image_size) // factor
+    features = tuple(recipe.diffusion.conditioned_features)
     train = load_latent_crops(data_dir, "train", autoencoder, scale, crop_latent, factor, settings.nodule_share,
-                              limit=settings.max_train_slices or None)
+                              limit=settings.max_train_slices or None, features=features)
     validation = load_latent_crops(data_dir, "validation", autoencoder, scale, crop_latent, factor,
-                                   settings.nodule_share, limit=max_validation)
+                                   settings.nodule_share, limit=max_validation, features=features)
     torch.manual_seed(seed)
     unet = build_unet(recipe.diffusion, recipe.autoencoder.latent_channels).to(context.device)
     optimizer = torch.optim.AdamW(parameter_groups(unet, settings.learning_rate, settings.feature_lr_scale))

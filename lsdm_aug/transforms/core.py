@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from lsdm_aug.bank.placement import bank_outline, place_patch, shrink_to_area
-from lsdm_aug.config import FEATURES
+from lsdm_aug.config import CONDITIONING_FEATURES, RATING_LEVELS
 from lsdm_aug.data.lidc import NoduleMaskBank, load_nodule_table, resample_mask
 from lsdm_aug.data.phantom import free_site
 from lsdm_aug.data.prepared import hu_to_unit, unit_to_hu
@@ -45,16 +45,18 @@ INTENSITIES = ("hu", "normalized")
 
 
 def parse_feature(name: str, value: Any) -> int | tuple[int, int] | str | None:
-    """Check one feature argument: an int 1..5, a (low, high) range in 1..5, "balanced", "dataset" or None."""
+    """Check one feature argument: an int on the feature's rating scale (1..5; calcification 1..6), a (low, high)
+    range within it, "balanced", "dataset" or None."""
+    top = RATING_LEVELS[name]
     if value is None or value in SAMPLINGS:
         return value
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 1 <= value <= 5:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 1 <= value <= top:
         return int(value)
     if isinstance(value, (tuple, list)) and len(value) == 2 and all(
-            isinstance(v, (int, np.integer)) and 1 <= v <= 5 for v in value) and value[0] <= value[1]:
+            isinstance(v, (int, np.integer)) and 1 <= v <= top for v in value) and value[0] <= value[1]:
         return int(value[0]), int(value[1])
-    raise ValueError(f"{name} must be an int 1..5, a (low, high) range within 1..5, 'balanced' or 'dataset'; "
-                     f"got {value!r}")
+    raise ValueError(f"{name} must be an int 1..{top}, a (low, high) range within 1..{top}, 'balanced' or "
+                     f"'dataset'; got {value!r}")
 
 
 @functools.cache
@@ -108,6 +110,8 @@ class NoduleSynthesizer:
         mode: "insert", "replace" or "remove".
         malignancy, lobulation, spiculation, texture: each an int 1..5, a (low, high) range,
             "balanced" (uniform over 1..5) or "dataset" (as in LIDC); None leaves it unrequested.
+        calcification: the same on LIDC's scale 1..6 (1 popcorn, 2 laminated, 3 solid, 4 non-central, 5 central,
+            6 absent); steered by classifier-free guidance where the model is conditioned on it.
         size_mm: diameter of inserted nodules (a LIDC outline rescaled), or None for the outline's own size.
         location: None for a random site inside the lung, or (row, col[, slice]) in pixels.
         guidance_scale: classifier guidance scale s.
@@ -127,7 +131,7 @@ class NoduleSynthesizer:
                  location: Sequence[int] | None = None, guidance_scale: float = 1.0, steps: int = 25,
                  label_value: int = 1, intensity: str = "hu", hu_mean: float = 0.0, hu_std: float = 1.0,
                  device: str | None = None, model: str = "default", bank: str | None = None,
-                 cfg_scale: float | None = None) -> None:
+                 cfg_scale: float | None = None, calcification: Any = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if intensity not in INTENSITIES:
@@ -146,7 +150,7 @@ class NoduleSynthesizer:
             raise ValueError(f"hu_std must be > 0, got {hu_std!r}")
         self.mode, self.size_mm, self.location = mode, size_mm, None if location is None else tuple(location)
         self.features = {name: parse_feature(name, value) for name, value in
-                         zip(FEATURES, (malignancy, lobulation, spiculation, texture))}
+                         zip(CONDITIONING_FEATURES, (malignancy, lobulation, spiculation, texture, calcification))}
         self.guidance_scale, self.steps, self.label_value = float(guidance_scale), int(steps), int(label_value)
         self.cfg_scale = None if cfg_scale is None else float(cfg_scale)
         self.intensity, self.hu_mean, self.hu_std = intensity, float(hu_mean), float(hu_std)
@@ -177,9 +181,9 @@ class NoduleSynthesizer:
             elif isinstance(spec, tuple):
                 drawn[name] = float(rng.randint(spec[0], spec[1] + 1))
             elif spec == "balanced":
-                drawn[name] = float(rng.randint(1, 6))
+                drawn[name] = float(rng.randint(1, RATING_LEVELS[name] + 1))
             else:  # "dataset": the ratings of a random LIDC nodule
-                drawn[name] = float(np.clip(np.floor(source[name] + 0.5), 1, 5))
+                drawn[name] = float(np.clip(np.floor(source[name] + 0.5), 1, RATING_LEVELS[name]))
         return drawn
 
     def _draw_outline(self, rng: np.random.RandomState, features: dict[str, float]) -> tuple[str, float]:

@@ -51,7 +51,7 @@ class NoduleSynth(RandomizableTransform):
         prob: probability of acting.
         spacing_mm: pixel spacing; read from a MetaTensor's affine when ``None``.
         All other arguments: see :class:`~lsdm_aug.transforms.core.NoduleSynthesizer` (``mode``,
-        ``malignancy``, ``lobulation``, ``spiculation``, ``texture``, ``size_mm``, ``location``,
+        ``malignancy``, ``lobulation``, ``spiculation``, ``texture``, ``calcification``, ``size_mm``, ``location``,
         ``guidance_scale``, ``cfg_scale``, ``steps``, ``label_value``, ``intensity``, ``hu_mean``, ``hu_std``,
         ``device``, ``model``).
 

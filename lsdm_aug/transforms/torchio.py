@@ -115,7 +115,7 @@ class RandomNoduleSynth(RandomTransform):
         image_name, label_name: the subject's CT image and its label map (None: no label; a name the subject
             lacks is an error). TorchIO's ``include`` / ``exclude`` choose whether the image is edited.
         mode, malignancy, lobulation, spiculation, texture, size_mm, location, guidance_scale, steps,
-            label_value, intensity, hu_mean, hu_std, device, model, bank, cfg_scale: as
+            label_value, intensity, hu_mean, hu_std, device, model, bank, cfg_scale, calcification: as
             :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`.
         **kwargs: TorchIO's ``Transform`` arguments (``p``, ``copy``, ...).
 
@@ -128,12 +128,12 @@ class RandomNoduleSynth(RandomTransform):
                  size_mm: float | None = None, location: tuple[int, ...] | None = None, guidance_scale: float = 1.0,
                  steps: int = 25, label_value: int = 1, intensity: str = "hu", hu_mean: float = 0.0,
                  hu_std: float = 1.0, device: str | None = None, model: str = "default", bank: str | None = None,
-                 cfg_scale: float | None = None, **kwargs: Any) -> None:
+                 cfg_scale: float | None = None, calcification: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.image_name, self.label_name = image_name, label_name
         self.synthesizer = NoduleSynthesizer(mode, malignancy, lobulation, spiculation, texture, size_mm, location,
                                              guidance_scale, steps, label_value, intensity, hu_mean, hu_std, device, model,
-                                             bank, cfg_scale=cfg_scale)
+                                             bank, cfg_scale=cfg_scale, calcification=calcification)
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         selected = _arrays(subject, self.image_name, self.label_name, self)

@@ -22,7 +22,9 @@ def unet(perturbed_unet):
 def condition():
     generator = torch.Generator().manual_seed(3)
     labels = torch.randint(0, 8, (2, 1, 32, 32), generator=generator)
-    levels = torch.cat([feature_levels({"malignancy": 5, "texture": 1}), feature_levels({"malignancy": 1})])
+    names = load_recipe("phantom-smoke").diffusion.conditioned_features  # the smoke U-Net's features
+    levels = torch.cat([feature_levels({"malignancy": 5, "texture": 1}, names=names),
+                        feature_levels({"malignancy": 1}, names=names)])
     return SemanticCondition(torch.randn(SHAPE, generator=generator), semantic_onehot(labels), levels)
 
 
@@ -49,7 +51,7 @@ def test_the_batched_passes_combine_as_null_plus_w_times_the_difference(unet, co
 
 def test_without_given_features_every_scale_is_the_plain_prediction(unet, condition):
     latent, t = _inputs()
-    nothing = condition.with_features(torch.zeros(2, 4, dtype=torch.long))
+    nothing = condition.with_features(torch.zeros_like(condition.features))
     plain = predict_noise(unet, latent, t, nothing)
     for w in (0.0, 1.0, 3.0):
         assert torch.equal(guided_noise(unet, latent, t, nothing, w), plain)

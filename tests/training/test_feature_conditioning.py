@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lsdm_aug.config import DiffusionConfig, RecipeError, recipe_from_dict
+from lsdm_aug.config import CONDITIONING_FEATURES, FEATURES, DiffusionConfig, RecipeError, recipe_from_dict
 from lsdm_aug.models.checkpoint import load_weights
 from lsdm_aug.models.unet import (FeatureEmbedding, SemanticCondition, build_unet, feature_levels,
                                   is_feature_conditioned, predict_noise, semantic_onehot)
@@ -34,11 +34,56 @@ def test_feature_levels_round_half_up_and_mark_absent_features_as_not_given():
 
 
 def test_feature_embedding_checks_its_input():
-    embedding = FeatureEmbedding(4, 8)
+    embedding = FeatureEmbedding(FEATURES, 8)
+    assert tuple(embedding.weight.shape) == (24, 8)  # the layout of U-Nets saved before calcification
     with pytest.raises(ValueError, match=r"\(batch, 4\)"):
         embedding(torch.zeros(2, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="0 \\(not given\\) or 1..5"):
+    with pytest.raises(ValueError, match="0 \\(not given\\) or 1.."):
         embedding(torch.tensor([[6, 0, 0, 0]]))
+    with pytest.raises(ValueError, match="unknown features \\['calcified'\\]"):
+        FeatureEmbedding(("malignancy", "calcified"), 8)
+
+
+def test_calcification_has_six_levels_and_its_own_table():
+    embedding = FeatureEmbedding(CONDITIONING_FEATURES, 4)
+    assert CONDITIONING_FEATURES[-1] == "calcification" and tuple(embedding.weight.shape) == (31, 4)
+    with torch.no_grad():
+        embedding.weight.copy_(torch.arange(31.0)[:, None].repeat(1, 4))
+    # rows: malignancy 0..5, lobulation 6..11, spiculation 12..17, texture 18..23, calcification 24..30
+    assert embedding(torch.tensor([[0, 0, 0, 0, 6]]))[0, 0].item() == 0 + 6 + 12 + 18 + 30
+    with pytest.raises(ValueError, match="1.."):
+        embedding(torch.tensor([[6, 0, 0, 0, 0]]))  # malignancy has five levels
+    assert feature_levels({"calcification": 6, "texture": 5}, names=CONDITIONING_FEATURES).tolist() == [[0, 0, 0, 5, 6]]
+    with pytest.raises(ValueError, match="calcification must be in 1..6, got 7"):
+        feature_levels({"calcification": 7}, names=CONDITIONING_FEATURES)
+    with pytest.raises(ValueError, match="unknown features \\['calcification'\\]"):
+        feature_levels({"calcification": 6})  # not among the four guided features
+
+
+def test_a_warm_start_keeps_the_trained_tables_when_calcification_is_appended(tmp_path):
+    from lsdm_aug.models.checkpoint import save_weights
+
+    torch.manual_seed(0)
+    source = build_unet(DiffusionConfig(**TINY, feature_conditioning=True), latent_channels=3).eval()
+    for parameter in source.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    save_weights(tmp_path / UNET_FILE, source, {"component": "unet"})
+    target = build_unet(DiffusionConfig(**TINY, feature_conditioning=True, conditioned_features=CONDITIONING_FEATURES),
+                        latent_channels=3).eval()
+    assert initialise_from(target, str(tmp_path), UNET_FILE) == []
+    weight = target.class_embedding.weight.detach()
+    assert torch.equal(weight[:24], source.class_embedding.weight.detach()) and not weight[24:].any()
+    four = feature_levels({"malignancy": 5, "texture": 1}, count=2)
+    five = torch.cat([four, torch.zeros(2, 1, dtype=torch.long)], 1)  # calcification not given: its null row 0
+    latent, t, condition = torch.randn(2, 3, 8, 8), torch.tensor([10, 900]), _condition(2)
+    assert torch.allclose(predict_noise(target, latent, t, condition.with_features(five)),
+                          predict_noise(source, latent, t, condition.with_features(four)))
+
+
+def test_conditioned_features_must_be_known_and_distinct():
+    for bad in (["malignancy", "calcified"], ["texture", "texture"]):
+        with pytest.raises(RecipeError, match="diffusion.conditioned_features"):
+            recipe_from_dict({"diffusion": {"feature_conditioning": True, "conditioned_features": bad}})
 
 
 def test_features_change_the_noise_prediction_and_not_given_is_the_null_token():

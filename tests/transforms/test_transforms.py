@@ -194,8 +194,8 @@ def test_torchio_subjects_loader_keeps_subjects_and_caches_flat(slice_hu, smoke_
     affine = np.diag([spacing, spacing, 1.0, 1.0])
     subjects = [tio.Subject(image=tio.ScalarImage(tensor=torch.from_numpy(hu)[None, ..., None].float(), affine=affine),
                             label=tio.LabelMap(tensor=torch.zeros(1, 64, 64, 1), affine=affine)) for _ in range(2)]
-    transform = tio.Compose([tio.RandomFlip(axes=(0,)), RandomNoduleSynth(malignancy=(4, 5), model=str(smoke_models),
-                                                                          steps=2)])
+    transform = tio.Compose([tio.RandomFlip(axes=(0,), flip_probability=1.0),
+                             RandomNoduleSynth(malignancy=(4, 5), model=str(smoke_models), steps=2)])
     loader = tio.SubjectsLoader(tio.SubjectsDataset(subjects, transform=transform), batch_size=2, num_workers=0)
     load_pipeline.cache_clear()  # earlier tests in this process loaded other models
     torch.manual_seed(0)
