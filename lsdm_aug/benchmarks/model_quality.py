@@ -48,6 +48,7 @@ from lsdm_aug.data.semantic import SemanticLabel, semantic_map_from_hu
 from lsdm_aug.metrics.evaluator import NoduleEvaluator, nodule_crops
 from lsdm_aug.metrics.features import frechet_distance
 from lsdm_aug.models.checkpoint import module_digest
+from lsdm_aug.models.unet import conditioned_features
 from lsdm_aug.pipeline import LSDMPipeline
 from lsdm_aug.progress import track_progress
 from lsdm_aug.sampling.schedulers import build_scheduler
@@ -57,7 +58,7 @@ from lsdm_aug.transforms.core import choose_outline, nodule_outline, usable_nodu
 __all__ = ["QualitySettings", "run_model_quality", "quality_markdown", "GuidanceSetting", "guidance_grid"]
 
 SATURATED_HU = 400.0
-CALCIFIED = 6  # LIDC calcification 6 = absent
+NOT_CALCIFIED = 6  # LIDC calcification 6 = absent
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,8 @@ def feature_sensitivity(pipe: LSDMPipeline, test: PreparedDataset, count: int = 
                 step = torch.tensor([t], device=latent.device)
                 noisy = scheduler.add_noise(latent, noise, step)
                 eps = {name: predict_noise(pipe.unet, noisy, step, condition.with_features(
-                    None if levels is None else feature_levels(levels).to(latent.device)))
+                    None if levels is None else feature_levels(levels, names=conditioned_features(pipe.unet))
+                    .to(latent.device)))
                     for name, levels in (("null", None), ("low", {"texture": 1}), ("high", {"texture": 5}))}
                 base = float(eps["null"].norm())
                 ratios[t]["texture 5 - texture 1"].append(float((eps["high"] - eps["low"]).norm()) / base)
@@ -228,7 +230,7 @@ class Inserted:
     crops: np.ndarray
     mean_hu: np.ndarray
     p90_hu: np.ndarray
-    calcified: np.ndarray
+    non_calcified: np.ndarray  # the outline's source nodule is not calcified (LIDC calcification 6)
     seconds: float = 0.0
 
 
@@ -239,12 +241,20 @@ def _outline(nodule_id: str, spacing_mm: float) -> np.ndarray:
 
 def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests: list[dict[str, float]],
                     setting: GuidanceSetting, steps: int, seed: int, crop_px: int, crop_spacing_mm: float,
-                    outline_features: list[dict[str, float]] | None = None) -> Inserted:
+                    outline_features: list[dict[str, float]] | None = None,
+                    non_calcified_only: bool = False) -> Inserted:
     """Insert one nodule per request into the backgrounds in turn (the outline chosen by the request's shape
-    features, or by ``outline_features``); crops resampled to ``crop_spacing_mm`` for the evaluators."""
+    features, or by ``outline_features``; among non-calcified LIDC nodules only with ``non_calcified_only``);
+    crops resampled to ``crop_spacing_mm`` for the evaluators. Under classifier-free guidance, a U-Net conditioned
+    on calcification is also asked the calcification of the outline's source nodule (a request as that real
+    nodule would make it), unless the request gives one."""
     table = usable_nodule_table()
+    if non_calcified_only:
+        table = table[np.floor(table.calcification + 0.5) == NOT_CALCIFIED]
+    calcification = table.set_index("nodule_id").calcification
+    tell = setting.cfg_scale > 0 and "calcification" in conditioned_features(pipe.unet)
     rng = np.random.RandomState(seed)
-    crops, mean_hu, p90_hu, calcified = [], [], [], []
+    crops, mean_hu, p90_hu, non_calcified = [], [], [], []
     started = time.perf_counter()
     for i, request in enumerate(requests):
         nodule_id, _ = choose_outline(table, (outline_features or requests)[i], None, rng)
@@ -256,6 +266,9 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
                 break
         if site is None:
             continue
+        source_level = float(np.floor(calcification[nodule_id] + 0.5))
+        if tell and "calcification" not in request:
+            request = {**request, "calcification": source_level}
         centre = (site[0] + outline.shape[0] / 2, site[1] + outline.shape[1] / 2)
         result = pipe.insert(background.image, background.semantic_map, outline, centre, request,
                              spacing_mm=background.spacing_mm, steps=steps, guidance_scale=setting.guidance_scale,
@@ -264,13 +277,13 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
         hu = unit_to_hu(result.image)
         mean_hu.append(float(hu[mask].mean()))
         p90_hu.append(float(np.percentile(hu[mask], 90)))
-        calcified.append(float(table.set_index("nodule_id").calcification[nodule_id]) != CALCIFIED)
+        non_calcified.append(source_level == NOT_CALCIFIED)
         rows, cols = np.nonzero(mask)
         zoom = background.spacing_mm / crop_spacing_mm
         image = ndimage.zoom(result.image, zoom, order=1) if abs(zoom - 1) > 0.02 else result.image
         crops.append(nodule_crops(image[None], [(rows.mean() * zoom, cols.mean() * zoom)], crop_px)[0])
     seconds = (time.perf_counter() - started) / max(len(requests), 1)
-    return Inserted(np.stack(crops), np.array(mean_hu), np.array(p90_hu), np.array(calcified, bool), seconds)
+    return Inserted(np.stack(crops), np.array(mean_hu), np.array(p90_hu), np.array(non_calcified, bool), seconds)
 
 
 def _auc(high: np.ndarray, low: np.ndarray) -> float:
@@ -306,8 +319,8 @@ def control_setting(pipe: LSDMPipeline, evaluators: dict[str, NoduleEvaluator], 
                                             crop_px, crop_spacing_mm)
         scores = {h: evaluators[feature].high_probability(r.crops) for h, r in results.items()}
         aucs[feature] = _auc(scores[True], scores[False])
-        both = np.concatenate([results[False].p90_hu[results[False].calcified],
-                               results[True].p90_hu[results[True].calcified]])
+        both = np.concatenate([results[False].p90_hu[results[False].non_calcified],
+                               results[True].p90_hu[results[True].non_calcified]])
         saturated.extend((both >= SATURATED_HU).tolist())
     shared = [{} for _ in range(settings.count)]  # outlines drawn without regard to malignancy
     malignant = insert_requests(pipe, backgrounds, [{"malignancy": 5.0}] * settings.count, setting, settings.steps,
@@ -386,7 +399,7 @@ def texture_fidelity(pipe: LSDMPipeline, backgrounds: list[Background], test: Pr
     the phantom's own test nodules of that level, and the share of saturated ones."""
     phantom = {}
     for row in test.features.itertuples():
-        if getattr(row, "calcification", CALCIFIED) != CALCIFIED:
+        if np.floor(getattr(row, "calcification", NOT_CALCIFIED) + 0.5) != NOT_CALCIFIED:
             continue
         case = test[row.case_id]
         mask = case["nodule_mask"] == row.nodule_index
@@ -396,8 +409,8 @@ def texture_fidelity(pipe: LSDMPipeline, backgrounds: list[Background], test: Pr
     levels, saturated = {}, []
     for level in range(1, 6):
         result = insert_requests(pipe, backgrounds, [{"texture": float(level)}] * count, setting, steps, seed + level,
-                                 pipe.recipe.classifiers.crop_px, crop_spacing_mm)
-        kept = result.calcified
+                                 pipe.recipe.classifiers.crop_px, crop_spacing_mm, non_calcified_only=True)
+        kept = result.non_calcified
         levels[str(level)] = {"inserted_mean_hu": float(result.mean_hu[kept].mean()) if kept.any() else None,
                               "phantom_mean_hu": float(np.mean(phantom[level])) if level in phantom else None,
                               "inserted": int(kept.sum()), "phantom_nodules": len(phantom.get(level, []))}

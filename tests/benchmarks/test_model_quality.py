@@ -76,3 +76,23 @@ def test_a_rerun_resumes_from_finished_sections(tmp_path, smoke_models, phantom_
     assert another_unet.evaluator_folder == here.evaluator_folder  # evaluators never see the model
     assert another_unet.autoencoder_folder == here.autoencoder_folder  # same autoencoder, same reconstruction gates
     assert model_quality.Parts(tmp_path / "q", settings, again["model"], "ae2").autoencoder_folder != here.autoencoder_folder
+
+
+def test_texture_fidelity_counts_every_request_on_non_calcified_outlines(smoke_models, phantom_dataset, monkeypatch):
+    from lsdm_aug.benchmarks import model_quality
+    from lsdm_aug.data.prepared import PreparedDataset
+    from lsdm_aug.pipeline import LSDMPipeline
+    from lsdm_aug.transforms.core import usable_nodule_table
+
+    pipe = LSDMPipeline.from_pretrained(str(smoke_models), device="cpu")
+    test = PreparedDataset(phantom_dataset, split="test")
+    backgrounds = model_quality.test_backgrounds(test, 2)
+    asked = []
+    insert = pipe.insert
+    monkeypatch.setattr(pipe, "insert", lambda *a, **k: asked.append((a[2], a[4])) or insert(*a, **k))
+    result = model_quality.texture_fidelity(pipe, backgrounds, test, count=3, steps=2, seed=0, crop_spacing_mm=2.8)
+    assert all(level["inserted"] == 3 for level in result["levels"].values())  # none left out
+    calcification = usable_nodule_table().set_index("nodule_id").calcification
+    # every outline came from a non-calcified nodule, and the U-Net (conditioned on calcification) was told so
+    assert len(asked) == 15 and all(request["calcification"] == 6.0 for _, request in asked)
+    assert (calcification.round() == 6).mean() < 0.95  # the database has calcified nodules to avoid
