@@ -20,6 +20,7 @@ import pandas as pd
 from lsdm_aug.data.lidc import load_nodule_table
 from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig, prepare_phantom, rating_histogram
 from lsdm_aug.data.semantic import lung_mask_from_hu
+from lsdm_aug.transforms.core import nodule_outline, usable_nodule_table
 
 RATINGS = ("malignancy", "texture", "calcification", "spiculation", "lobulation", "margin")
 
@@ -136,7 +137,24 @@ def markdown(report: dict) -> str:
               "| --- |" + " --- |" * len(v["radius_mm_share"]),
               "| share | " + " | ".join(f"{x:.2f}" for x in v["radius_mm_share"].values()) + " |", "",
               "![vessel close-ups](vessel_closeups.png)", ""]
+    if "outline_signal" in report:
+        lines += outline_signal_markdown(report["outline_signal"])
     return "\n".join(lines)
+
+
+def outline_signal_markdown(signal: dict) -> list[str]:
+    lines = ["## How much lobulation and spiculation the outlines carry", "",
+             f"ROC AUC (rating <= 2 vs >= 4) of shape descriptors of each LIDC consensus outline's centre layer at "
+             f"{signal['spacing_mm']:g} mm ({signal['nodules']} nodules): the ceiling of any judge that sees only the "
+             "outline, as the phantom renders it (the 50 % consensus of the readers' contours smooths their lobes and "
+             "spicules).", "",
+             "| rating | low / high | " + " | ".join(SHAPE_DESCRIPTORS) + " | all four (5-fold CV) |",
+             "| --- | --- |" + " --- |" * (len(SHAPE_DESCRIPTORS) + 1)]
+    for rating in ("lobulation", "spiculation"):
+        r = signal[rating]
+        lines.append(f"| {rating} | {r['low']} / {r['high']} | " + " | ".join(f"{r['single'][n]:.3f}" for n in
+                     SHAPE_DESCRIPTORS) + f" | {r['all_descriptors']:.3f} |")
+    return lines + [""]
 
 
 def vessel_statistics(count: int, seed: int) -> dict:
@@ -179,6 +197,61 @@ def vessel_closeups(path: Path, seed: int) -> None:
     plt.close(figure)
 
 
+SHAPE_DESCRIPTORS = ("solidity", "circularity", "eccentricity", "log_area")
+
+
+def outline_descriptors(mask: np.ndarray) -> dict[str, float]:
+    """Shape descriptors of one nodule outline (an (H, W) mask): solidity (area over convex area), circularity
+    (4 pi area / perimeter^2), eccentricity and log area in pixels.
+
+    Example:
+        >>> rows, cols = np.ogrid[:40, :40]
+        >>> disc = (rows - 20) ** 2 + (cols - 20) ** 2 <= 100
+        >>> round(outline_descriptors(disc)["solidity"], 2)
+        0.93
+    """
+    from skimage.measure import label, regionprops
+
+    region = max(regionprops(label(np.asarray(mask) > 0)), key=lambda r: r.area)
+    return {"solidity": float(region.solidity),
+            "circularity": float(4 * np.pi * region.area / max(region.perimeter, 1.0) ** 2),
+            "eccentricity": float(region.eccentricity), "log_area": float(np.log(region.area))}
+
+
+def outline_signal(table: pd.DataFrame, spacing_mm: float = 0.7, seed: int = 0) -> dict:
+    """How much lobulation and spiculation the LIDC consensus outlines carry, the ceiling of any judge that sees
+    only the outline: per rating, the ROC AUC (<= 2 vs >= 4) of each :data:`SHAPE_DESCRIPTORS` alone and of a
+    logistic regression on all of them (5-fold cross-validated), on each nodule's centre layer at ``spacing_mm``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rows = []
+    for nodule in table.itertuples():
+        layers = nodule_outline(nodule.nodule_id, (spacing_mm, spacing_mm), 2, None)
+        centre = layers[:, :, layers.shape[2] // 2]
+        if centre.sum() >= 10:
+            rows.append({"lobulation": nodule.lobulation, "spiculation": nodule.spiculation,
+                         **outline_descriptors(centre)})
+    shapes = pd.DataFrame(rows)
+    out = {"spacing_mm": spacing_mm, "nodules": len(shapes)}
+    for rating in ("lobulation", "spiculation"):
+        chosen = shapes[(shapes[rating] <= 2) | (shapes[rating] >= 4)]
+        high = (chosen[rating] >= 4).to_numpy()
+        single = {}
+        for name in SHAPE_DESCRIPTORS:
+            auc = roc_auc_score(high, chosen[name])
+            single[name] = float(max(auc, 1 - auc))
+        model = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced"))
+        predicted = cross_val_predict(model, chosen[list(SHAPE_DESCRIPTORS)].to_numpy(), high, method="predict_proba",
+                                      cv=StratifiedKFold(5, shuffle=True, random_state=seed))[:, 1]
+        out[rating] = {"low": int((~high).sum()), "high": int(high.sum()), "single": single,
+                       "all_descriptors": float(roc_auc_score(high, predicted))}
+    return out
+
+
 def run_data_layer(out: str | Path, seed: int = 0) -> dict:
     """Measure the data layer and write its report into ``out``."""
     out = Path(out)
@@ -186,7 +259,8 @@ def run_data_layer(out: str | Path, seed: int = 0) -> dict:
     report = {"lung_dice": lung_dice({64: 200, 128: 200, 256: 100, 512: 20}, seed),
               "speed": speed(1000, seed),
               "ratings": rating_distributions(3000, seed),
-              "vessels": vessel_statistics(50, seed)}
+              "vessels": vessel_statistics(50, seed),
+              "outline_signal": outline_signal(usable_nodule_table(), seed=seed)}
     nodule_gallery(out / "nodule_gallery.png", seed)
     vessel_closeups(out / "vessel_closeups.png", seed)
     (out / "data_layer.json").write_text(json.dumps(report, indent=1))
