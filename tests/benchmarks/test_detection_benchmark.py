@@ -253,6 +253,15 @@ def test_the_report_has_its_tables_and_plots(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_report_says_whether_the_real_only_baseline_learns_and_which_model_made_the_lsdm_arms(tmp_path):
+    report = _fake_report(tmp_path) | {"lsdm_model": "phantom-512@1500/4000#71ddc4cc"}
+    markdown = detection_markdown(report)  # real only at CPM 0.5 with sensitivity 0.4: met
+    assert "Baseline check: real only reaches CPM 0.500 and sensitivity 0.400" in markdown and ": met." in markdown
+    assert "(model `default` = phantom-512@1500/4000#71ddc4cc," in markdown
+    report["arms"]["real"]["summary"]["cpm"]["mean"] = 0.39
+    assert "CPM 0.390" in detection_markdown(report) and "not met, so the arms" in detection_markdown(report)
+
+
 def test_copy_paste_moves_real_nodule_pixels_into_lung(tmp_path):
     from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig
 

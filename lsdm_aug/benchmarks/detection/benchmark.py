@@ -46,7 +46,18 @@ def _prepare(recipe: DetectionRecipe, work: Path, arms: tuple[str, ...]) -> None
     for name in sorted(names):
         runs.write_reduced_configuration(replace(recipe, batch_size=recipe.batch_size or planned), work, name,
                                          plans[name])
-    atomic_write_text(work / "planned.json", json.dumps({"planned_batch_size": planned}))
+    record = work / "planned.json"
+    earlier = json.loads(record.read_text()) if record.is_file() else {}
+    atomic_write_text(record, json.dumps({"planned_batch_size": planned,
+                                          "lsdm_model": earlier.get("lsdm_model") or _model_id(recipe)}))
+
+
+def _model_id(recipe: DetectionRecipe) -> str:
+    """The id (name, steps, weights digest) of the model the LSDM arms are made with, when the work folder's data
+    is first made: a later default model does not relabel data an earlier one made."""
+    from lsdm_aug.pipeline import LSDMPipeline
+
+    return LSDMPipeline.from_pretrained(recipe.model, device="cpu").model_id
 
 
 def train_arms(recipe: DetectionRecipe, work: Path, arms: tuple[str, ...]) -> dict[str, Any]:
@@ -134,7 +145,8 @@ def run_detection(recipe: DetectionRecipe, work_dir: str | Path, out_dir: str | 
     patients = lesions.drop_duplicates("case_id").sort_values("case_id").patient_id.astype(str).tolist()
     report: dict[str, Any] = {
         "recipe": asdict(recipe), "cpu_count": os.cpu_count(), "profile": profile,
-        "planned_batch_size": json.loads((work / "planned.json").read_text())["planned_batch_size"],
+        **{k: v for k, v in json.loads((work / "planned.json").read_text()).items()
+           if k in ("planned_batch_size", "lsdm_model")},
         "arms": {arm: {k: v for k, v in result.items() if k != "detections"} for arm, result in arms.items()},
         "comparisons": _comparisons(recipe, arms, patients), "chance": _chance(recipe, work / "test"),
         "test_patients": len(set(patients))}

@@ -80,7 +80,8 @@ def _setup_lines(report: dict[str, Any]) -> list[str]:
             f"Real data: {'phantom' if r['prepared'] is None else r['prepared']}, {r['train_patients']} training "
             f"patients and {report.get('test_patients', r['test_patients'])} held-out test patients x "
             f"{r['slices_per_patient']} slices ({r['nodule_free_fraction']:.0%} drawn nodule-free), {r['image_size']} px "
-            f"at the patients' own pixel spacing. Synthetic arms: {r['synthetic_count']} cases (model `{r['model']}`, "
+            f"at the patients' own pixel spacing. Synthetic arms: {r['synthetic_count']} cases (model `{r['model']}`"
+            f"{' = ' + report['lsdm_model'] if report.get('lsdm_model') else ''}, "
             f"malignancy balanced, on the real training slices as backgrounds). {_slab_words(r)}nnU-Net 2D, configuration "
             f"`{CONFIGURATION}` = nnU-Net's 2d plan reduced to {patch} (stages as nnU-Net's planner gives that patch), "
             f"features per stage {r['features_per_stage'] or 'as planned'} and batch size {batch} in every arm; CT "
@@ -111,6 +112,22 @@ def _headline_lines(report: dict[str, Any]) -> list[str]:
         cells += [_spread(s["sensitivity_at"][x], 2) for x in rates]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
+
+
+BASELINE_CPM = 0.5  # a real-only detector below this learns too little for the benchmark to judge synthetic data
+
+
+def _baseline_lines(report: dict[str, Any]) -> list[str]:
+    """Whether the real-only arm learns enough for the comparison to mean something: CPM >= ``BASELINE_CPM`` and
+    some lesion found at the threshold."""
+    real = report["arms"].get("real")
+    if real is None:
+        return []
+    cpm, sensitivity = real["summary"]["cpm"]["mean"], real["summary"]["sensitivity"]["mean"]
+    met = cpm >= BASELINE_CPM and sensitivity > 0
+    return ["", f"Baseline check: real only reaches CPM {cpm:.3f} and sensitivity {sensitivity:.3f} at p >= "
+                f"{report['recipe']['threshold']:g} (needed: CPM >= {BASELINE_CPM} and a lesion found at the "
+                f"threshold): {'met' if met else 'not met, so the arms are compared on a detector that learns little'}."]
 
 
 def _malignancy_lines(report: dict[str, Any]) -> list[str]:
@@ -261,7 +278,8 @@ def _time_lines(report: dict[str, Any]) -> list[str]:
 def detection_markdown(report: dict[str, Any]) -> str:
     """The report's Markdown (``detection.md``)."""
     lines = ["# Downstream detection with nnU-Net v2", "", *_setup_lines(report), "", *_headline_lines(report),
-             "", "FROC per arm (mean ± std over seeds): `froc.png`.", *_malignancy_lines(report),
+             *_baseline_lines(report), "", "FROC per arm (mean ± std over seeds): `froc.png`.",
+             *_malignancy_lines(report),
              *_comparison_lines(report), *_diagnosis_lines(report), *_curve_lines(report), *_profile_lines(report),
              *_time_lines(report)]
     return "\n".join(lines) + "\n"
