@@ -29,39 +29,59 @@ def _check(data: Path, out: Path) -> None:
         fail(f"--out {str(out)!r} is a file, not a folder")
 
 
-def _train(stage: str, recipe: str, data: Path, out: Path, device: str, seed: int) -> None:
-    """Run one stage's training function (imported here so that --help stays instant)."""
+Steps = Annotated[int | None, typer.Option(help="Training steps (> 0; default: the recipe's).")]
+InitFrom = Annotated[str | None, typer.Option(help="Warm start from this model folder or shipped model's weights of "
+                                                   "the stage (default: the recipe's init_from).")]
+
+
+def _train(stage: str, recipe: str, data: Path, out: Path, device: str, seed: int, steps: int | None = None,
+           init_from: str | None = None) -> None:
+    """Run one stage's training function (imported here so that --help stays instant), with ``steps`` and
+    ``init_from`` overriding the recipe's section of the stage."""
     _check(data, out)
+    if steps is not None and steps <= 0:
+        fail(f"--steps must be > 0, got {steps}")
     import importlib
 
     from lsdm_aug.config import load_recipe
+    from lsdm_aug.models.checkpoint import resolve_model_dir
 
     train = getattr(importlib.import_module(f"lsdm_aug.training.{stage}"), f"train_{stage}")
     with user_errors():
-        metrics = train(load_recipe(recipe), data, out, device or None, seed)
+        loaded = load_recipe(recipe)
+        section = getattr(loaded, f"train_{stage}")
+        if steps is not None:
+            section.steps = steps
+        if init_from is not None:
+            resolve_model_dir(init_from)  # a missing folder fails here, before the data is loaded
+            section.init_from = init_from
+        metrics = train(loaded, data, out, device or None, seed)
     if metrics:  # only the main process reports
         typer.echo(f"{stage} in {out}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
 
 @app.command("autoencoder")
-def autoencoder(recipe: Recipe, data: Data, out: Out, device: Device = "", seed: Seed = 0) -> None:
+def autoencoder(recipe: Recipe, data: Data, out: Out, device: Device = "", seed: Seed = 0, steps: Steps = None,
+                init_from: InitFrom = None) -> None:
     """Train the KL autoencoder (L1 + patch-adversarial + KL) on random crops, validated on whole slices."""
-    _train("autoencoder", recipe, data, out, device, seed)
+    _train("autoencoder", recipe, data, out, device, seed, steps, init_from)
 
 
 @app.command("diffusion")
-def diffusion(recipe: Recipe, data: Data, out: Out, device: Device = "", seed: Seed = 0) -> None:
+def diffusion(recipe: Recipe, data: Data, out: Out, device: Device = "", seed: Seed = 0, steps: Steps = None,
+              init_from: InitFrom = None) -> None:
     """Train the SPADE latent diffusion U-Net (needs the autoencoder in --out)."""
-    _train("diffusion", recipe, data, out, device, seed)
+    _train("diffusion", recipe, data, out, device, seed, steps, init_from)
 
 
 @app.command("classifiers")
-def classifiers(recipe: Recipe, data: Data, out: Out, device: Device = "", seed: Seed = 0) -> None:
+def classifiers(recipe: Recipe, data: Data, out: Out, device: Device = "", seed: Seed = 0,
+                steps: Steps = None) -> None:
     """Train the malignancy / lobulation / spiculation / texture classifiers on decoded noisy crops (needs the autoencoder)."""
-    _train("classifiers", recipe, data, out, device, seed)
+    _train("classifiers", recipe, data, out, device, seed, steps)
 
 
 @app.command("spade-gan")
-def spade_gan(recipe: Recipe, data: Data, out: Out, device: Device = "", seed: Seed = 0) -> None:
+def spade_gan(recipe: Recipe, data: Data, out: Out, device: Device = "", seed: Seed = 0, steps: Steps = None) -> None:
     """Train the SPADE GAN baseline (map -> slice in one pass) of the generation benchmark."""
-    _train("spade_gan", recipe, data, out, device, seed)
+    _train("spade_gan", recipe, data, out, device, seed, steps)

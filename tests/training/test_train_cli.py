@@ -71,3 +71,21 @@ def test_out_that_is_a_file_exits_2(phantom_dataset, tmp_path):
     out.write_text("")
     result = invoke("train", "autoencoder", "--recipe", "phantom-smoke", "--data", phantom_dataset, "--out", out)
     assert result.exit_code == 2 and "is a file" in result.output
+
+
+def test_steps_and_init_from_override_the_recipe(phantom_dataset, smoke_models, tmp_path):
+    import shutil
+
+    out = tmp_path / "models"
+    out.mkdir()
+    for name in ("autoencoder.safetensors", "autoencoder.json"):
+        shutil.copy(smoke_models / name, out / name)
+    result = invoke("train", "diffusion", "--recipe", "phantom-smoke", "--data", phantom_dataset, "--out", out,
+                    "--device", "cpu", "--steps", 3, "--init-from", smoke_models)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "unet.json").read_text())
+    assert config["steps"] == 3 and config["training"]["init_from"] == str(smoke_models)
+    for args, message in ((("--steps", 0), "--steps must be > 0, got 0"),
+                          (("--init-from", tmp_path / "nowhere"), "nowhere")):
+        bad = invoke("train", "diffusion", "--recipe", "phantom-smoke", "--data", phantom_dataset, "--out", out, *args)
+        assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output
