@@ -101,11 +101,13 @@ def build_bank(out_dir: str | Path, request: SynthesisRequest, device: str | Non
         raise ValueError(f"batch size and shard size must be >= 1, got {batch_size} and {shard_size}")
     out_dir, settings = Path(out_dir), _settings(request, shard_size)
     _open(out_dir, settings)
-    model_id = load_pipeline(request.model, device).model_id  # a bad model fails before anything is written
     request.balanced_levels()
-    (out_dir / "shards").mkdir(parents=True, exist_ok=True)
     shards = [list(range(s, min(s + shard_size, request.count))) for s in range(0, request.count, shard_size)]
     todo = [k for k in range(len(shards)) if not (out_dir / "shards" / f"shard_{k:05d}.csv").is_file()]
+    if not todo and (out_dir / "bank.json").is_file():
+        return NoduleBank(out_dir)  # finished: the model is not loaded again
+    model_id = load_pipeline(request.model, device).model_id  # a bad model fails before anything is written
+    (out_dir / "shards").mkdir(parents=True, exist_ok=True)
     with make_progress() as bar:
         task = bar.add_task("building nodule bank", total=request.count,
                             completed=request.count - sum(len(shards[k]) for k in todo), rate="", visible=progress)

@@ -116,6 +116,17 @@ def test_an_interrupted_build_finishes_identically(tmp_path, smoke_bank, smoke_m
         build_bank(copy, SynthesisRequest(count=11, size=64, steps=2, model=str(smoke_models)), shard_size=4)
 
 
+def test_a_finished_bank_is_returned_without_loading_the_model(tmp_path, smoke_bank, smoke_models, monkeypatch):
+    from lsdm_aug.synthesis import bank as bank_module
+
+    copy = tmp_path / "bank"
+    shutil.copytree(smoke_bank, copy)
+    monkeypatch.setattr(bank_module, "load_pipeline", lambda *args: pytest.fail("the model was loaded again"))
+    again = build_bank(copy, SynthesisRequest(count=10, size=64, steps=2, model=str(smoke_models)), batch_size=5,
+                       shard_size=4)
+    assert len(again) == 10
+
+
 def test_bank_cli_builds_and_names_bad_values(tmp_path, smoke_models):
     out = tmp_path / "bank"
     result = runner.invoke(app, ["bank", "build", "--out", str(out), "--count", "3", "--size", "64", "--steps", "2",
