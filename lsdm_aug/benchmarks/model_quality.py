@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -484,6 +485,21 @@ class Parts:
         atomic_write_npz(path, array=value)
         return value
 
+    def claim(self, name: str) -> bool:
+        """Take section ``name`` for this process (``workers`` > 1): False when it is finished or another process
+        has taken it. A claim is a file created exclusively; :meth:`clear_claims` drops them at a run's start."""
+        if (self.folder / f"{name}.json").is_file():
+            return False
+        try:
+            os.close(os.open(self.folder / f"{name}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True
+
+    def clear_claims(self) -> None:
+        for claim in self.folder.glob("*.claim"):
+            claim.unlink(missing_ok=True)
+
     def evaluator(self, feature: str, train: Callable[[], tuple[NoduleEvaluator, dict]]) -> tuple[NoduleEvaluator, dict]:
         path = self.evaluator_folder / f"evaluator_{feature}.safetensors"
         if path.is_file():
@@ -493,48 +509,124 @@ class Parts:
         return evaluator, report
 
 
-def run_model_quality(settings: QualitySettings, progress: bool = True) -> dict[str, Any]:
+@dataclass
+class _Context:
+    """What every section of a run needs, built the same way in each process."""
+
+    settings: QualitySettings
+    pipe: LSDMPipeline
+    parts: Parts
+    test: PreparedDataset
+    backgrounds: list[Background]
+    crop_spacing: float
+
+    @classmethod
+    def build(cls, settings: QualitySettings) -> _Context:
+        torch.manual_seed(settings.seed)
+        pipe = LSDMPipeline.from_pretrained(settings.model)
+        parts = Parts(Path(settings.out), settings, pipe.model_id,
+                      autoencoder_id=module_digest(pipe.autoencoder, pipe.scale_factor))
+        test = PreparedDataset(settings.data, split="test")
+        return cls(settings, pipe, parts, test, test_backgrounds(test, max(settings.count, 8)),
+                   float(np.median(test.cases.spacing_mm)))
+
+    def evaluators(self, progress: bool = False) -> tuple[dict[str, NoduleEvaluator], dict[str, dict]]:
+        crop_px = self.pipe.recipe.classifiers.crop_px
+        evaluators, reports = {}, {}
+        for feature in track_progress(self.settings.features, "evaluators", enabled=progress):
+            evaluators[feature], reports[feature] = self.parts.evaluator(feature, lambda f=feature: NoduleEvaluator.train(
+                self.settings.data, crop_px=crop_px, steps=self.settings.evaluator_steps, seed=self.settings.seed,
+                feature=f))
+        return evaluators, reports
+
+    def real_crops(self) -> np.ndarray:
+        reference = PreparedDataset(self.settings.data)  # real phantom nodules of every split: the Fréchet reference
+        rows = reference.features.head(400)
+        return nodule_crops(np.stack([reference[c]["image"] for c in rows.case_id]),
+                            list(zip(rows.centre_row, rows.centre_col)), self.pipe.recipe.classifiers.crop_px)
+
+    def spacing_sections(self) -> list[tuple[str, Callable[[], Any]]]:
+        """The insertion gates at the other spacings, one section each."""
+        s = self.settings
+        return [(f"spacing_{spacing:g}", lambda sp=spacing, px=size: {
+            "slice_px": px, **texture_fidelity(self.pipe, phantom_backgrounds(sp, px, 6, s.seed), self.test,
+                                               max(s.count // 2, 2), s.steps, s.seed, self.crop_spacing)})
+                for spacing, size in s.other_spacings]
+
+    def control_sections(self, evaluators: dict[str, NoduleEvaluator], real_crops: np.ndarray
+                         ) -> list[tuple[str, Callable[[], Any]]]:
+        """One section per guidance setting (:func:`control_setting`)."""
+        return [(f"control_{k}", lambda g=setting: control_setting(self.pipe, evaluators, self.backgrounds,
+                                                                   self.settings, g, self.crop_spacing, real_crops))
+                for k, setting in enumerate(self.settings.settings)]
+
+
+def _work_through(context: _Context, sections: list[tuple[str, Callable[[], Any]]]) -> None:
+    """Compute, in order, the sections no other process has taken."""
+    for name, compute in sections:
+        if context.parts.claim(name):
+            context.parts.get(name, compute)
+
+
+def _helper(settings: QualitySettings) -> None:
+    """A second process of :func:`run_model_quality` (``workers`` = 2): the sections the main process reaches last,
+    from the end (the other spacings, then the guidance settings backwards, once the evaluators exist)."""
+    torch.set_num_threads(1)
+    context = _Context.build(settings)
+    _work_through(context, context.spacing_sections()[::-1])
+    folder = context.parts.evaluator_folder
+    while not all((folder / f"evaluator_{f}.safetensors").is_file() for f in settings.features):
+        time.sleep(5)
+    evaluators, _ = context.evaluators()
+    _work_through(context, context.control_sections(evaluators, context.real_crops())[::-1])
+
+
+def run_model_quality(settings: QualitySettings, progress: bool = True, workers: int = 1) -> dict[str, Any]:
     """Measure every gate and write ``model_quality.md`` / ``.json`` and ``guidance_grid.png`` into
-    ``settings.out``; an interrupted run resumes from its finished sections."""
-    torch.manual_seed(settings.seed)
-    pipe = LSDMPipeline.from_pretrained(settings.model)
-    out = Path(settings.out)
-    parts = Parts(out, settings, pipe.model_id, autoencoder_id=module_digest(pipe.autoencoder, pipe.scale_factor))
-    test = PreparedDataset(settings.data, split="test")
-    crop_px = pipe.recipe.classifiers.crop_px
-    evaluators, evaluator_reports = {}, {}
-    for feature in track_progress(settings.features, "evaluators"):
-        evaluators[feature], evaluator_reports[feature] = parts.evaluator(feature, lambda f=feature: NoduleEvaluator.train(
-            settings.data, crop_px=crop_px, steps=settings.evaluator_steps, seed=settings.seed, feature=f))
-    reference = PreparedDataset(settings.data)  # real phantom nodules of every split: the Fréchet reference
-    rows = reference.features.head(400)
-    real_crops = nodule_crops(np.stack([reference[c]["image"] for c in rows.case_id]),
-                              list(zip(rows.centre_row, rows.centre_col)), crop_px)
-    backgrounds = test_backgrounds(test, max(settings.count, 8))
-    crop_spacing = float(np.median(test.cases.spacing_mm))
+    ``settings.out``; an interrupted run resumes from its finished sections. ``workers`` = 2 runs a second process
+    (one torch thread each) that takes the guidance settings and spacings from the end while this one takes them
+    from the start; the figures are the same as with one."""
+    if workers not in (1, 2):
+        raise ValueError(f"workers must be 1 or 2, got {workers!r}")
+    context = _Context.build(settings)
+    pipe, parts = context.pipe, context.parts
+    helper = None
+    if workers == 2:
+        import multiprocessing
+
+        torch.set_num_threads(1)
+        parts.clear_claims()
+        helper = multiprocessing.get_context("spawn").Process(target=_helper, args=(settings,), daemon=True)
+        helper.start()
+    evaluators, evaluator_reports = context.evaluators(progress)
+    real_crops = context.real_crops()
     report: dict[str, Any] = {"settings": asdict(settings), "model": pipe.model_id,
                               "model_spacing_mm": pipe.spacing_mm, "default_cfg_scale": pipe.default_cfg_scale,
                               "evaluators": evaluator_reports}
-    report["autoencoder"] = parts.get("autoencoder", lambda: autoencoder_quality(pipe, test), parts.autoencoder_folder)
+    report["autoencoder"] = parts.get("autoencoder", lambda: autoencoder_quality(pipe, context.test),
+                                      parts.autoencoder_folder)
     report["generated_lung"] = parts.get("generated_lung", lambda: generated_lung_hu(
-        pipe, test, settings.generated_slices, settings.steps, settings.seed))
+        pipe, context.test, settings.generated_slices, settings.steps, settings.seed))
     report["texture"] = parts.get("texture", lambda: texture_fidelity(
-        pipe, backgrounds, test, settings.count, settings.steps, settings.seed, crop_spacing))
-    report["feature_sensitivity"] = parts.get("feature_sensitivity", lambda: feature_sensitivity(pipe, test,
-                                                                                              seed=settings.seed))
-    report["control"] = control_table([
-        parts.get(f"control_{k}", lambda s=setting: control_setting(pipe, evaluators, backgrounds, settings, s,
-                                                                    crop_spacing, real_crops))
-        for k, setting in enumerate(track_progress(settings.settings, "guidance settings"))])
-    report["other_spacings"] = {}
-    for spacing, size in settings.other_spacings:
-        report["other_spacings"][f"{spacing:g}"] = parts.get(f"spacing_{spacing:g}", lambda sp=spacing, px=size: {
-            "slice_px": px, **texture_fidelity(pipe, phantom_backgrounds(sp, px, 6, settings.seed), test,
-                                               max(settings.count // 2, 2), settings.steps, settings.seed, crop_spacing)})
-    grid = parts.array("guidance_grid", lambda: guidance_grid(pipe, backgrounds[0], settings.settings, settings.steps,
-                                                              settings.seed, crop_px))
+        pipe, context.backgrounds, context.test, settings.count, settings.steps, settings.seed, context.crop_spacing))
+    report["feature_sensitivity"] = parts.get("feature_sensitivity", lambda: feature_sensitivity(
+        pipe, context.test, seed=settings.seed))
+    controls, spacings = context.control_sections(evaluators, real_crops), context.spacing_sections()
+    if helper is not None:
+        _work_through(context, [*track_progress(controls, "guidance settings", progress), *spacings])
+        helper.join()
+        if helper.exitcode != 0:
+            raise RuntimeError(f"the second model-quality process failed (exit code {helper.exitcode})")
+    report["control"] = control_table([parts.get(name, compute)
+                                       for name, compute in track_progress(controls, "guidance settings",
+                                                                           progress and helper is None)])
+    report["other_spacings"] = {name.removeprefix("spacing_"): parts.get(name, compute) for name, compute in spacings}
+    grid = parts.array("guidance_grid", lambda: guidance_grid(pipe, context.backgrounds[0], settings.settings,
+                                                              settings.steps, settings.seed,
+                                                              pipe.recipe.classifiers.crop_px))
+    out = Path(settings.out)
     save_grid_png(out / "guidance_grid.png", grid, settings.settings)
-    report["speed"] = insertion_speed(pipe, backgrounds[0], settings.steps)
+    report["speed"] = insertion_speed(pipe, context.backgrounds[0], settings.steps)
     atomic_write_text(out / "model_quality.json", json.dumps(report, indent=1, default=float))
     atomic_write_text(out / "model_quality.md", quality_markdown(report))
     return report

@@ -78,16 +78,20 @@ def model_quality(
     steps: Annotated[int, typer.Option(help="DDIM steps.")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of backgrounds, sites and diffusion.")] = 0,
     evaluator_steps: Annotated[int, typer.Option(help="Training steps of each independent evaluator.")] = 600,
+    workers: Annotated[int, typer.Option(help="Processes: 2 runs a second one, one torch thread each, taking the "
+                                              "guidance settings from the end (same figures).")] = 1,
 ) -> None:
     """A model's gates: reconstruction, map respect, control per guidance setting (s, w), other spacings, speed."""
     if not (data / "dataset.json").is_file():
         fail(f"--data {str(data)!r} is not a prepared dataset (no dataset.json)")
+    if workers not in (1, 2):
+        fail(f"--workers must be 1 or 2, got {workers}")
     from lsdm_aug.benchmarks.model_quality import QualitySettings, quality_markdown, run_model_quality
 
     with user_errors():
         settings = QualitySettings(data=str(data), model=model, out=str(out), count=count, steps=steps, seed=seed,
                                    evaluator_steps=evaluator_steps)
-        report = run_model_quality(settings)
+        report = run_model_quality(settings, workers=workers)
     typer.echo(quality_markdown(report))
 
 

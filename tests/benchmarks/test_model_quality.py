@@ -96,3 +96,18 @@ def test_texture_fidelity_counts_every_request_on_non_calcified_outlines(smoke_m
     # every outline came from a non-calcified nodule, and the U-Net (conditioned on calcification) was told so
     assert len(asked) == 15 and all(request["calcification"] == 6.0 for _, request in asked)
     assert (calcification.round() == 6).mean() < 0.95  # the database has calcified nodules to avoid
+
+
+def test_two_workers_split_the_sections_and_give_the_same_figures(tmp_path, smoke_models, phantom_dataset):
+    base = dict(data=str(phantom_dataset), model=str(smoke_models), count=2, steps=2, evaluator_steps=2,
+                generated_slices=2, features=("malignancy",), other_spacings=((2.8, 128),),
+                settings=(GuidanceSetting("none", 0.0, 0.0), GuidanceSetting("cfg w=2", 0.0, 2.0),
+                          GuidanceSetting("classifier s=1", 1.0, 0.0)))
+    two = run_model_quality(QualitySettings(**base, out=str(tmp_path / "two")), progress=False, workers=2)
+    one = run_model_quality(QualitySettings(**base, out=str(tmp_path / "one")), progress=False)
+    assert two["control"]["per_feature"] == one["control"]["per_feature"]
+    for a, b in zip(two["control"]["guidance_alone"], one["control"]["guidance_alone"]):
+        assert a["auc"] == b["auc"]
+    assert two["other_spacings"]["2.8"]["levels"].keys() == one["other_spacings"]["2.8"]["levels"].keys()
+    with pytest.raises(ValueError, match="workers must be 1 or 2, got 3"):
+        run_model_quality(QualitySettings(**base, out=str(tmp_path / "three")), progress=False, workers=3)
