@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -534,9 +535,9 @@ class _Context:
         crop_px = self.pipe.recipe.classifiers.crop_px
         evaluators, reports = {}, {}
         for feature in track_progress(self.settings.features, "evaluators", enabled=progress):
-            evaluators[feature], reports[feature] = self.parts.evaluator(feature, lambda f=feature: NoduleEvaluator.train(
-                self.settings.data, crop_px=crop_px, steps=self.settings.evaluator_steps, seed=self.settings.seed,
-                feature=f))
+            train = functools.partial(NoduleEvaluator.train, self.settings.data, crop_px=crop_px,
+                                      steps=self.settings.evaluator_steps, seed=self.settings.seed, feature=feature)
+            evaluators[feature], reports[feature] = self.parts.evaluator(feature, train)
         return evaluators, reports
 
     def real_crops(self) -> np.ndarray:

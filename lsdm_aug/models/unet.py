@@ -41,8 +41,8 @@ from lsdm_aug.config import CONDITIONING_FEATURES, FEATURES, RATING_LEVELS, Diff
 from lsdm_aug.data.semantic import NUM_LABELS
 
 __all__ = ["MaxPoolSPADE", "FeatureEmbedding", "build_unet", "semantic_onehot", "semantic_to_unit",
-           "SemanticCondition", "predict_noise", "is_feature_conditioned", "feature_levels", "conditioned_features", "NULL_LEVEL",
-           "CONDITIONING_FEATURES"]
+           "SemanticCondition", "predict_noise", "is_feature_conditioned", "feature_levels", "conditioned_features",
+           "NULL_LEVEL", "CONDITIONING_FEATURES"]
 
 NULL_LEVEL = 0  # "not given": the learned null token of each feature
 
@@ -119,8 +119,9 @@ class FeatureEmbedding(torch.nn.Module):
                              f"got {tuple(features.shape)}")
         features = features.long()
         if features.numel() and ((features < 0) | (features > self._levels)).any():
-            raise ValueError(f"feature levels must be 0 (not given) or 1..{dict(zip(self.features, self._levels.tolist()))}"
-                             f", got {features.min()}..{features.max()}")
+            tops = dict(zip(self.features, self._levels.tolist()))
+            raise ValueError(f"feature levels must be 0 (not given) or 1..n with n per feature {tops}, "
+                             f"got {features.min()}..{features.max()}")
         return F.embedding(features + self._offsets, self.weight).sum(1)
 
 
@@ -173,7 +174,8 @@ def build_unet(config: DiffusionConfig, latent_channels: int) -> SPADEDiffusionM
         channels=tuple(config.channels), attention_levels=tuple(config.attention_levels),
         num_res_blocks=(config.num_res_blocks,) * levels, norm_num_groups=config.norm_num_groups,
         num_head_channels=config.num_head_channels, spade_intermediate_channels=config.spade_intermediate_channels,
-        num_class_embeds=1 if config.feature_conditioning else None)  # MONAI's path; the table is replaced
+        # any count opens MONAI's class-embedding path (the table is replaced); 6 keeps earlier versions' random stream
+        num_class_embeds=6 if config.feature_conditioning else None)
     if config.feature_conditioning:
         unet.class_embedding = FeatureEmbedding(tuple(config.conditioned_features),
                                                 unet.class_embedding.embedding_dim)

@@ -124,10 +124,11 @@ def _baseline_lines(report: dict[str, Any]) -> list[str]:
     if real is None:
         return []
     cpm, sensitivity = real["summary"]["cpm"]["mean"], real["summary"]["sensitivity"]["mean"]
-    met = cpm >= BASELINE_CPM and sensitivity > 0
+    verdict = "met" if cpm >= BASELINE_CPM and sensitivity > 0 else \
+        "not met, so the arms are compared on a detector that learns little"
     return ["", f"Baseline check: real only reaches CPM {cpm:.3f} and sensitivity {sensitivity:.3f} at p >= "
                 f"{report['recipe']['threshold']:g} (needed: CPM >= {BASELINE_CPM} and a lesion found at the "
-                f"threshold): {'met' if met else 'not met, so the arms are compared on a detector that learns little'}."]
+                f"threshold): {verdict}."]
 
 
 def _malignancy_lines(report: dict[str, Any]) -> list[str]:
