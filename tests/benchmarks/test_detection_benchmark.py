@@ -325,6 +325,7 @@ def test_every_arm_trains_predicts_and_is_scored_then_a_rerun_skips_them(tmp_pat
         "ct_window": [-1024.0, 800.0]}
     pairs = {(c["arm"], c["baseline"]) for c in report["comparisons"]}
     assert ("real+synthetic", "real") in pairs and ("real+synthetic", "real+copy-paste") in pairs
+    assert ("real+synthetic", "real+synthetic-unguided") in pairs  # the value of control, paired
     assert ("real", "real+copy-paste") not in pairs and all(c["resamples"] == 50 for c in report["comparisons"])
     assert {(p["train_patients"], p["arm"]) for p in report["curve"]} == {(1, "real"), (2, "real")}
     assert report["profile"]["network_s"] > 0 and "NoduleSynthTransform" in report["profile"]["transforms_s"]

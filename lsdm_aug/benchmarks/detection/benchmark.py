@@ -84,19 +84,18 @@ def _train_and_score(recipe: DetectionRecipe, work: Path, arms: tuple[str, ...])
 
 
 def _comparisons(recipe: DetectionRecipe, arms: dict[str, Any], patients: list[str]) -> list[dict[str, Any]]:
-    """Each arm's paired CPM difference against real only and against copy-paste (when run)."""
+    """Each arm's paired CPM difference against real only and against copy-paste (when run), and guided LSDM cases
+    against unguided ones (the value of control)."""
     cache: dict = {}
+    pairs = [(arm, baseline) for baseline in BASELINES if baseline in arms for arm in arms
+             if arm != baseline and not (baseline == "real+copy-paste" and arm == "real")]
+    if {"real+synthetic", "real+synthetic-unguided"} <= set(arms):
+        pairs.append(("real+synthetic", "real+synthetic-unguided"))
     out = []
-    for baseline in BASELINES:
-        if baseline not in arms:
-            continue
-        for arm in arms:
-            if arm == baseline or (baseline == "real+copy-paste" and arm == "real"):
-                continue
-            difference = scoring.paired_difference({"runs": arms[arm]["detections"]},
-                                                   {"runs": arms[baseline]["detections"]}, patients,
-                                                   recipe.bootstrap, recipe.data_seed, cache, (arm, baseline))
-            out.append({"arm": arm, "baseline": baseline, **difference})
+    for arm, baseline in pairs:
+        difference = scoring.paired_difference({"runs": arms[arm]["detections"]}, {"runs": arms[baseline]["detections"]},
+                                               patients, recipe.bootstrap, recipe.data_seed, cache, (arm, baseline))
+        out.append({"arm": arm, "baseline": baseline, **difference})
     return out
 
 

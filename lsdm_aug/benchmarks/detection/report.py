@@ -237,7 +237,7 @@ def _verdict(report: dict[str, Any]) -> str:
                         f"distance {lsdm['pleura_mm'][1]:.1f} mm against {test['pleura_mm'][1]:.1f}")
     return (f"Verdict: {words}: CPM difference {pair['mean']:+.3f}"
             + (f" [{pair['low']:+.3f}, {pair['high']:+.3f}]" if "low" in pair else "") + ". "
-            + ("; ".join(evidence) + "." if evidence else ""))
+            + ("How their nodules differ: " + "; ".join(evidence) + "." if evidence else ""))
 
 
 def _profile_lines(report: dict[str, Any]) -> list[str]:
