@@ -69,8 +69,11 @@ def model_card(model_dir: str | Path, data_command: str, train_commands: list[st
     if unet:
         crop = unet.get("crop_px")
         conditioned = unet["diffusion"].get("feature_conditioning")
-        lines.append(f"| SPADE U-Net{' + feature vector (CFG)' if conditioned else ''}, "
-                     f"{f'{crop} px crops' if crop else 'whole slices'}, EMA {unet['ema_decay']} | {unet['steps']} | "
+        features = ", ".join(unet["diffusion"].get("conditioned_features") or FEATURES)
+        start = unet.get("training", {}).get("init_from")
+        lines.append(f"| SPADE U-Net{f' + feature vector (CFG: {features})' if conditioned else ''}, "
+                     f"{f'{crop} px crops' if crop else 'whole slices'}, EMA {unet['ema_decay']}"
+                     f"{', from ' + Path(start).name if start else ''} | {unet['steps']} | "
                      f"{_minutes(unet['history']):.0f} min | noise MSE {unet['validation']['validation_mse']:.4f} |")
     for feature, config in classifiers.items():
         if config:

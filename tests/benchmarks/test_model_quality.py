@@ -36,6 +36,7 @@ def test_model_quality_writes_every_gate(tmp_path, smoke_models, phantom_dataset
     card = write_model_card(model, "lsdm-aug prepare phantom ...", ["lsdm-aug train ..."],
                             tmp_path / "q" / "model_quality.json")
     assert "| feature | none | classifier s=1 | cfg w=2 |" in card and "![guidance grid](guidance_grid.png)" in card
+    assert "feature vector (CFG: malignancy, lobulation, spiculation, texture, calcification)" in card
     assert (model / "guidance_grid.png").read_bytes() == grid.read_bytes()  # the card's picture beside it
 
 
