@@ -63,6 +63,11 @@ NUM_LABELS = len(SemanticLabel)
 BODY_HU = (-400.0, 0.0)
 SOFT_TISSUE_HU = (0.0, 200.0)
 HIGH_DENSE_HU = (200.0, 800.0)
+#: K-means splits lung from soft tissue; its threshold is kept in this range, so that an image of one kind of tissue
+#: (a patch inside the lung, or inside the chest wall) is not split down the middle of its noise.
+LUNG_THRESHOLD_HU = (-700.0, -300.0)
+#: Low-density regions whose median lies below this are air (around the patient), not lung.
+AIR_HU = -950.0
 
 
 def malignancy_label(malignancy: float) -> int:
@@ -86,7 +91,7 @@ def _kmeans_threshold(hu: np.ndarray, seed: int = 0) -> float:
     with threadpool_limits(limits=1, user_api="openmp"), warnings.catch_warnings():  # threads only slow it down
         warnings.simplefilter("ignore", ConvergenceWarning)  # fewer distinct values than clusters: handled above
         kmeans = KMeans(n_clusters=2, n_init=3, random_state=seed).fit(centre)
-    return float(np.mean(kmeans.cluster_centers_))
+    return float(np.clip(np.mean(kmeans.cluster_centers_), *LUNG_THRESHOLD_HU))
 
 
 def _disk(radius_px: float) -> np.ndarray:
@@ -105,18 +110,32 @@ def _closing(mask: np.ndarray, radius_px: float) -> np.ndarray:
 def lung_mask_from_hu(hu: np.ndarray, spacing_mm: float, min_area_mm2: float = 400.0,
                       max_area_fraction: float = 0.5, closing_mm: float = 5.0,
                       bridge_mm: float = 1.5) -> np.ndarray:
-    """Lung fields of an axial CT slice (HU), vessels included.
+    """Lung fields of an axial CT slice (HU), or of a patch cut from one, vessels included.
+
+    Low-density regions (below the K-means threshold between lung and soft tissue) are lung unless they are small
+    (trachea, bowel gas) or air: a region whose median is below ``AIR_HU``, or, when it touches the image border or
+    covers more than ``max_area_fraction`` of it (as the air around a patient does), one that is not clearly
+    denser than air. A patch inside the lung is therefore lung although its parenchyma touches every border.
 
     Args:
         hu: (H, W) slice in Hounsfield units.
         spacing_mm: pixel spacing, to size the morphology and the minimum lung area.
         min_area_mm2: low-density regions smaller than this (trachea, bowel gas) are not lung.
-        max_area_fraction: regions larger than this fraction of the slice are background air.
+        max_area_fraction: regions larger than this fraction of the image, like those touching its border, must be
+            denser than air to count as lung.
         closing_mm: radius of the closing that bridges vessels at the lung edge (kept regions only).
         bridge_mm: radius of the first, small closing that rejoins lung pieces cut by thin vessels.
 
     Returns:
         Boolean mask of the lung fields.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> patch = rng.normal(-850, 25, (96, 96)); patch[40:44, :] = 40.0  # lung cut by a vessel
+        >>> round(float(lung_mask_from_hu(patch, 0.7).mean()), 2)
+        1.0
+        >>> bool(lung_mask_from_hu(rng.normal(-1000, 20, (96, 96)), 0.7).any())  # air outside a patient
+        False
     """
     hu = np.asarray(hu, dtype=np.float32)
     if hu.ndim != 2:
@@ -129,8 +148,9 @@ def lung_mask_from_hu(hu: np.ndarray, spacing_mm: float, min_area_mm2: float = 4
     areas = ndimage.sum(low, labels, range(1, count + 1))
     border = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])).tolist())
     min_area_px = min_area_mm2 / spacing_mm**2
-    keep = [i + 1 for i, area in enumerate(areas)  # drop the air around the patient and small air (trachea, gas)
-            if i + 1 not in border and min_area_px <= area <= max_area_fraction * hu.size]
+    keep = [k for k, area in enumerate(areas, start=1)  # drop small air (trachea, gas) and the air around the patient
+            if area >= min_area_px and _lung_like(hu[low & (labels == k)],
+                                                  k in border or area > max_area_fraction * hu.size)]
     # dilation + erosion of the kept regions only: bridge the vessels that cut into the lung edge
     closed = _closing(np.isin(labels, keep), closing_mm / spacing_mm)
     lung = np.zeros(hu.shape, bool)
@@ -139,6 +159,13 @@ def lung_mask_from_hu(hu: np.ndarray, spacing_mm: float, min_area_mm2: float = 4
         rows, cols = fill_polygon(contour[:, 0] - 1, contour[:, 1] - 1, shape=hu.shape)
         lung[rows, cols] = True
     return lung
+
+
+def _lung_like(values: np.ndarray, air_suspect: bool) -> bool:
+    """Whether a low-density region's HU values are lung rather than air: its median above ``AIR_HU``, and for a
+    region placed or sized like the air around a patient (``air_suspect``) clearly so (50 HU above)."""
+    median = float(np.median(values)) if values.size else -1024.0
+    return median > AIR_HU + (50.0 if air_suspect else 0.0)
 
 
 def semantic_map_from_hu(hu: np.ndarray, nodule_mask: np.ndarray | None = None,

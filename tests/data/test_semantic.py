@@ -188,3 +188,15 @@ def test_malignancy_label(malignancy, label):
 def test_malignancy_label_rejects_out_of_range(malignancy):
     with pytest.raises(ValueError, match="malignancy"):
         malignancy_label(malignancy)
+
+
+def test_patches_find_their_lung_and_only_their_lung():
+    from lsdm_aug.data.semantic import lung_mask_from_hu
+
+    rng = np.random.default_rng(1)
+    tissue = rng.normal(40, 20, (96, 96))
+    assert not lung_mask_from_hu(tissue, 0.7).any()  # chest wall only: one tissue, not split down its noise
+    half = tissue.copy()
+    half[:, 48:] = rng.normal(-850, 25, (96, 48))  # chest wall on the left, lung touching three borders
+    lung = lung_mask_from_hu(half, 0.7)
+    assert lung[:, 52:].mean() > 0.95 and not lung[:, :44].any()

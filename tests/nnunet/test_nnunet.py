@@ -280,3 +280,24 @@ def test_the_nodule_label_of_a_multi_label_dataset_is_the_users_choice():
         nodule_label_value([2, 1], None)
     with pytest.raises(ValueError, match=r"label_value 5 is not among the dataset's foreground labels \[1, 2\]"):
         nodule_label_value([1, 2], 5)
+
+
+def test_a_training_patch_inside_the_lung_gets_a_site(smoke_models):
+    """nnU-Net hands the transform patches, not slices: a patch cut from inside the lung has no body around its
+    lung, which the whole-slice lung finder used to drop as the air around a patient ("no lung tissue")."""
+    rng = np.random.default_rng(0)
+    hu = rng.normal(-850, 25, (3, 96, 96)).astype(np.float32)  # 2.5D: three neighbouring slices of parenchyma
+    hu[:, 40:43, :] = 40.0  # a vessel across the patch
+    image = torch.from_numpy((hu - HU_MEAN) / HU_STD)
+    transform = NoduleSynthTransform((0.7, 0.7), HU_MEAN, HU_STD, prob=1.0, model=str(smoke_models),
+                                     slice_thickness_mm=2.5, size_mm=6.0)
+    skipped = []
+    for seed in range(5):
+        np.random.seed(seed)
+        nodule = transform.get_parameters(image=image, segmentation=torch.zeros(1, 96, 96, dtype=torch.int16))["nodule"]
+        skipped.append(nodule.skipped)
+    assert skipped == [""] * 5
+    air = torch.from_numpy((rng.normal(-1000, 20, (3, 96, 96)).astype(np.float32) - HU_MEAN) / HU_STD)
+    np.random.seed(0)
+    outside = transform.get_parameters(image=air, segmentation=torch.zeros(1, 96, 96, dtype=torch.int16))["nodule"]
+    assert outside.skipped == "no lung tissue"  # a patch of the air around the patient is not lung
