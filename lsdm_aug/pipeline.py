@@ -30,14 +30,13 @@ from lsdm_aug.editing import EditWindow, ModelGrid, SpacingError, check_spacing,
 from lsdm_aug.editing.window import SAME_SPACING_TOLERANCE
 from lsdm_aug.models.autoencoder import build_autoencoder, encode_mean
 from lsdm_aug.models.checkpoint import CheckpointError, load_weights, read_config, resolve_model_dir, weights_digest
-from lsdm_aug.models.classifiers import build_classifier
+from lsdm_aug.models.classifiers import build_classifier, classifier_file
 from lsdm_aug.models.unet import (SemanticCondition, build_unet, conditioned_features, feature_levels,
                                   is_feature_conditioned, semantic_onehot, semantic_to_unit)
-from lsdm_aug.sampling.guidance import ClassifierGuidance, LatentBox, latent_nodule_mask
+from lsdm_aug.sampling.guidance import ClassifierGuidance, LatentBox, TargetCalibration, latent_nodule_mask
 from lsdm_aug.sampling.sampler import KnownRegion, random_normal, sample_latents
 from lsdm_aug.sampling.schedulers import build_scheduler
 from lsdm_aug.training.autoencoder import AUTOENCODER_FILE
-from lsdm_aug.training.classifiers import classifier_file
 from lsdm_aug.training.common import select_device
 from lsdm_aug.training.diffusion import UNET_FILE
 
@@ -95,6 +94,13 @@ class EditResult:
     record: dict[str, Any] = field(default_factory=dict)
 
 
+def _calibration(data: Mapping[str, Any], path: Path) -> TargetCalibration:
+    try:
+        return TargetCalibration.from_dict(data)
+    except ValueError as error:
+        raise CheckpointError(f"classifier config {str(path)!r}: {error}") from error
+
+
 class LSDMPipeline:
     """The trained LSDM stack of one model folder.
 
@@ -104,6 +110,9 @@ class LSDMPipeline:
         classifiers: feature -> trained classifier (any subset of the four).
         scale_factor: the autoencoder's latent scale factor.
         device: where to run (default: CUDA when present, else CPU).
+        calibrations: feature -> calibrated guidance targets of a regression classifier
+            (:class:`~lsdm_aug.sampling.guidance.TargetCalibration`; ``from_pretrained`` reads them from the
+            classifiers' configs). Set :attr:`calibrated_targets` to False to guide to the raw ratings.
 
     Example:
         >>> pipe = LSDMPipeline.from_pretrained("models/phantom-128")  # doctest: +SKIP
@@ -114,7 +123,8 @@ class LSDMPipeline:
     def __init__(self, recipe: Recipe, autoencoder: torch.nn.Module, unet: torch.nn.Module,
                  classifiers: Mapping[str, torch.nn.Module], scale_factor: float, device: str | None = None,
                  model_id: str = "custom", default_cfg_scale: float = 1.0, spacing_mm: float | None = None,
-                 serves_spacing_mm: tuple[float, float] | None = None, window_px: int | None = None) -> None:
+                 serves_spacing_mm: tuple[float, float] | None = None, window_px: int | None = None,
+                 calibrations: Mapping[str, TargetCalibration] | None = None) -> None:
         if spacing_mm is None:
             raise ValueError(f"model {model_id}: give the pixel spacing (mm) its U-Net was trained at")
         self.recipe, self.scale_factor, self.model_id = recipe, float(scale_factor), model_id
@@ -126,6 +136,8 @@ class LSDMPipeline:
         self.autoencoder = autoencoder.to(self.device).eval().requires_grad_(False)
         self.unet = unet.to(self.device).eval().requires_grad_(False)
         self.classifiers = {f: c.to(self.device).eval().requires_grad_(False) for f, c in classifiers.items()}
+        self.calibrations = {f: c for f, c in (calibrations or {}).items() if f in self.classifiers}
+        self.calibrated_targets = True
         self.factor = recipe.autoencoder.downsampling
 
     # ---- loading -------------------------------------------------------------------------------------------
@@ -147,7 +159,7 @@ class LSDMPipeline:
         load_weights(folder / AUTOENCODER_FILE, autoencoder)
         unet = build_unet(recipe.diffusion, recipe.autoencoder.latent_channels)
         load_weights(folder / UNET_FILE, unet)
-        classifiers = {}
+        classifiers, calibrations = {}, {}
         for feature in FEATURES:
             path = folder / classifier_file(feature)
             if path.exists():
@@ -155,13 +167,15 @@ class LSDMPipeline:
                 recipe.classifiers = recipe_from_dict({"classifiers": config["classifiers"]}).classifiers
                 classifiers[feature] = build_classifier(recipe.classifiers, feature)
                 load_weights(path, classifiers[feature])
+                if config.get("calibration"):
+                    calibrations[feature] = _calibration(config["calibration"], path)
         spacing, serves = model_spacing(unet_config, folder)
         window = max(int(unet_config.get("crop_px") or recipe.image_size // 2), recipe.classifiers.crop_px)
         return cls(recipe, autoencoder, unet, classifiers, autoencoder_config["scale_factor"], device,
                    model_id=f"{folder.name}@{autoencoder_config.get('steps', 0)}/{unet_config.get('steps', 0)}"
                             f"#{weights_digest(folder)}",
                    default_cfg_scale=float(unet_config.get("default_cfg_scale", 1.0)), spacing_mm=spacing,
-                   serves_spacing_mm=serves, window_px=window)
+                   serves_spacing_mm=serves, window_px=window, calibrations=calibrations)
 
     def check_spacing(self, spacing_mm: float) -> float:
         """An image's pixel spacing, checked against :attr:`serves_spacing_mm` (:class:`SpacingError` outside)."""
@@ -258,7 +272,8 @@ class LSDMPipeline:
         pooled = latent_nodule_mask(nodule.float(), self.factor)
         mask = torch.stack([m[:, b.rows, b.cols] for m, b in zip(pooled, boxes)])
         targets = {f: [item[f] for item in per_sample] for f in sorted(names)}
-        return ClassifierGuidance(self.decode, self.classifiers, targets, boxes, mask, scale)
+        return ClassifierGuidance(self.decode, self.classifiers, targets, boxes, mask, scale,
+                                  calibrations=self.calibrations if self.calibrated_targets else None)
 
     # ---- generation ------------------------------------------------------------------------------------------
     def generate(self, semantic_maps: np.ndarray | torch.Tensor,
@@ -418,7 +433,8 @@ class LSDMPipeline:
         over the batch of latent windows.
 
         Every item must request the same feature names (values may differ). With DDIM each result equals
-        what :meth:`insert` gives for that item and seed alone; the batch only runs faster (GPU above all).
+        what :meth:`insert` gives for that item and seed alone, to float rounding (about 1e-6: a batch runs other
+        convolution kernels); the batch only runs faster (GPU above all).
         """
         lengths = {len(images), len(semantic_maps), len(nodule_outlines), len(centres), len(features), len(seeds),
                    len(spacing_mm)}

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -135,10 +136,14 @@ def test_nnunet_verifies_and_preprocesses_the_dataset(tmp_path, smoke_models):
 
 
 def _same_dataset(first, second) -> None:
+    """The same cases: labels identical, HU identical but where a float difference of the order of 1e-6 (a batch
+    runs its convolutions with other kernels than a single sample) rounds to the neighbouring integer."""
     assert (first / "manifest.csv").read_text() == (second / "manifest.csv").read_text()
     for case_id in pd.read_csv(first / "manifest.csv").case_id:
-        for a, b in zip(read_case(first, case_id)[:2], read_case(second, case_id)[:2]):
-            assert (a == b).all()
+        (image_a, label_a), (image_b, label_b) = read_case(first, case_id)[:2], read_case(second, case_id)[:2]
+        assert (label_a == label_b).all()
+        difference = np.abs(image_a.astype(np.int32) - image_b.astype(np.int32))
+        assert difference.max() <= 1 and (difference > 0).sum() <= 4
 
 
 def test_the_batch_size_does_not_change_the_dataset(tmp_path, smoke_models):

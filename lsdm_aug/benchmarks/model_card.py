@@ -39,6 +39,14 @@ def _classifier_summary(feature: str, v: dict) -> str:
     return ""
 
 
+def _calibration_summary(calibration: dict | None) -> str:
+    """The guidance targets a calibrated regression steers to: its mean prediction per level at t = 0."""
+    if not calibration:
+        return ""
+    targets = ", ".join(f"{level:g}: {mean:.2f}" for level, mean in zip(calibration["levels"], calibration["means"][0]))
+    return f"; guidance targets (its mean on real nodules per level, t = 0): {targets}"
+
+
 def model_card(model_dir: str | Path, data_command: str, train_commands: list[str],
                quality: dict[str, Any] | None = None, notes: list[str] | None = None) -> str:
     """The card's Markdown text."""
@@ -78,7 +86,8 @@ def model_card(model_dir: str | Path, data_command: str, train_commands: list[st
     for feature, config in classifiers.items():
         if config:
             lines.append(f"| classifier: {feature} | {config['steps']} | {config['validation']['seconds'] / 60:.0f} min "
-                         f"(all four) | {_classifier_summary(feature, config['validation'])} |")
+                         f"(all four) | {_classifier_summary(feature, config['validation'])}"
+                         f"{_calibration_summary(config.get('calibration'))} |")
     lines += ["", f"Weights: {size_mb:.1f} MB of safetensors, each with its JSON config.", ""]
     if quality:
         s = quality["settings"]

@@ -27,12 +27,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -65,18 +66,32 @@ NOT_CALCIFIED = 6  # LIDC calcification 6 = absent
 
 @dataclass(frozen=True)
 class GuidanceSetting:
-    """One way of steering: classifier guidance ``s`` and classifier-free guidance ``w``."""
+    """One way of steering: classifier guidance ``s`` and classifier-free guidance ``w``; ``raw_targets`` guides
+    the regressions to the requested ratings themselves instead of their calibrated targets."""
 
     name: str
     guidance_scale: float
     cfg_scale: float
+    raw_targets: bool = False
 
 
 DEFAULT_SETTINGS = (GuidanceSetting("none", 0.0, 0.0), GuidanceSetting("classifier s=1", 1.0, 0.0),
                     GuidanceSetting("classifier s=2", 2.0, 0.0), GuidanceSetting("classifier s=4", 4.0, 0.0),
                     GuidanceSetting("cfg w=1", 0.0, 1.0), GuidanceSetting("cfg w=2", 0.0, 2.0),
                     GuidanceSetting("cfg w=4", 0.0, 4.0), GuidanceSetting("both s=1 w=2", 1.0, 2.0),
-                    GuidanceSetting("both s=1 w=1", 1.0, 1.0))  # appended: earlier settings keep their section
+                    GuidanceSetting("both s=1 w=1", 1.0, 1.0),  # appended: earlier settings keep their section
+                    GuidanceSetting("both s=1 w=1, raw targets", 1.0, 1.0, raw_targets=True))
+
+
+@contextlib.contextmanager
+def _targets_of(pipe: LSDMPipeline, setting: GuidanceSetting) -> Iterator[LSDMPipeline]:
+    """``pipe`` guiding to calibrated targets or, for a ``raw_targets`` setting, to the requested ratings."""
+    before = pipe.calibrated_targets
+    pipe.calibrated_targets = not setting.raw_targets
+    try:
+        yield pipe
+    finally:
+        pipe.calibrated_targets = before
 
 
 @dataclass
@@ -272,9 +287,10 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
         if tell and "calcification" not in request:
             request = {**request, "calcification": source_level}
         centre = (site[0] + outline.shape[0] / 2, site[1] + outline.shape[1] / 2)
-        result = pipe.insert(background.image, background.semantic_map, outline, centre, request,
-                             spacing_mm=background.spacing_mm, steps=steps, guidance_scale=setting.guidance_scale,
-                             cfg_scale=setting.cfg_scale, seed=seed * 7919 + i)
+        with _targets_of(pipe, setting):
+            result = pipe.insert(background.image, background.semantic_map, outline, centre, request,
+                                 spacing_mm=background.spacing_mm, steps=steps, guidance_scale=setting.guidance_scale,
+                                 cfg_scale=setting.cfg_scale, seed=seed * 7919 + i)
         mask = result.nodule_mask > 0
         hu = unit_to_hu(result.image)
         mean_hu.append(float(hu[mask].mean()))
@@ -366,9 +382,10 @@ def guidance_grid(pipe: LSDMPipeline, background: Background, settings: tuple[Gu
     grid = np.zeros((5, len(settings), crop_px, crop_px), np.float32)
     for row, level in enumerate(range(1, 6)):
         for col, setting in enumerate(settings):
-            result = pipe.insert(background.image, background.semantic_map, outline, centre, {"malignancy": float(level)},
-                                 spacing_mm=background.spacing_mm, steps=steps, guidance_scale=setting.guidance_scale,
-                                 cfg_scale=setting.cfg_scale, seed=seed)
+            with _targets_of(pipe, setting):
+                result = pipe.insert(background.image, background.semantic_map, outline, centre,
+                                     {"malignancy": float(level)}, spacing_mm=background.spacing_mm, steps=steps,
+                                     guidance_scale=setting.guidance_scale, cfg_scale=setting.cfg_scale, seed=seed)
             grid[row, col] = unit_to_hu(nodule_crops(result.image[None], [centre], crop_px)[0])
     return grid
 

@@ -1,4 +1,4 @@
-"""``lsdm-aug train autoencoder|diffusion|classifiers``: one command per stage, resumable, torchrun-ready.
+"""``lsdm-aug train autoencoder|diffusion|classifiers|calibrate``: one command per stage, resumable, torchrun-ready.
 
 Several processes: ``torchrun --nproc_per_node 2 -m lsdm_aug.cli train autoencoder ...`` (gloo on CPU).
 """
@@ -85,3 +85,21 @@ def classifiers(recipe: Recipe, data: Data, out: Out, device: Device = "", seed:
 def spade_gan(recipe: Recipe, data: Data, out: Out, device: Device = "", seed: Seed = 0, steps: Steps = None) -> None:
     """Train the SPADE GAN baseline (map -> slice in one pass) of the generation benchmark."""
     _train("spade_gan", recipe, data, out, device, seed, steps)
+
+
+@app.command("calibrate")
+def calibrate(recipe: Recipe, data: Data, out: Out, device: Device = "", seed: Seed = 0,
+              per_level: Annotated[int, typer.Option(help="Nodules drawn per rating level (>= 1).")] = 32) -> None:
+    """Calibrate the trained regression classifiers in --out: their mean prediction per rating level and timestep
+    on the training split's nodules becomes the guidance target (classifiers trained by this version do it)."""
+    _check(data, out)
+    if per_level < 1:
+        fail(f"--per-level must be >= 1, got {per_level}")
+    from lsdm_aug.config import load_recipe
+    from lsdm_aug.training.calibration import calibrate_classifiers
+
+    with user_errors():
+        tables = calibrate_classifiers(load_recipe(recipe), data, out, device or None, seed, per_level=per_level)
+    for feature, table in tables.items():
+        at_zero = ", ".join(f"{level:g}: {mean:.2f}" for level, mean in zip(table.levels, table.means[0]))
+        typer.echo(f"{feature}: mean prediction at t = 0 by level ({at_zero})")

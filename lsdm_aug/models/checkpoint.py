@@ -151,9 +151,9 @@ def save_half_precision(source: str | Path, target: str | Path) -> None:
 
 
 def weights_digest(folder: str | Path, length: int = 8) -> str:
-    """A short SHA-256 over a model folder's weight files (training states left out): two folders with the same
-    name and step counts but other weights get other digests, so nothing keyed on a model mistakes one for the
-    other.
+    """A short SHA-256 over a model folder's weight files (training states left out) and the classifiers'
+    calibrated guidance targets: two folders with the same name and step counts but other weights or targets get
+    other digests, so nothing keyed on a model mistakes one for the other.
 
     Example:
         >>> len(weights_digest(resolve_model_dir("default")))
@@ -164,7 +164,18 @@ def weights_digest(folder: str | Path, length: int = 8) -> str:
         if not path.name.endswith("_state.safetensors"):
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
+            calibration = _config_entry(path, "calibration")
+            if calibration is not None:  # guidance targets change what the model makes, like weights
+                digest.update(json.dumps(calibration, sort_keys=True).encode())
     return digest.hexdigest()[:length]
+
+
+def _config_entry(weights_path: Path, key: str) -> Any:
+    """``key`` of the JSON config beside a weights file (None when the file or the key is missing)."""
+    try:
+        return json.loads(config_path(weights_path).read_text()).get(key)
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def module_digest(module: torch.nn.Module, *extra: Any, length: int = 8) -> str:

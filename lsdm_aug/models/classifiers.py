@@ -19,7 +19,12 @@ from monai.networks.nets.diffusion_model_unet import DiffusionModelEncoder
 
 from lsdm_aug.config import FEATURES, ClassifierConfig
 
-__all__ = ["build_classifier", "output_channels"]
+__all__ = ["build_classifier", "output_channels", "classifier_file"]
+
+
+def classifier_file(feature: str) -> str:
+    """The weights file of ``feature``'s classifier in a model folder, e.g. ``classifier_texture.safetensors``."""
+    return f"classifier_{feature}.safetensors"
 
 
 def output_channels(feature: str) -> int:

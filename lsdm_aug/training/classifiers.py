@@ -6,7 +6,8 @@ with that timestep. Nodules are drawn label-balanced (each malignancy class, or 
 1..5 level of a regression feature, equally often) and an EMA of the weights (thesis: 0.9999, with
 a warm-up) is what gets saved. Optionally, nodules with an indeterminate malignancy rating are left
 out of the malignancy classifier's training (``train_classifiers.malignancy_ambiguous``) and the
-decoded crops are flipped and rotated (``train_classifiers.augment``).
+decoded crops are flipped and rotated (``train_classifiers.augment``). At the end the regressions are
+calibrated (:mod:`lsdm_aug.training.calibration`): their mean prediction per level, the guidance targets.
 
 Validation reports, at t = 0, 200 and 500, the malignancy accuracy and balanced accuracy on every
 held-out nodule and the balanced accuracy on the clear ones (outside the ambiguous range), and the
@@ -30,20 +31,17 @@ import torch
 from lsdm_aug.config import Recipe
 from lsdm_aug.data.prepared import PreparedDataset
 from lsdm_aug.models.checkpoint import load_training_state, save_training_state, save_weights
-from lsdm_aug.models.classifiers import build_classifier
+from lsdm_aug.models.classifiers import build_classifier, classifier_file
 from lsdm_aug.progress import make_progress
 from lsdm_aug.sampling.guidance import MALIGNANCY, LatentBox, feature_loss
 from lsdm_aug.sampling.schedulers import training_scheduler
+from lsdm_aug.training.calibration import calibrate_classifiers
 from lsdm_aug.training.common import EMA, DistributedContext, load_split_arrays
 from lsdm_aug.training.diffusion import LatentData, load_autoencoder
 
-__all__ = ["train_classifiers", "NoduleCrops", "classifier_file", "balanced_levels", "ambiguous_malignancy", "augment"]
+__all__ = ["train_classifiers", "NoduleCrops", "balanced_levels", "ambiguous_malignancy", "augment"]
 
 STATE_FILE = "classifiers_state.safetensors"
-
-
-def classifier_file(feature: str) -> str:
-    return f"classifier_{feature}.safetensors"
 
 
 def balanced_levels(feature: str, ratings: np.ndarray) -> np.ndarray:
@@ -230,4 +228,6 @@ def train_classifiers(recipe: Recipe, data_dir: str | Path, model_dir: str | Pat
                                                      "ema_updates": emas[features[0]].updates})
                 context.barrier()
     context.close()
+    if context.is_main and history:
+        calibrate_classifiers(recipe, data_dir, model_dir, str(context.device), seed)
     return history[-1] if history else {}

@@ -37,6 +37,8 @@ def test_model_quality_writes_every_gate(tmp_path, smoke_models, phantom_dataset
                             tmp_path / "q" / "model_quality.json")
     assert "| feature | none | classifier s=1 | cfg w=2 |" in card and "![guidance grid](guidance_grid.png)" in card
     assert "feature vector (CFG: malignancy, lobulation, spiculation, texture, calcification)" in card
+    texture_row = next(line for line in card.splitlines() if line.startswith("| classifier: texture"))
+    assert "guidance targets (its mean on real nodules per level, t = 0): " in texture_row
     assert (model / "guidance_grid.png").read_bytes() == grid.read_bytes()  # the card's picture beside it
 
 
@@ -112,3 +114,17 @@ def test_two_workers_split_the_sections_and_give_the_same_figures(tmp_path, smok
     assert two["other_spacings"]["2.8"]["levels"].keys() == one["other_spacings"]["2.8"]["levels"].keys()
     with pytest.raises(ValueError, match="workers must be 1 or 2, got 3"):
         run_model_quality(QualitySettings(**base, out=str(tmp_path / "three")), progress=False, workers=3)
+
+
+def test_a_raw_targets_setting_guides_to_the_ratings_and_restores_the_pipeline(smoke_models):
+    from lsdm_aug.benchmarks.model_quality import DEFAULT_SETTINGS, _targets_of
+    from lsdm_aug.pipeline import LSDMPipeline
+
+    pipe = LSDMPipeline.from_pretrained(smoke_models, device="cpu")
+    assert pipe.calibrated_targets and pipe.calibrations
+    raw = next(s for s in DEFAULT_SETTINGS if s.raw_targets)
+    assert (raw.guidance_scale, raw.cfg_scale) == (1.0, 1.0)  # the default, to compare with "both s=1 w=1"
+    with pytest.raises(RuntimeError), _targets_of(pipe, raw):
+        assert not pipe.calibrated_targets
+        raise RuntimeError("an insertion failed")
+    assert pipe.calibrated_targets

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lsdm_aug.sampling.guidance import ClassifierGuidance, LatentBox, feature_loss, latent_nodule_mask
+from lsdm_aug.sampling.guidance import (ClassifierGuidance, LatentBox, TargetCalibration, feature_loss,
+                                       latent_nodule_mask)
 
 LATENT_SCALE = 2.0
 BOX = LatentBox(top=2, left=3, size=4)
@@ -188,3 +189,59 @@ def test_boxes_of_different_sizes_in_one_batch_are_refused(setup):
     classifiers, _, _, mask = setup
     with pytest.raises(ValueError, match="one size"):
         ClassifierGuidance(decode, classifiers, {"malignancy": 5}, [BOX, LatentBox(0, 0, 2)], mask)
+
+
+# ---- calibrated targets ------------------------------------------------------------------------------------------
+
+TABLE = TargetCalibration(timesteps=(0, 500, 999), levels=(1.0, 3.0, 5.0),
+                          means=((1.8, 3.0, 4.2), (2.6, 3.0, 3.4), (3.0, 3.0, 3.1)), counts=(4, 4, 4))
+
+
+def test_calibration_gives_the_table_at_its_points_and_interpolates_between():
+    at_points = TABLE.target(torch.tensor([1.0, 5.0, 3.0]), torch.tensor([0, 500, 999]))
+    assert torch.allclose(at_points, torch.tensor([1.8, 3.4, 3.0]))
+    between = TABLE.target(torch.tensor([4.0]), torch.tensor([250]))  # level 4: mid of 3 and 5; t 250: mid
+    assert torch.allclose(between, torch.tensor([(3.0 + 4.2 + 3.0 + 3.4) / 4]))
+    assert torch.allclose(TABLE.target(torch.tensor([5.0]), torch.tensor([1200])), torch.tensor([3.1]))
+
+
+def test_calibration_survives_its_dictionary():
+    assert TargetCalibration.from_dict(TABLE.to_dict()) == TABLE
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"means": ((1.0, 2.0),)}, r"3 timesteps x 3 levels, got shape \(1, 2\)"),
+    ({"timesteps": (0, 999, 500)}, r"timesteps must increase, got \[0, 999, 500\]"),
+    ({"levels": (1.0, 1.0, 5.0)}, r"levels must increase"),
+    ({"means": ((1.0, float("nan"), 3.0),) * 3}, r"finite"),
+])
+def test_bad_calibrations_are_named(kwargs, message):
+    fields = {"timesteps": TABLE.timesteps, "levels": TABLE.levels, "means": TABLE.means} | kwargs
+    with pytest.raises(ValueError, match=message):
+        TargetCalibration(**fields)
+    with pytest.raises(ValueError, match="timesteps, levels and means"):
+        TargetCalibration.from_dict({"levels": [1, 2]})
+
+
+def test_a_calibrated_regression_is_guided_to_the_classifiers_mean_for_that_level(setup):
+    """The closed form with the calibrated target in place of the rating; malignancy keeps its class."""
+    classifiers, weights, latent, mask = setup
+    t = torch.tensor([500])
+    crop = latent[..., BOX.rows, BOX.cols]
+    calibrated = ClassifierGuidance(decode, classifiers, {"lobulation": 5, "malignancy": 5}, BOX, mask, scale=1.0,
+                                    latent_scale=LATENT_SCALE,
+                                    calibrations={"lobulation": TABLE, "malignancy": TABLE})(latent, t)
+    expected, _ = expected_score(weights, {"lobulation": 3.4, "malignancy": 5}, crop, mask, 1.0)
+    assert torch.allclose(calibrated[..., BOX.rows, BOX.cols], expected, atol=1e-6)
+    raw = guidance(classifiers, {"lobulation": 5, "malignancy": 5}, mask, 1.0)(latent, t)
+    assert (raw - calibrated).abs().max() > 1e-3
+
+
+def test_no_push_where_the_classifier_already_says_the_calibrated_level(setup):
+    classifiers, weights, latent, mask = setup
+    crop = latent[..., BOX.rows, BOX.cols]
+    said = float(score_of(weights["spiculation"], crop))
+    flat = TargetCalibration((0, 999), (1.0, 5.0), ((said, said), (said, said)))
+    score = ClassifierGuidance(decode, classifiers, {"spiculation": 5}, BOX, mask, scale=2.0,
+                               latent_scale=LATENT_SCALE, calibrations={"spiculation": flat})(latent, torch.tensor([7]))
+    assert score.abs().max() < 1e-5
