@@ -224,6 +224,7 @@ def _fake_report(tmp_path) -> dict:
     run = {"cpm": 0.5, "sensitivity": 0.4, "false_positives_per_slice": 1.0, "dice": 0.3, "minutes": 2.0,
            "sensitivity_at": {str(float(r)): 0.5 for r in (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)},
            "sensitivity_by_malignancy": {"3": 0.5}, "sensitivity_by_malignancy_at_operating_point": {"3": 0.6},
+           "sensitivity_by_size_at_operating_point": {"< 6 mm": 0.25, ">= 10 mm": 1.0},
            "froc": {"fps_per_slice": [0.0, 1.0, 4.0], "sensitivity": [0.0, 0.5, 0.7]}}
     from lsdm_aug.benchmarks.detection.scoring import summary
     from dataclasses import asdict
@@ -247,6 +248,7 @@ def test_the_report_has_its_tables_and_plots(tmp_path):
     assert "| real | 0.400 ± 0.010 | 0.800 ± 0.010 |" in markdown  # the curve, by training-set size
     assert "patch 128 x 128 px" in markdown and "network step 180 ms" in markdown
     assert "4.0 min for the 4 runs" not in markdown and "8 min for the 4 runs timed" in markdown
+    assert "| arm | < 6 mm | >= 10 mm |" in markdown and "| real | 0.25 ± 0.00 | 1.00 ± 0.00 |" in markdown
     save_froc_png(report, tmp_path / "froc.png")
     save_curve_png(report, tmp_path / "curve.png")
     for name in ("froc.png", "curve.png"):
@@ -298,6 +300,8 @@ def test_every_arm_trains_predicts_and_is_scored_then_a_rerun_skips_them(tmp_pat
         levels = {str(int(np.floor(m + 0.5))) for m in lesions.query("lesion > 0").malignancy}
         at_operating_point = run["sensitivity_by_malignancy_at_operating_point"]
         assert set(at_operating_point) == levels and all(0 <= v <= 1 for v in at_operating_point.values())
+        by_size = run["sensitivity_by_size_at_operating_point"]
+        assert by_size and set(by_size) <= {"< 6 mm", "6-10 mm", ">= 10 mm"}
         assert run["operating_score"] is None or 0 <= run["operating_score"] <= 1
         assert run["minutes"] > 0  # the wall time the run's done.json recorded
         assert len(run["froc"]["fps_per_slice"]) == len(run["froc"]["sensitivity"]) >= 1
@@ -378,3 +382,12 @@ def test_the_report_says_when_the_detector_is_2_5d(tmp_path):
     assert "2.5D" not in detection_markdown(report)
     report["recipe"] |= {"neighbour_slices": 1, "slice_thickness_mm": 2.5}
     assert "1 slice(s) on each side, 2.5 mm apart, are 2 more nnU-Net input channels" in detection_markdown(report)
+
+
+def test_lesions_are_grouped_by_the_diameter_of_their_labelled_area():
+    from lsdm_aug.benchmarks.detection.scoring import size_group
+
+    disk = np.hypot(*np.mgrid[-20:21, -20:21]) <= 10  # 21 px across
+    assert size_group(disk, (0.25, 0.25)) == "< 6 mm"  # about 5.3 mm
+    assert size_group(disk, (0.4, 0.4)) == "6-10 mm"  # about 8.4 mm
+    assert size_group(disk, (0.5, 0.5, 2.5)) == ">= 10 mm"  # about 10.5 mm; the slice thickness plays no part

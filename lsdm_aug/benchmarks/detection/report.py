@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from lsdm_aug.benchmarks.detection.runs import CONFIGURATION
+from lsdm_aug.benchmarks.detection.scoring import SIZE_GROUPS_MM
 from lsdm_aug.data.prepared import atomic_write_figure
 from lsdm_aug.metrics.detection import LUNA16_FP_RATES
 
@@ -114,6 +115,8 @@ def _headline_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+SIZE_ORDER = (f"< {SIZE_GROUPS_MM[0]:g} mm", f"{SIZE_GROUPS_MM[0]:g}-{SIZE_GROUPS_MM[1]:g} mm",
+              f">= {SIZE_GROUPS_MM[1]:g} mm")
 BASELINE_CPM = 0.5  # a real-only detector below this learns too little for the benchmark to judge synthetic data
 
 
@@ -142,6 +145,20 @@ def _malignancy_lines(report: dict[str, Any]) -> list[str]:
             by = result["summary"][key]
             lines.append(f"| {arm} | " + " | ".join(_spread(by[str(m)], 2) if str(m) in by else "-"
                                                     for m in range(1, 6)) + " |")
+    return lines
+
+
+def _size_lines(report: dict[str, Any]) -> list[str]:
+    """Sensitivity per lesion diameter (equivalent circle on the labelled slice) at the FROC operating point."""
+    key = "sensitivity_by_size_at_operating_point"
+    groups = [g for g in SIZE_ORDER if any(g in result["summary"].get(key, {}) for result in report["arms"].values())]
+    if not groups:
+        return []
+    lines = ["", f"Sensitivity per lesion diameter, at the FROC operating point of {report['recipe']['operating_fps']:g} "
+                 "FPs per slice:", "", "| arm | " + " | ".join(groups) + " |", "| --- " * (len(groups) + 1) + "|"]
+    for arm, result in report["arms"].items():
+        by = result["summary"].get(key, {})
+        lines.append(f"| {arm} | " + " | ".join(_spread(by[g], 2) if g in by else "-" for g in groups) + " |")
     return lines
 
 
@@ -280,7 +297,7 @@ def detection_markdown(report: dict[str, Any]) -> str:
     """The report's Markdown (``detection.md``)."""
     lines = ["# Downstream detection with nnU-Net v2", "", *_setup_lines(report), "", *_headline_lines(report),
              *_baseline_lines(report), "", "FROC per arm (mean ± std over seeds): `froc.png`.",
-             *_malignancy_lines(report),
+             *_malignancy_lines(report), *_size_lines(report),
              *_comparison_lines(report), *_diagnosis_lines(report), *_curve_lines(report), *_profile_lines(report),
              *_time_lines(report)]
     return "\n".join(lines) + "\n"

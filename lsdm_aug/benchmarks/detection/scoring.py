@@ -27,7 +27,7 @@ import pandas as pd
 from lsdm_aug.data.nnunet_format import read_case
 from lsdm_aug.metrics.detection import CaseDetections, detect_case, dice, froc, score_at_rate, sensitivity_by_group
 
-__all__ = ["evaluate", "summary", "paired_difference", "bootstrap_cpm"]
+__all__ = ["evaluate", "summary", "paired_difference", "bootstrap_cpm", "size_group"]
 
 
 def _foreground(predictions: Path | int, case_id: str, shape: tuple[int, ...], noise) -> np.ndarray:
@@ -49,15 +49,16 @@ def evaluate(test: Path, predictions: Path | int, threshold: float, peaks: int =
     ``threshold``). Sensitivity, false positives and Dice are read at ``threshold``; the per-malignancy
     sensitivity also at the score where the FROC reaches ``operating_fps`` per slice."""
     lesions = pd.read_csv(test / "lesions.csv")
-    cases, groups, fps, predicted, reference = [], [], [], [], []
+    cases, groups, sizes, fps, predicted, reference = [], [], [], [], [], []
     noise = np.random.default_rng(predictions) if isinstance(predictions, int) else None
     for case_id in sorted(lesions.case_id.unique()):
-        _, instances, _ = read_case(test, case_id)
+        _, instances, spacing = read_case(test, case_id)
         foreground = _foreground(predictions, case_id, instances.shape, noise)
         case = detect_case(foreground, instances, threshold, instances=True, peaks=peaks)
         cases.append(case)
         rows = lesions[(lesions.case_id == case_id) & (lesions.lesion > 0)]
         groups.append({int(r.lesion): int(np.floor(r.malignancy + 0.5)) for r in rows.itertuples()})
+        sizes.append({int(r.lesion): size_group(instances == r.lesion, spacing) for r in rows.itertuples()})
         predicted.append((foreground >= threshold).ravel())
         reference.append((instances > 0).ravel())
         fps.append(case.false_positives(threshold))
@@ -71,10 +72,23 @@ def evaluate(test: Path, predictions: Path | int, threshold: float, peaks: int =
                                              sensitivity_by_group(cases, groups, threshold).items()},
                "sensitivity_by_malignancy_at_operating_point": {
                    str(k): v for k, v in sensitivity_by_group(cases, groups, operating).items()},
+               "sensitivity_by_size": {k: v for k, v in sensitivity_by_group(cases, sizes, threshold).items()},
+               "sensitivity_by_size_at_operating_point": {
+                   k: v for k, v in sensitivity_by_group(cases, sizes, operating).items()},
                "operating_score": operating if np.isfinite(operating) else None,  # None: no candidate fits the rate
                "froc": {"fps_per_slice": result.fps_per_image.tolist(), "sensitivity": result.sensitivity.tolist()},
                "lesions": result.lesions, "slices": result.images}
     return figures, cases
+
+
+SIZE_GROUPS_MM = (6.0, 10.0)  # lesion diameter bins: < 6, 6-10, >= 10 mm
+
+
+def size_group(mask: np.ndarray, spacing: tuple[float, ...]) -> str:
+    """A lesion's diameter bin (its area's equivalent circle on the labelled slice, in mm), e.g. ``"6-10 mm"``."""
+    diameter = 2.0 * np.sqrt(float(mask.sum()) * float(spacing[0]) * float(spacing[1]) / np.pi)
+    low, high = SIZE_GROUPS_MM
+    return f"< {low:g} mm" if diameter < low else f"{low:g}-{high:g} mm" if diameter < high else f">= {high:g} mm"
 
 
 def summary(runs: list[dict]) -> dict[str, Any]:
@@ -87,6 +101,10 @@ def summary(runs: list[dict]) -> dict[str, Any]:
     levels = sorted({level for r in runs for level in r["sensitivity_by_malignancy"]})
     for key in ("sensitivity_by_malignancy", "sensitivity_by_malignancy_at_operating_point"):
         out[key] = {level: spread([r[key].get(level, np.nan) for r in runs]) for level in levels}
+    for key in ("sensitivity_by_size", "sensitivity_by_size_at_operating_point"):
+        groups = sorted({group for r in runs for group in r.get(key, {})})
+        if groups:
+            out[key] = {group: spread([r[key].get(group, np.nan) for r in runs]) for group in groups}
     out["sensitivity_at"] = {rate: spread([r["sensitivity_at"][rate] for r in runs])
                              for rate in runs[0]["sensitivity_at"]}
     return out
