@@ -151,9 +151,10 @@ def save_half_precision(source: str | Path, target: str | Path) -> None:
 
 
 def weights_digest(folder: str | Path, length: int = 8) -> str:
-    """A short SHA-256 over a model folder's weight files (training states left out) and the classifiers'
-    calibrated guidance targets: two folders with the same name and step counts but other weights or targets get
-    other digests, so nothing keyed on a model mistakes one for the other.
+    """A short SHA-256 over a model folder's weight files (training states left out), the classifiers' calibrated
+    guidance targets and the U-Net's default classifier-free guidance scale (when its config sets one): two folders
+    with the same name and step counts but other weights, targets or defaults get other digests, so nothing keyed
+    on a model mistakes one for the other.
 
     Example:
         >>> len(weights_digest(resolve_model_dir("default")))
@@ -164,9 +165,12 @@ def weights_digest(folder: str | Path, length: int = 8) -> str:
         if not path.name.endswith("_state.safetensors"):
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
-            calibration = _config_entry(path, "calibration")
-            if calibration is not None:  # guidance targets change what the model makes, like weights
+            calibration = _config_entry(path, "calibration")  # guidance targets and defaults change what the
+            if calibration is not None:                          # model makes, like weights
                 digest.update(json.dumps(calibration, sort_keys=True).encode())
+            default_cfg_scale = _config_entry(path, "default_cfg_scale")
+            if default_cfg_scale is not None:
+                digest.update(json.dumps({"default_cfg_scale": default_cfg_scale}).encode())
     return digest.hexdigest()[:length]
 
 

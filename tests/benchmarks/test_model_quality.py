@@ -15,14 +15,18 @@ def test_model_quality_writes_every_gate(tmp_path, smoke_models, phantom_dataset
     settings = QualitySettings(data=str(phantom_dataset), model=str(smoke_models), out=str(tmp_path / "q"), count=2,
                                steps=2, evaluator_steps=2, generated_slices=2, features=("malignancy",),
                                settings=(GuidanceSetting("none", 0.0, 0.0), GuidanceSetting("classifier s=1", 1.0, 0.0),
-                                         GuidanceSetting("cfg w=2", 0.0, 2.0)),
+                                         GuidanceSetting("cfg w=2", 0.0, 2.0), GuidanceSetting("both", 1.0, 1.0)),
                                other_spacings=((2.8, 128),))
     report = run_model_quality(settings, progress=False)
     saved = json.loads((tmp_path / "q" / "model_quality.json").read_text())
     assert saved["model"] == report["model"]
     names = [name for name, _, _ in gates(report)]
     assert any("SSIM" in n for n in names) and any("at 2.8 mm" in n for n in names)
-    assert set(report["control"]["per_feature"]["malignancy"]) == {"none", "classifier s=1", "cfg w=2"}
+    # control gates at the model's default (s = 1, w = its default cfg_scale, 1 for the smoke U-Net)
+    malignancy = next(g for g in gates(report) if g[0].startswith("malignancy AUC"))
+    expected = report["control"]["per_feature"]["malignancy"]["both"]
+    assert malignancy[0] == "malignancy AUC >= 0.85 at the default (both)" and malignancy[1].startswith(f"{expected:.3f}")
+    assert set(report["control"]["per_feature"]["malignancy"]) == {"none", "classifier s=1", "cfg w=2", "both"}
     assert report["control"]["guidance_alone"][0]["frechet_vs_none"] == 1.0
     sensitivity = report["feature_sensitivity"]  # the smoke U-Net is feature-conditioned
     assert set(sensitivity["relative_change"]) == {"100", "500", "900"}
@@ -35,7 +39,7 @@ def test_model_quality_writes_every_gate(tmp_path, smoke_models, phantom_dataset
     shutil.copytree(smoke_models, model)
     card = write_model_card(model, "lsdm-aug prepare phantom ...", ["lsdm-aug train ..."],
                             tmp_path / "q" / "model_quality.json")
-    assert "| feature | none | classifier s=1 | cfg w=2 |" in card and "![guidance grid](guidance_grid.png)" in card
+    assert "| feature | none | classifier s=1 | cfg w=2 | both |" in card and "![guidance grid](guidance_grid.png)" in card
     assert "feature vector (CFG: malignancy, lobulation, spiculation, texture, calcification)" in card
     texture_row = next(line for line in card.splitlines() if line.startswith("| classifier: texture"))
     assert "guidance targets (its mean on real nodules per level, t = 0): " in texture_row

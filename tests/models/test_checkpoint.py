@@ -195,3 +195,19 @@ def test_the_weights_digest_tells_retrained_weights_apart(copy_models, smoke_mod
     tensors[name] = tensors[name] + 1e-3  # "retrained": same name, same step counts, other weights
     save_file(tensors, copy / "unet.safetensors", metadata={"format": "pt"})
     assert weights_digest(copy) != weights_digest(smoke_models)
+
+
+def test_the_weights_digest_tells_another_default_guidance_scale_apart(copy_models, smoke_models):
+    import json
+
+    from lsdm_aug.models.checkpoint import weights_digest
+
+    copy = copy_models()
+    config = json.loads((copy / "unet.json").read_text())
+    config["default_cfg_scale"] = 2.0  # the same weights, another default: other nodules by default
+    (copy / "unet.json").write_text(json.dumps(config))
+    changed = weights_digest(copy)
+    assert changed != weights_digest(smoke_models)
+    config["default_cfg_scale"] = 3.0
+    (copy / "unet.json").write_text(json.dumps(config))
+    assert weights_digest(copy) not in (changed, weights_digest(smoke_models))
