@@ -146,10 +146,11 @@ def lung_mask_from_hu(hu: np.ndarray, spacing_mm: float, min_area_mm2: float = 4
     # a small closing joins lung pieces that thin vessels cut apart, without reaching the trachea
     labels, count = ndimage.label(_closing(low, bridge_mm / spacing_mm))
     areas = ndimage.sum(low, labels, range(1, count + 1))
+    medians = ndimage.median(hu, np.where(low, labels, 0), range(1, count + 1)) if count else []  # low pixels only
     border = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])).tolist())
     min_area_px = min_area_mm2 / spacing_mm**2
-    keep = [k for k, area in enumerate(areas, start=1)  # drop small air (trachea, gas) and the air around the patient
-            if area >= min_area_px and _lung_like(hu[low & (labels == k)],
+    keep = [k for k, (area, median) in enumerate(zip(areas, medians), start=1)  # drop small air (trachea, gas) and
+            if area >= min_area_px and _lung_like(median,                      # the air around the patient
                                                   k in border or area > max_area_fraction * hu.size)]
     # dilation + erosion of the kept regions only: bridge the vessels that cut into the lung edge
     closed = _closing(np.isin(labels, keep), closing_mm / spacing_mm)
@@ -161,11 +162,10 @@ def lung_mask_from_hu(hu: np.ndarray, spacing_mm: float, min_area_mm2: float = 4
     return lung
 
 
-def _lung_like(values: np.ndarray, air_suspect: bool) -> bool:
-    """Whether a low-density region's HU values are lung rather than air: its median above ``AIR_HU``, and for a
-    region placed or sized like the air around a patient (``air_suspect``) clearly so (50 HU above)."""
-    median = float(np.median(values)) if values.size else -1024.0
-    return median > AIR_HU + (50.0 if air_suspect else 0.0)
+def _lung_like(median_hu: float, air_suspect: bool) -> bool:
+    """Whether a low-density region is lung rather than air: its median HU above ``AIR_HU``, and for a region placed
+    or sized like the air around a patient (``air_suspect``) clearly so (50 HU above)."""
+    return float(median_hu) > AIR_HU + (50.0 if air_suspect else 0.0)
 
 
 def semantic_map_from_hu(hu: np.ndarray, nodule_mask: np.ndarray | None = None,

@@ -165,21 +165,20 @@ def weights_digest(folder: str | Path, length: int = 8) -> str:
         if not path.name.endswith("_state.safetensors"):
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
-            calibration = _config_entry(path, "calibration")  # guidance targets and defaults change what the
-            if calibration is not None:                          # model makes, like weights
-                digest.update(json.dumps(calibration, sort_keys=True).encode())
-            default_cfg_scale = _config_entry(path, "default_cfg_scale")
-            if default_cfg_scale is not None:
-                digest.update(json.dumps({"default_cfg_scale": default_cfg_scale}).encode())
+            config = _config_or_empty(path)  # guidance targets and defaults change what the model makes
+            if config.get("calibration") is not None:
+                digest.update(json.dumps(config["calibration"], sort_keys=True).encode())
+            if config.get("default_cfg_scale") is not None:
+                digest.update(json.dumps({"default_cfg_scale": config["default_cfg_scale"]}).encode())
     return digest.hexdigest()[:length]
 
 
-def _config_entry(weights_path: Path, key: str) -> Any:
-    """``key`` of the JSON config beside a weights file (None when the file or the key is missing)."""
+def _config_or_empty(weights_path: Path) -> dict[str, Any]:
+    """The JSON config beside a weights file, or {} when it is missing or unreadable."""
     try:
-        return json.loads(config_path(weights_path).read_text()).get(key)
+        return json.loads(config_path(weights_path).read_text())
     except (OSError, json.JSONDecodeError):
-        return None
+        return {}
 
 
 def module_digest(module: torch.nn.Module, *extra: Any, length: int = 8) -> str:
