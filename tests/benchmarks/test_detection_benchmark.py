@@ -377,6 +377,19 @@ def test_the_on_the_fly_arm_gets_the_work_folder_bank_and_no_bank_count(tmp_path
     assert trainer_settings(recipe, "real", 2, tmp_path)["prob"] == 0.0  # the other arms insert nothing
 
 
+def test_the_recipe_hands_the_augmentation_and_plot_settings_to_the_trainer(tmp_path):
+    settings = trainer_settings(DetectionRecipe(), "real", 0, tmp_path)
+    assert settings["progress_plot_every"] == 10 and "scaling" not in settings and "p_scaling" not in settings
+    recipe = DetectionRecipe(p_scaling=0.5, scaling=(0.6, 1.6), progress_plot_every=1).validate()
+    settings = trainer_settings(recipe, "real+copy-paste", 0, tmp_path)
+    assert (settings["p_scaling"], settings["scaling"], settings["progress_plot_every"]) == (0.5, [0.6, 1.6], 1)
+    for bad, message in (({"scaling": (1.4, 0.7)}, "scaling must be \\[low, high\\]"),
+                         ({"p_scaling": -0.1}, "p_scaling must be in \\[0, 1\\]"),
+                         ({"progress_plot_every": 0}, "progress_plot_every must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            DetectionRecipe(**bad).validate()
+
+
 def test_the_report_says_when_the_detector_is_2_5d(tmp_path):
     report = _fake_report(tmp_path)
     assert "2.5D" not in detection_markdown(report)

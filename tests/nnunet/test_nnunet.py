@@ -181,7 +181,11 @@ def test_trainer_prepends_nodule_synth_with_the_plans_statistics(nnunet_dirs, sm
         monkeypatch.setenv(key, nnunet_dirs[key])
     monkeypatch.setenv("LSDM_AUG_NNUNET", json.dumps({"prob": 0.5, "model": str(smoke_models), "steps": 2,
                                                       "num_epochs": 3, "oversample_foreground_percent": 0.75,
-                                                      "optimizer": "adamw", "initial_lr": 0.001}))
+                                                      "optimizer": "adamw", "initial_lr": 0.001,
+                                                      "p_scaling": 0.5, "scaling": [0.6, 1.6],
+                                                      "progress_plot_every": 3}))
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+
     from lsdm_aug.nnunet.trainers.nnUNetTrainerNoduleSynth import nnUNetTrainerNoduleSynth
 
     folder = Path(nnunet_dirs["nnUNet_preprocessed"]) / "Dataset988_LsdmTrain"
@@ -197,15 +201,48 @@ def test_trainer_prepends_nodule_synth_with_the_plans_statistics(nnunet_dirs, sm
                                                  foreground_labels=[1])
     first = transforms.transforms[0]
     assert isinstance(first, NoduleSynthTransform) and first.prob == 0.5
+    spatial = [t for t in transforms.transforms if isinstance(t, SpatialTransform)]
+    assert len(spatial) == 1 and spatial[0].p_scaling == 0.5 and spatial[0].scaling == (0.6, 1.6)
+    assert spatial[0].p_rotation == 0.2  # the rest stays nnU-Net's
+    assert "scaling" not in first.synthesizer.__dict__ and "progress_plot_every" not in trainer.nodule_synth_settings
     stats = plans["foreground_intensity_properties_per_channel"]["0"]
     assert first.synthesizer.hu_mean == stats["mean"] and first.synthesizer.hu_std == stats["std"]
     for bad, message in (({"oversample_foreground_percent": 1.5},
                           "oversample_foreground_percent in LSDM_AUG_NNUNET must be in \\[0, 1\\], got 1.5"),
-                         ({"optimizer": "lion"}, "optimizer in LSDM_AUG_NNUNET must be one of \\('sgd', 'adamw'\\)")):
+                         ({"optimizer": "lion"}, "optimizer in LSDM_AUG_NNUNET must be one of \\('sgd', 'adamw'\\)"),
+                         ({"scaling": [1.4, 0.7]}, "scaling in LSDM_AUG_NNUNET must be \\[low, high\\] with 0 < low"),
+                         ({"p_scaling": 2}, "p_scaling in LSDM_AUG_NNUNET must be in \\[0, 1\\], got 2"),
+                         ({"progress_plot_every": 0}, "progress_plot_every in LSDM_AUG_NNUNET must be >= 1, got 0")):
         monkeypatch.setenv("LSDM_AUG_NNUNET", json.dumps(bad))
         with pytest.raises(ValueError, match=message):
             nnUNetTrainerNoduleSynth(plans | {"continue_training": False}, "2d", 0,  # nnU-Net pops that key
                                      json.loads((folder / "dataset.json").read_text()), device=torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_the_progress_plot_is_drawn_every_n_epochs_and_at_the_last(nnunet_dirs, monkeypatch):
+    """matplotlib costs about a second per epoch on a CPU; the epoch's log and checkpoints stay nnU-Net's."""
+    from unittest import mock
+
+    from lsdm_aug.nnunet.trainers.nnUNetTrainerNoduleSynth import nnUNetTrainerNoduleSynth
+
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(key, nnunet_dirs[key])
+    monkeypatch.setenv("LSDM_AUG_NNUNET", json.dumps({"num_epochs": 5, "progress_plot_every": 2, "prob": 0.0}))
+    folder = Path(nnunet_dirs["nnUNet_preprocessed"]) / "Dataset988_LsdmTrain"
+    plans = json.loads((folder / "nnUNetPlans.json").read_text()) | {"continue_training": False}
+    trainer = nnUNetTrainerNoduleSynth(plans, "2d", 0, json.loads((folder / "dataset.json").read_text()),
+                                       device=torch.device("cpu"))
+    trainer.initialize()
+    drawn = []
+    with mock.patch.object(trainer.logger, "plot_progress_png", side_effect=lambda _: drawn.append(trainer.current_epoch)):
+        for epoch in range(5):
+            for key, value in (("epoch_start_timestamps", 0.0), ("train_losses", 0.5), ("val_losses", 0.5),
+                               ("mean_fg_dice", 0.1 * epoch), ("dice_per_class_or_region", [0.1 * epoch])):
+                trainer.logger.log(key, value, epoch)
+            trainer.on_epoch_end()
+    assert drawn == [1, 3, 4] and trainer.current_epoch == 5
+    assert (Path(trainer.output_folder) / "checkpoint_best.pth").is_file()  # the rest of the epoch's end still ran
 
 
 @pytest.mark.slow

@@ -18,7 +18,8 @@ from lsdm_aug.data.prepared import HU_RANGE
 __all__ = ["ARMS", "DetectionRecipe", "load_detection_recipe"]
 
 ARMS = ("real", "real+synthetic", "real+on-the-fly", "real+copy-paste", "real+synthetic-unguided")
-TUPLE_KEYS = ("arms", "seeds", "features_per_stage", "ct_window", "patch_size", "curve_train_patients", "curve_arms")
+TUPLE_KEYS = ("arms", "seeds", "features_per_stage", "ct_window", "patch_size", "curve_train_patients", "curve_arms",
+              "scaling")
 
 
 @dataclass
@@ -30,7 +31,9 @@ class DetectionRecipe:
     prepared dataset's train / test splits (e.g. LIDC). ``patch_size`` (None: nnU-Net's plan) and
     ``features_per_stage`` reduce nnU-Net's 2d plan; ``oversample_foreground`` is the share of training patches
     nnU-Net centres on foreground (None: its 0.33); ``optimizer`` / ``initial_lr``: nnU-Net's SGD or its AdamW
-    variant (None: nnU-Net's 0.01); ``workers`` (arm, seed) runs share the CPU cores.
+    variant (None: nnU-Net's 0.01); ``p_scaling`` / ``scaling``: the spatial augmentation's scaling (None:
+    nnU-Net's 0.2 and (0.7, 1.4)); ``progress_plot_every``: epochs between nnU-Net's progress plots (1: nnU-Net's
+    every epoch); ``workers`` (arm, seed) runs share the CPU cores.
     ``curve_train_patients``: more real training-set sizes, each trained with ``curve_arms``.
     ``neighbour_slices`` > 0 makes the detector 2.5D: each case is a phantom slab (:mod:`lsdm_aug.data.phantom_slab`)
     whose middle slice is labelled and whose ``neighbour_slices`` slices on each side, ``slice_thickness_mm``
@@ -70,6 +73,9 @@ class DetectionRecipe:
     oversample_foreground: float | None = None
     optimizer: str = "sgd"
     initial_lr: float | None = None
+    p_scaling: float | None = None
+    scaling: tuple[float, float] | None = None
+    progress_plot_every: int = 10
     dataset_id: int = 900
     threshold: float = 0.5
     candidates_per_slice: int = 16
@@ -119,10 +125,20 @@ class DetectionRecipe:
         if self.optimizer not in ("sgd", "adamw") or (self.initial_lr is not None and not self.initial_lr > 0):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw' and initial_lr > 0 or null (nnU-Net's 0.01), got "
                              f"{self.optimizer!r} and {self.initial_lr!r}")
+        self._validate_augmentation()
         self._validate_slabs()
         if any(n < 1 for n in self.curve_train_patients):
             raise ValueError(f"curve_train_patients must be >= 1, got {list(self.curve_train_patients)}")
         return self
+
+    def _validate_augmentation(self) -> None:
+        if self.p_scaling is not None and not 0 <= self.p_scaling <= 1:
+            raise ValueError(f"p_scaling must be in [0, 1] or null (nnU-Net's 0.2), got {self.p_scaling!r}")
+        if self.scaling is not None and not (len(self.scaling) == 2 and 0 < self.scaling[0] <= self.scaling[1]):
+            raise ValueError(f"scaling must be [low, high] with 0 < low <= high or null (nnU-Net's [0.7, 1.4]), got "
+                             f"{self.scaling!r}")
+        if self.progress_plot_every < 1:
+            raise ValueError(f"progress_plot_every must be >= 1 (1: every epoch), got {self.progress_plot_every!r}")
 
     def _validate_slabs(self) -> None:
         from lsdm_aug.data.phantom_slab import MAX_SLICES, THICKNESS_RANGE_MM

@@ -99,12 +99,17 @@ def reduced_configuration(configuration_2d: dict, recipe: DetectionRecipe) -> di
 def trainer_settings(recipe: DetectionRecipe, arm: str, seed: int, work: Path) -> dict[str, Any]:
     """``LSDM_AUG_NNUNET`` of one (arm, seed): the budget and seed; NoduleSynth settings for the on-the-fly arm."""
     settings = {"num_epochs": recipe.num_epochs, "num_iterations_per_epoch": recipe.iterations_per_epoch,
-                "num_val_iterations_per_epoch": recipe.val_iterations_per_epoch, "seed": seed, "prob": 0.0}
+                "num_val_iterations_per_epoch": recipe.val_iterations_per_epoch, "seed": seed, "prob": 0.0,
+                "progress_plot_every": recipe.progress_plot_every}
     if recipe.oversample_foreground is not None:
         settings["oversample_foreground_percent"] = recipe.oversample_foreground
     settings["optimizer"] = recipe.optimizer
     if recipe.initial_lr is not None:
         settings["initial_lr"] = recipe.initial_lr
+    if recipe.p_scaling is not None:
+        settings["p_scaling"] = recipe.p_scaling
+    if recipe.scaling is not None:
+        settings["scaling"] = list(recipe.scaling)
     if arm == "real+on-the-fly":
         on_the_fly = {k: v for k, v in recipe.on_the_fly.items() if k != "bank_count"}
         if on_the_fly.get("bank") == "build":  # the bank that ensure_bank builds in the work folder

@@ -24,6 +24,7 @@ from unittest import mock
 import numpy as np
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as nnunet_trainer_module
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -34,6 +35,7 @@ from lsdm_aug.transforms.nnunet import NoduleSynthTransform
 _BUDGET_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch")
 _FRACTION_KEYS = ("oversample_foreground_percent",)
 _OPTIMIZER_KEYS = ("optimizer", "initial_lr")
+_AUGMENTATION_KEYS = ("p_scaling", "scaling")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -67,6 +69,27 @@ def nodule_label_value(foreground_labels: list[int] | None, requested: int | Non
     if int(requested) not in labels:
         raise ValueError(f"label_value {requested} is not among the dataset's foreground labels {labels}")
     return int(requested)
+
+
+def spatial_scaling(settings: dict) -> dict[str, float | tuple[float, float]]:
+    """The spatial augmentation's scaling from ``LSDM_AUG_NNUNET`` (``p_scaling`` in [0, 1], ``scaling`` a range
+    of positive factors, low <= high); only the keys given, the rest stay nnU-Net's.
+
+    Example:
+        >>> spatial_scaling({"p_scaling": 0.5, "scaling": [0.6, 1.6]})
+        {'p_scaling': 0.5, 'scaling': (0.6, 1.6)}
+    """
+    chosen: dict[str, float | tuple[float, float]] = {}
+    if "p_scaling" in settings:
+        chosen["p_scaling"] = float(settings["p_scaling"])
+        if not 0.0 <= chosen["p_scaling"] <= 1.0:
+            raise ValueError(f"p_scaling in LSDM_AUG_NNUNET must be in [0, 1], got {settings['p_scaling']!r}")
+    if "scaling" in settings:
+        value = settings["scaling"]
+        if not (isinstance(value, (list, tuple)) and len(value) == 2 and 0 < float(value[0]) <= float(value[1])):
+            raise ValueError(f"scaling in LSDM_AUG_NNUNET must be [low, high] with 0 < low <= high, got {value!r}")
+        chosen["scaling"] = (float(value[0]), float(value[1]))
+    return chosen
 
 
 def axial_axis(transpose_forward: Sequence[int], patch_dims: int) -> int:
@@ -114,7 +137,12 @@ class nnUNetTrainerNoduleSynth(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming
             self.initial_lr = float(settings["initial_lr"])
             if not self.initial_lr > 0:
                 raise ValueError(f"initial_lr in LSDM_AUG_NNUNET must be > 0, got {settings['initial_lr']!r}")
-        trainer_keys = _BUDGET_KEYS + _FRACTION_KEYS + _OPTIMIZER_KEYS
+        self.progress_plot_every = int(settings.get("progress_plot_every", 1))
+        if self.progress_plot_every < 1:
+            raise ValueError(f"progress_plot_every in LSDM_AUG_NNUNET must be >= 1, got "
+                             f"{settings['progress_plot_every']!r}")
+        self.spatial_scaling = spatial_scaling(settings)
+        trainer_keys = _BUDGET_KEYS + _FRACTION_KEYS + _OPTIMIZER_KEYS + _AUGMENTATION_KEYS + ("progress_plot_every",)
         self.nodule_synth_settings = {k: v for k, v in settings.items() if k not in trainer_keys}
 
     def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
@@ -135,7 +163,19 @@ class nnUNetTrainerNoduleSynth(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming
                                      **{"device": "cpu", **settings})
         if synth.prob > 0 and synth.synthesizer.mode == "insert":  # insertion looks for lung in the patch
             check_lung_window(properties)
+        for transform in base.transforms:
+            if isinstance(transform, SpatialTransform):
+                for key, value in self.spatial_scaling.items():
+                    setattr(transform, key, value)
         return ComposeTransforms([synth, *base.transforms])
+
+    def on_epoch_end(self):
+        """nnU-Net's epoch end, its progress plot drawn every ``progress_plot_every`` epochs and at the last."""
+        last = self.current_epoch == self.num_epochs - 1
+        if last or (self.current_epoch + 1) % self.progress_plot_every == 0:
+            return super().on_epoch_end()
+        with mock.patch.object(self.logger, "plot_progress_png"):
+            return super().on_epoch_end()
 
     def configure_optimizers(self):
         """nnU-Net's SGD, or with ``optimizer: adamw`` its ``nnUNetTrainerAdam`` (AdamW, amsgrad, poly decay)."""
