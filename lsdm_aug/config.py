@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 __all__ = [
     "FEATURES",
     "RATING_LEVELS",
+    "rating_level",
     "CONDITIONING_FEATURES",
     "AutoencoderConfig",
     "DiffusionConfig",
@@ -42,6 +44,17 @@ FEATURES = ("malignancy", "lobulation", "spiculation", "texture")  # the guided 
 #: steers (classifier-free guidance).
 RATING_LEVELS = {"malignancy": 5, "lobulation": 5, "spiculation": 5, "texture": 5, "calcification": 6}
 CONDITIONING_FEATURES = tuple(RATING_LEVELS)
+
+
+def rating_level(value: float | np.ndarray, high: int = 5) -> int | np.ndarray:
+    """The level 1..``high`` that a (mean) LIDC rating stands for: rounded half up, then clipped to the scale.
+
+    Example:
+        >>> rating_level(2.5), rating_level(np.array([0.7, 3.49, 5.2])).tolist(), rating_level(6.0, high=6)
+        (3, [1, 3, 5], 6)
+    """
+    levels = np.clip(np.floor(np.asarray(value, dtype=float) + 0.5), 1, high).astype(int)
+    return int(levels) if levels.ndim == 0 else levels
 
 
 class RecipeError(ValueError):

@@ -35,7 +35,7 @@ import torch
 from monai.metrics import MultiScaleSSIMMetric, SSIMMetric, compute_roc_auc
 
 from lsdm_aug.benchmarks.recipes import load_benchmark_recipe
-from lsdm_aug.config import FEATURES, load_recipe
+from lsdm_aug.config import FEATURES, load_recipe, rating_level
 from lsdm_aug.data.prepared import PreparedDataset, atomic_write_text
 from lsdm_aug.metrics.evaluator import NoduleEvaluator, nodule_crops
 from lsdm_aug.metrics.features import SliceFeatures, frechet_distance, train_slice_features
@@ -158,7 +158,7 @@ def held_out(data: str, count: int) -> HeldOut:
     if len(rows) < 2:
         raise ValueError(f"{data!r}: the test split needs >= 2 slices with nodules, has {len(rows)}")
     cases = [test[c] for c in rows.case_id]
-    ratings = [{f: float(np.clip(np.floor(getattr(r, f) + 0.5), 1, 5)) for f in FEATURES} for r in rows.itertuples()]
+    ratings = [{f: float(rating_level(getattr(r, f))) for f in FEATURES} for r in rows.itertuples()]
     return HeldOut(np.stack([c["image"] for c in cases]), np.stack([c["semantic_map"] for c in cases]),
                    list(zip(rows.centre_row, rows.centre_col)), ratings, [float(c["spacing_mm"]) for c in cases])
 

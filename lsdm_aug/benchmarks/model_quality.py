@@ -43,7 +43,7 @@ import torch
 from monai.metrics import compute_roc_auc
 from scipy import ndimage
 
-from lsdm_aug.config import FEATURES
+from lsdm_aug.config import FEATURES, rating_level
 from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig, free_site
 from lsdm_aug.data.prepared import (PreparedDataset, atomic_write_figure, atomic_write_npz, atomic_write_text,
                                     hu_to_unit, unit_to_hu)
@@ -267,7 +267,7 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
     nodule would make it), unless the request gives one."""
     table = usable_nodule_table()
     if non_calcified_only:
-        table = table[np.floor(table.calcification + 0.5) == NOT_CALCIFIED]
+        table = table[rating_level(table.calcification.to_numpy(), 6) == NOT_CALCIFIED]
     calcification = table.set_index("nodule_id").calcification
     tell = setting.cfg_scale > 0 and "calcification" in conditioned_features(pipe.unet)
     rng = np.random.RandomState(seed)
@@ -283,7 +283,7 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
                 break
         if site is None:
             continue
-        source_level = float(np.floor(calcification[nodule_id] + 0.5))
+        source_level = float(rating_level(calcification[nodule_id], 6))
         if tell and "calcification" not in request:
             request = {**request, "calcification": source_level}
         centre = (site[0] + outline.shape[0] / 2, site[1] + outline.shape[1] / 2)
@@ -418,12 +418,12 @@ def texture_fidelity(pipe: LSDMPipeline, backgrounds: list[Background], test: Pr
     the phantom's own test nodules of that level, and the share of saturated ones."""
     phantom = {}
     for row in test.features.itertuples():
-        if np.floor(getattr(row, "calcification", NOT_CALCIFIED) + 0.5) != NOT_CALCIFIED:
+        if rating_level(getattr(row, "calcification", NOT_CALCIFIED), 6) != NOT_CALCIFIED:
             continue
         case = test[row.case_id]
         mask = case["nodule_mask"] == row.nodule_index
         if mask.any():
-            phantom.setdefault(int(np.floor(row.texture + 0.5)), []).append(float(unit_to_hu(case["image"])[mask].mean()))
+            phantom.setdefault(rating_level(row.texture), []).append(float(unit_to_hu(case["image"])[mask].mean()))
     setting = GuidanceSetting("default", 1.0, pipe.default_cfg_scale)
     levels, saturated = {}, []
     for level in range(1, 6):

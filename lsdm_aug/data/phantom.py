@@ -36,6 +36,7 @@ import pandas as pd
 from scipy import ndimage
 from scipy.signal import fftconvolve
 
+from lsdm_aug.config import rating_level
 from lsdm_aug.data.lidc import RATING_NAMES, NoduleMaskBank, load_nodule_table
 from lsdm_aug.data.nodule_appearance import render_nodule
 from lsdm_aug.data.prepared import PreparedCase, PreparedDataset, PreparedDatasetWriter, hu_to_unit
@@ -252,7 +253,7 @@ class ChestPhantom:
         """One nodule row: as in the database, or balanced over the levels of ``config.balance``."""
         table = self.nodule_table
         for name in self.config.balance or ():
-            levels = np.clip(np.floor(table[name] + 0.5), 1, 5)
+            levels = rating_level(table[name].to_numpy())
             present = np.unique(levels)
             table = table[levels == present[rng.integers(len(present))]]
         return table.iloc[int(rng.integers(len(table)))]
@@ -575,7 +576,7 @@ def _paint(hu: np.ndarray, cover: np.ndarray, value) -> None:
 def rating_histogram(nodules: Sequence[dict] | pd.DataFrame, rating: str) -> pd.Series:
     """Share of nodules at each rounded level of ``rating`` (for comparing phantom and database)."""
     values = pd.DataFrame(nodules)[rating] if not isinstance(nodules, pd.DataFrame) else nodules[rating]
-    return np.floor(values + 0.5).astype(int).value_counts(normalize=True).sort_index()
+    return pd.Series(rating_level(values.to_numpy()), index=values.index).value_counts(normalize=True).sort_index()
 
 
 def phantom_case(phantom: ChestPhantom, index: int, seed: int) -> PreparedCase:

@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass
 
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from monai.networks.blocks.spade_norm import SPADE
 from monai.networks.nets import DiffusionModelUNet, SPADEDiffusionModelUNet
 
-from lsdm_aug.config import CONDITIONING_FEATURES, FEATURES, RATING_LEVELS, DiffusionConfig
+from lsdm_aug.config import CONDITIONING_FEATURES, FEATURES, RATING_LEVELS, DiffusionConfig, rating_level
 from lsdm_aug.data.semantic import NUM_LABELS
 
 __all__ = ["MaxPoolSPADE", "FeatureEmbedding", "build_unet", "semantic_onehot", "semantic_to_unit",
@@ -148,7 +147,7 @@ def feature_levels(features: dict[str, float] | None, count: int = 1,
             continue
         if not 1 <= float(value) <= RATING_LEVELS[name]:
             raise ValueError(f"{name} must be in 1..{RATING_LEVELS[name]}, got {value!r}")
-        row.append(int(math.floor(float(value) + 0.5)))
+        row.append(rating_level(float(value), RATING_LEVELS[name]))
     return torch.tensor([row] * count, dtype=torch.long)
 
 

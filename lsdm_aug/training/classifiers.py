@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lsdm_aug.config import Recipe
+from lsdm_aug.config import Recipe, rating_level
 from lsdm_aug.data.prepared import PreparedDataset
 from lsdm_aug.models.checkpoint import load_training_state, save_training_state, save_weights
 from lsdm_aug.models.classifiers import build_classifier, classifier_file
@@ -47,7 +47,7 @@ def balanced_levels(feature: str, ratings: np.ndarray) -> np.ndarray:
     """The label whose values are drawn equally often: benign/malignant for malignancy, the rounded level otherwise."""
     if feature == MALIGNANCY:
         return (ratings >= 3).astype(int)
-    return np.clip(np.floor(ratings + 0.5), 1, 5).astype(int)
+    return rating_level(ratings)
 
 
 class NoduleCrops:

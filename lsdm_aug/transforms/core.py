@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from lsdm_aug.bank.placement import bank_outline, place_patch, shrink_to_area
-from lsdm_aug.config import CONDITIONING_FEATURES, RATING_LEVELS
+from lsdm_aug.config import CONDITIONING_FEATURES, RATING_LEVELS, rating_level
 from lsdm_aug.data.lidc import NoduleMaskBank, load_nodule_table, resample_mask
 from lsdm_aug.data.phantom import free_site
 from lsdm_aug.data.prepared import hu_to_unit, unit_to_hu
@@ -183,7 +183,7 @@ class NoduleSynthesizer:
             elif spec == "balanced":
                 drawn[name] = float(rng.randint(1, RATING_LEVELS[name] + 1))
             else:  # "dataset": the ratings of a random LIDC nodule
-                drawn[name] = float(np.clip(np.floor(source[name] + 0.5), 1, RATING_LEVELS[name]))
+                drawn[name] = float(rating_level(source[name], RATING_LEVELS[name]))
         return drawn
 
     def _draw_outline(self, rng: np.random.RandomState, features: dict[str, float]) -> tuple[str, float]:
@@ -479,7 +479,7 @@ def choose_outline(table, features: dict[str, float], size_mm: float | None,
     requested = [name for name in SHAPE_FEATURES if name in features]
     distance = np.zeros(len(table))
     for name in requested:
-        levels = np.clip(np.floor(table[name].to_numpy() + 0.5), 1, 5)
+        levels = rating_level(table[name].to_numpy())
         distance += (levels - float(features[name])) ** 2
     distance = np.sqrt(distance)
     if size_mm is not None:

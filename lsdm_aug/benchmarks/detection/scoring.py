@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lsdm_aug.config import rating_level
 from lsdm_aug.data.nnunet_format import read_case
 from lsdm_aug.metrics.detection import CaseDetections, detect_case, dice, froc, score_at_rate, sensitivity_by_group
 
@@ -57,7 +58,7 @@ def evaluate(test: Path, predictions: Path | int, threshold: float, peaks: int =
         case = detect_case(foreground, instances, threshold, instances=True, peaks=peaks)
         cases.append(case)
         rows = lesions[(lesions.case_id == case_id) & (lesions.lesion > 0)]
-        groups.append({int(r.lesion): int(np.floor(r.malignancy + 0.5)) for r in rows.itertuples()})
+        groups.append({int(r.lesion): rating_level(r.malignancy) for r in rows.itertuples()})
         sizes.append({int(r.lesion): size_group(instances == r.lesion, spacing) for r in rows.itertuples()})
         predicted.append((foreground >= threshold).ravel())
         reference.append((instances > 0).ravel())
