@@ -390,6 +390,18 @@ def test_the_recipe_hands_the_augmentation_and_plot_settings_to_the_trainer(tmp_
             DetectionRecipe(**bad).validate()
 
 
+def test_the_report_names_the_optimizer_sampling_and_scaling_it_trained_with(tmp_path):
+    report = _fake_report(tmp_path)
+    report["recipe"] |= {"optimizer": "sgd", "initial_lr": None, "oversample_foreground": None, "p_scaling": None,
+                         "scaling": None}
+    assert ("nnU-Net's SGD from learning rate 0.01, 33% of patches centred on a nodule, scaling augmentation "
+            "0.7-1.4x on 20% of patches") in detection_markdown(report)
+    report["recipe"] |= {"optimizer": "adamw", "initial_lr": 0.003, "oversample_foreground": 0.5, "p_scaling": 0.5,
+                         "scaling": [0.6, 1.6]}
+    assert ("nnU-Net's AdamW from learning rate 0.003, 50% of patches centred on a nodule, scaling augmentation "
+            "0.6-1.6x on 50% of patches") in detection_markdown(report)
+
+
 def test_the_report_says_when_the_detector_is_2_5d(tmp_path):
     report = _fake_report(tmp_path)
     assert "2.5D" not in detection_markdown(report)

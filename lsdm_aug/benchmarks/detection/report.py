@@ -86,10 +86,22 @@ def _setup_lines(report: dict[str, Any]) -> list[str]:
             f"malignancy balanced, on the real training slices as backgrounds). {_slab_words(r)}nnU-Net 2D, configuration "
             f"`{CONFIGURATION}` = nnU-Net's 2d plan reduced to {patch} (stages as nnU-Net's planner gives that patch), "
             f"features per stage {r['features_per_stage'] or 'as planned'} and batch size {batch} in every arm; CT "
-            f"clipped to {_window_words(r.get('ct_window'))}; {r['num_epochs']} epochs x {r['iterations_per_epoch']} "
-            f"iterations; seeds {list(r['seeds'])}; nnU-Net's sliding-window predictor on whole test slices (step "
+            f"clipped to {_window_words(r.get('ct_window'))}; {_training_words(r)}; {r['num_epochs']} epochs x "
+            f"{r['iterations_per_epoch']} iterations; seeds {list(r['seeds'])}; nnU-Net's sliding-window predictor on whole test slices (step "
             f"{r.get('tile_step_size', 0.5)}, mirroring {'on' if r['test_time_mirroring'] else 'off'}). Mean ± std "
             "over seeds.", "", _candidates_sentence(r)]
+
+
+def _training_words(r: dict[str, Any]) -> str:
+    """Optimizer, foreground sampling and the augmentation's scaling, each as the recipe set it or nnU-Net's."""
+    optimizer = "AdamW" if r.get("optimizer") == "adamw" else "SGD"
+    rate = r.get("initial_lr") or 0.01
+    share = r.get("oversample_foreground")
+    share = 0.33 if share is None else share
+    p_scaling = 0.2 if r.get("p_scaling") is None else r["p_scaling"]
+    low, high = r.get("scaling") or (0.7, 1.4)
+    return (f"nnU-Net's {optimizer} from learning rate {rate:g}, {share:.0%} of patches centred on a nodule, "
+            f"scaling augmentation {low:g}-{high:g}x on {p_scaling:.0%} of patches")
 
 
 def _slab_words(r: dict[str, Any]) -> str:
