@@ -249,6 +249,7 @@ class Inserted:
     p90_hu: np.ndarray
     non_calcified: np.ndarray  # the outline's source nodule is not calcified (LIDC calcification 6)
     seconds: float = 0.0
+    request_index: np.ndarray | None = None  # which request each row answers (a request without room is left out)
 
 
 def _outline(nodule_id: str, spacing_mm: float) -> np.ndarray:
@@ -259,9 +260,10 @@ def _outline(nodule_id: str, spacing_mm: float) -> np.ndarray:
 def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests: list[dict[str, float]],
                     setting: GuidanceSetting, steps: int, seed: int, crop_px: int, crop_spacing_mm: float,
                     outline_features: list[dict[str, float]] | None = None,
-                    non_calcified_only: bool = False) -> Inserted:
+                    non_calcified_only: bool = False, nodule_ids: list[str] | None = None) -> Inserted:
     """Insert one nodule per request into the backgrounds in turn (the outline chosen by the request's shape
-    features, or by ``outline_features``; among non-calcified LIDC nodules only with ``non_calcified_only``);
+    features, or by ``outline_features``, or given as ``nodule_ids``; among non-calcified LIDC nodules only with
+    ``non_calcified_only``);
     crops resampled to ``crop_spacing_mm`` for the evaluators. Under classifier-free guidance, a U-Net conditioned
     on calcification is also asked the calcification of the outline's source nodule (a request as that real
     nodule would make it), unless the request gives one."""
@@ -271,10 +273,13 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
     calcification = table.set_index("nodule_id").calcification
     tell = setting.cfg_scale > 0 and "calcification" in conditioned_features(pipe.unet)
     rng = np.random.RandomState(seed)
-    crops, mean_hu, p90_hu, non_calcified = [], [], [], []
+    crops, mean_hu, p90_hu, non_calcified, answered = [], [], [], [], []
     started = time.perf_counter()
     for i, request in enumerate(requests):
-        nodule_id, _ = choose_outline(table, (outline_features or requests)[i], None, rng)
+        if nodule_ids is None:
+            nodule_id, _ = choose_outline(table, (outline_features or requests)[i], None, rng)
+        else:
+            nodule_id = nodule_ids[i]
         for attempt in range(len(backgrounds)):  # the next background when this one has no room in its lung
             background = backgrounds[(i + attempt) % len(backgrounds)]
             outline = _outline(nodule_id, background.spacing_mm)
@@ -296,12 +301,14 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
         mean_hu.append(float(hu[mask].mean()))
         p90_hu.append(float(np.percentile(hu[mask], 90)))
         non_calcified.append(source_level == NOT_CALCIFIED)
+        answered.append(i)
         rows, cols = np.nonzero(mask)
         zoom = background.spacing_mm / crop_spacing_mm
         image = ndimage.zoom(result.image, zoom, order=1) if abs(zoom - 1) > 0.02 else result.image
         crops.append(nodule_crops(image[None], [(rows.mean() * zoom, cols.mean() * zoom)], crop_px)[0])
     seconds = (time.perf_counter() - started) / max(len(requests), 1)
-    return Inserted(np.stack(crops), np.array(mean_hu), np.array(p90_hu), np.array(non_calcified, bool), seconds)
+    return Inserted(np.stack(crops), np.array(mean_hu), np.array(p90_hu), np.array(non_calcified, bool), seconds,
+                    np.array(answered, int))
 
 
 def _auc(high: np.ndarray, low: np.ndarray) -> float:
@@ -414,27 +421,40 @@ def save_grid_png(path: Path, grid: np.ndarray, settings: tuple[GuidanceSetting,
 
 def texture_fidelity(pipe: LSDMPipeline, backgrounds: list[Background], test: PreparedDataset, count: int, steps: int,
                      seed: int, crop_spacing_mm: float) -> dict[str, Any]:
-    """Inserted nodules' mean HU per requested texture level (non-calcified outlines, default guidance) against
-    the phantom's own test nodules of that level, and the share of saturated ones."""
-    phantom = {}
+    """Inserted nodules' mean HU per requested texture level (default guidance) against the phantom's rendering
+    of the same nodules, and the share of saturated ones.
+
+    Paired: each request of level L inserts the outline of one of the phantom's non-calcified test nodules of
+    level L (in turn), and its mean HU is compared with that very nodule's in the phantom. A nodule's mean HU
+    falls with its size (a thin rim of partial volume weighs more in a small one), and LIDC's ground-glass
+    nodules are larger than its solid ones, so random outlines would compare other sizes than the phantom's."""
+    phantom: dict[int, list[tuple[str, float]]] = {}
     for row in test.features.itertuples():
         if rating_level(getattr(row, "calcification", NOT_CALCIFIED), 6) != NOT_CALCIFIED:
             continue
         case = test[row.case_id]
         mask = case["nodule_mask"] == row.nodule_index
         if mask.any():
-            phantom.setdefault(rating_level(row.texture), []).append(float(unit_to_hu(case["image"])[mask].mean()))
+            phantom.setdefault(rating_level(row.texture), []).append(
+                (str(row.nodule_id), float(unit_to_hu(case["image"])[mask].mean())))
     setting = GuidanceSetting("default", 1.0, pipe.default_cfg_scale)
     levels, saturated = {}, []
     for level in range(1, 6):
+        nodules = phantom.get(level, [])
+        if not nodules:
+            levels[str(level)] = {"inserted_mean_hu": None, "phantom_mean_hu": None, "inserted": 0,
+                                  "phantom_nodules": 0}
+            continue
+        chosen = [nodules[i % len(nodules)] for i in range(count)]
         result = insert_requests(pipe, backgrounds, [{"texture": float(level)}] * count, setting, steps, seed + level,
-                                 pipe.recipe.classifiers.crop_px, crop_spacing_mm, non_calcified_only=True)
-        kept = result.non_calcified
-        levels[str(level)] = {"inserted_mean_hu": float(result.mean_hu[kept].mean()) if kept.any() else None,
-                              "phantom_mean_hu": float(np.mean(phantom[level])) if level in phantom else None,
-                              "inserted": int(kept.sum()), "phantom_nodules": len(phantom.get(level, []))}
-        saturated.extend((result.p90_hu[kept] >= SATURATED_HU).tolist())
-    return {"levels": levels, "saturated_share": float(np.mean(saturated)) if saturated else None}
+                                 pipe.recipe.classifiers.crop_px, crop_spacing_mm, non_calcified_only=True,
+                                 nodule_ids=[nodule_id for nodule_id, _ in chosen])
+        pairs = np.array([chosen[i][1] for i in result.request_index])
+        levels[str(level)] = {"inserted_mean_hu": float(result.mean_hu.mean()) if len(pairs) else None,
+                              "phantom_mean_hu": float(pairs.mean()) if len(pairs) else None,
+                              "inserted": int(len(pairs)), "phantom_nodules": len(nodules)}
+        saturated.extend((result.p90_hu >= SATURATED_HU).tolist())
+    return {"levels": levels, "saturated_share": float(np.mean(saturated)) if saturated else None, "paired": True}
 
 
 def insertion_speed(pipe: LSDMPipeline, background: Background, steps: int, repeats: int = 3) -> dict[str, float]:
@@ -754,11 +774,16 @@ def quality_markdown(report: dict[str, Any]) -> str:
                   "| timestep | texture 5 - texture 1 | texture 1 - not given |", "| --- | --- | --- |"]
         lines += [f"| {t} | {v['texture 5 - texture 1']:.4f} | {v['texture 1 - not given']:.4f} |"
                   for t, v in sensitivity["relative_change"].items()]
-    lines += ["", "## Texture fidelity (inserted, non-calcified, default guidance)", "",
-              "| where | texture | inserted mean HU | phantom mean HU |", "| --- | --- | --- | --- |"]
+    lines += ["", "## Texture fidelity (default guidance)", "",
+              "Paired: each phantom test nodule of a level (non-calcified) has its own outline inserted with that "
+              "texture requested; its mean HU against the same nodule's in the phantom (random outlines would "
+              "compare other sizes: LIDC's ground-glass nodules are the larger ones, and a small nodule reads darker).",
+              "", "| where | texture | inserted mean HU | phantom mean HU, same nodules | inserted |",
+              "| --- | --- | --- | --- | --- |"]
     for where, entry in [("test slices", report["texture"]), *[(f"{k} mm", v) for k, v in report["other_spacings"].items()]]:
         for level, v in entry["levels"].items():
-            lines.append(f"| {where} | {level} | {_fmt(v['inserted_mean_hu'], '.0f')} | {_fmt(v['phantom_mean_hu'], '.0f')} |")
+            lines.append(f"| {where} | {level} | {_fmt(v['inserted_mean_hu'], '.0f')} | {_fmt(v['phantom_mean_hu'], '.0f')} "
+                         f"| {v['inserted']} |")
     sp = report["speed"]
     lines += ["", f"## Speed ({sp.get('torch_threads', '?')} torch threads, median of {sp.get('repeats', 1)} timings "
               "each, in the same run)", "",

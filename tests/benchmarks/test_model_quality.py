@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from lsdm_aug.benchmarks.model_card import write_model_card
@@ -89,24 +90,41 @@ def test_a_rerun_resumes_from_finished_sections(tmp_path, smoke_models, phantom_
     assert model_quality.Parts(tmp_path / "q", settings, again["model"], "ae2").autoencoder_folder != here.autoencoder_folder
 
 
-def test_texture_fidelity_counts_every_request_on_non_calcified_outlines(smoke_models, phantom_dataset, monkeypatch):
+def test_texture_fidelity_inserts_the_phantoms_own_outlines_of_each_level_and_compares_pairs(
+        smoke_models, phantom_dataset, monkeypatch):
     from lsdm_aug.benchmarks import model_quality
-    from lsdm_aug.data.prepared import PreparedDataset
+    from lsdm_aug.config import rating_level
+    from lsdm_aug.data.prepared import PreparedDataset, unit_to_hu
     from lsdm_aug.pipeline import LSDMPipeline
-    from lsdm_aug.transforms.core import usable_nodule_table
 
     pipe = LSDMPipeline.from_pretrained(str(smoke_models), device="cpu")
     test = PreparedDataset(phantom_dataset, split="test")
     backgrounds = model_quality.test_backgrounds(test, 2)
-    asked = []
-    insert = pipe.insert
-    monkeypatch.setattr(pipe, "insert", lambda *a, **k: asked.append((a[2], a[4])) or insert(*a, **k))
+    phantom = {}  # level -> [(nodule id, its mean HU in the phantom)] of the non-calcified test nodules
+    for row in test.features.itertuples():
+        mask = test[row.case_id]["nodule_mask"] == row.nodule_index
+        if rating_level(row.calcification, 6) == 6 and mask.any():
+            hu = float(unit_to_hu(test[row.case_id]["image"])[mask].mean())
+            phantom.setdefault(rating_level(row.texture), []).append((row.nodule_id, hu))
+    assert phantom, "the fixture's test split must hold non-calcified nodules"
+    asked, outlines = [], []
+    insert, outline = pipe.insert, model_quality._outline
+    monkeypatch.setattr(pipe, "insert", lambda *a, **k: asked.append(a[4]) or insert(*a, **k))
+    monkeypatch.setattr(model_quality, "_outline", lambda nodule_id, sp: outlines.append(nodule_id) or outline(nodule_id, sp))
     result = model_quality.texture_fidelity(pipe, backgrounds, test, count=3, steps=2, seed=0, crop_spacing_mm=2.8)
-    assert all(level["inserted"] == 3 for level in result["levels"].values())  # none left out
-    calcification = usable_nodule_table().set_index("nodule_id").calcification
-    # every outline came from a non-calcified nodule, and the U-Net (conditioned on calcification) was told so
-    assert len(asked) == 15 and all(request["calcification"] == 6.0 for _, request in asked)
-    assert (calcification.round() == 6).mean() < 0.95  # the database has calcified nodules to avoid
+    assert result["paired"]
+    for level in range(1, 6):
+        entry, nodules = result["levels"][str(level)], phantom.get(level, [])
+        if not nodules:
+            assert entry["inserted"] == 0 and entry["inserted_mean_hu"] is None
+            continue
+        chosen = [nodules[i % len(nodules)] for i in range(3)]  # the level's own nodules, in turn
+        assert entry["inserted"] == 3 and entry["phantom_nodules"] == len(nodules)
+        assert entry["phantom_mean_hu"] == pytest.approx(np.mean([hu for _, hu in chosen]))
+    expected_ids = [nodules[i % len(nodules)][0] for level, nodules in sorted(phantom.items()) for i in range(3)]
+    assert outlines == expected_ids
+    # the U-Net (conditioned on calcification) was told each outline's real nodule is not calcified
+    assert len(asked) == len(expected_ids) and all(request["calcification"] == 6.0 for request in asked)
 
 
 def test_two_workers_split_the_sections_and_give_the_same_figures(tmp_path, smoke_models, phantom_dataset):
