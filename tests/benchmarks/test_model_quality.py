@@ -38,6 +38,9 @@ def test_model_quality_writes_every_gate(tmp_path, smoke_models, phantom_dataset
     assert all(v >= 0 for t in sensitivity["relative_change"].values() for v in t.values())
     markdown = (tmp_path / "q" / "model_quality.md").read_text()
     assert "| gate | measured | met |" in markdown and "lsdm-aug benchmark model-quality" in markdown
+    speed = report["speed"]  # where insertion's time goes, beside the ratio
+    assert speed["unet_step_whole_seconds"] > speed["unet_step_window_seconds"] > 0 < speed["encode_window_seconds"]
+    assert "where the ratio stops short of the" in markdown and "encodes the window's own image" in markdown
     grid = tmp_path / "q" / "guidance_grid.png"
     assert grid.is_file() and grid.stat().st_size > 1000 and "guidance_grid.png" in markdown
     model = tmp_path / "model"
