@@ -381,8 +381,10 @@ class LSDMPipeline:
                            2 ** (len(self.recipe.diffusion.channels) - 1), feather_px)
 
     def _edit_batch(self, windows: list[EditWindow], features: list[dict[str, float]], steps: int,
-                    guidance_scale: float, seeds: list[int], sampler: str, cfg_scale: float) -> list[np.ndarray]:
-        """Regenerate each window's footprint under its (already edited) semantic map, all windows in one batch."""
+                    guidance_scale: float, seeds: list[int], sampler: str, cfg_scale: float,
+                    conditioning: list[dict[str, float]] | None = None) -> list[np.ndarray]:
+        """Regenerate each window's footprint under its (already edited) semantic map, all windows in one batch;
+        ``conditioning``: per window, more features the U-Net is told (the requested ones win), not guided to."""
         images = torch.cat([self._tensor(w.model_image()) for w in windows])
         maps = torch.cat([self._tensor(w.model_semantic_map(), torch.long) for w in windows])
         latent = self.encode(images)
@@ -391,7 +393,8 @@ class LSDMPipeline:
         scheduler = build_scheduler(self.recipe.diffusion, sampler, steps)
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
         noise = random_normal(latent.shape, generators)
-        result = sample_latents(self.unet, scheduler, self.condition(maps, features), generator=generators,
+        told = features if conditioning is None else [{**c, **f} for f, c in zip(features, conditioning)]
+        result = sample_latents(self.unet, scheduler, self.condition(maps, told), generator=generators,
                                 initial_noise=noise, guidance=self._guidance(maps, features, guidance_scale), known=known,
                                 cfg_scale=cfg_scale)
         with torch.no_grad():
@@ -409,7 +412,8 @@ class LSDMPipeline:
     def insert(self, image: np.ndarray, semantic_map: np.ndarray, nodule_outline: np.ndarray,
                centre: tuple[int, int], features: Mapping[str, float] | None = None, *, spacing_mm: float,
                steps: int = 50, guidance_scale: float = 1.0, seed: int = 0, sampler: str = "ddim",
-               feather_px: float = 2.0, cfg_scale: float | None = None) -> EditResult:
+               feather_px: float = 2.0, cfg_scale: float | None = None,
+               conditioning: Mapping[str, float] | None = None) -> EditResult:
         """Insert a nodule whose outline is ``nodule_outline`` (bool, image pixels) centred at ``centre`` (row, col).
 
         The semantic map gets the outline with the class of the requested malignancy (3 if none asked);
@@ -420,15 +424,20 @@ class LSDMPipeline:
             spacing_mm: the image's pixel spacing; the edit runs at the model's spacing and comes back
                 (see :mod:`lsdm_aug.editing`). Outside :attr:`serves_spacing_mm`: :class:`SpacingError`.
             feather_px: width of the blend's feather, in model pixels.
+            conditioning: more features a feature-conditioned U-Net is told under classifier-free guidance but
+                no classifier guides to (e.g. the texture of the real nodule whose outline this is); a feature
+                also in ``features`` keeps the requested value. Recorded as ``conditioning`` in the record.
         """
         return self.insert_batch([image], [semantic_map], [nodule_outline], [centre], [features or {}], [seed],
                                  spacing_mm=[spacing_mm], steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                                 feather_px=feather_px, cfg_scale=cfg_scale)[0]
+                                 feather_px=feather_px, cfg_scale=cfg_scale,
+                                 conditioning=None if conditioning is None else [conditioning])[0]
 
     def insert_batch(self, images: list[np.ndarray], semantic_maps: list[np.ndarray], nodule_outlines: list[np.ndarray],
                      centres: list[tuple[float, float]], features: list[Mapping[str, float]], seeds: list[int], *,
                      spacing_mm: Sequence[float], steps: int = 50, guidance_scale: float = 1.0, sampler: str = "ddim",
-                     feather_px: float = 2.0, cfg_scale: float | None = None) -> list[EditResult]:
+                     feather_px: float = 2.0, cfg_scale: float | None = None,
+                     conditioning: list[Mapping[str, float]] | None = None) -> list[EditResult]:
         """:meth:`insert` on several slices at once (``spacing_mm``: one spacing per slice): one reverse process
         over the batch of latent windows.
 
@@ -442,6 +451,11 @@ class LSDMPipeline:
             raise ValueError("images, semantic_maps, nodule_outlines, centres, features, seeds and spacing_mm must be "
                              f"non-empty lists of one length, got lengths {sorted(lengths)}")
         features = [validate_features(item) for item in features]
+        if conditioning is not None and len(conditioning) != len(features):
+            raise ValueError(f"conditioning must hold one feature dict per item: {len(conditioning)} for "
+                             f"{len(features)} items")
+        told = [{} for _ in features] if conditioning is None else [validate_features(c) for c in conditioning]
+        told = [{k: v for k, v in item.items() if k in conditioned_features(self.unet)} for item in told]
         spacings = [self.check_spacing(value) for value in spacing_mm]
         cfg_scale = self._cfg_scale(cfg_scale, features)
         self._check_steering(features, guidance_scale, cfg_scale)
@@ -462,12 +476,13 @@ class LSDMPipeline:
             group = [i for i, s in enumerate(sizes) if s == size]
             for i, out in zip(group, self._edit_batch([windows[i] for i in group], [features[i] for i in group], steps,
                                                       guidance_scale, [int(seeds[i]) for i in group], sampler,
-                                                      cfg_scale)):
+                                                      cfg_scale, [told[i] for i in group])):
                 outs[i] = out
         results = []
-        for out, window, item, seed, spacing in zip(outs, windows, features, seeds, spacings):
+        for out, window, item, seed, spacing, extra in zip(outs, windows, features, seeds, spacings, told):
             rows, cols = np.nonzero(window.region)
-            record = {"mode": "insert", **item, "centre_row": float(rows.mean()), "centre_col": float(cols.mean()),
+            record = {"mode": "insert", **item, **({"conditioning": extra} if extra else {}),
+                      "centre_row": float(rows.mean()), "centre_col": float(cols.mean()),
                       "area_px": int(window.region.sum()), "seed": int(seed), "guidance_scale": guidance_scale,
                       "cfg_scale": cfg_scale, "steps": steps, "spacing_mm": spacing,
                       "model_spacing_mm": self.spacing_mm, "model": self.model_id}

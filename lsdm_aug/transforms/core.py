@@ -38,6 +38,7 @@ __all__ = ["NoduleSynthesizer", "NoduleParameters", "parse_feature", "MODES", "l
            "choose_outline", "nodule_outline", "SHAPE_FEATURES", "slice_lung"]
 
 SHAPE_FEATURES = ("malignancy", "lobulation", "spiculation")  # what a nodule's outline carries
+APPEARANCE_FEATURES = ("texture", "calcification")  # what the U-Net renders inside the outline
 
 MODES = ("insert", "replace", "remove")
 SAMPLINGS = ("balanced", "dataset")
@@ -85,6 +86,8 @@ class NoduleParameters:
         bank_entry: the banked nodule placed (bank mode), else -1.
         outline_distance: how far the source nodule's ratings are from the requested shape features (0: an
             exact match; see :func:`choose_outline`).
+        outline_appearance: the source nodule's own texture / calcification levels, told to a feature-conditioned
+            U-Net for those the request leaves out (``appearance_from_outline``), else empty.
     """
 
     mode: str
@@ -98,6 +101,7 @@ class NoduleParameters:
     bank_entry: int = -1
     outline_distance: float = 0.0
     centre_slice: int = 0
+    outline_appearance: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,6 +128,9 @@ class NoduleSynthesizer:
         model: "default" or a model folder.
         bank: a nodule bank folder (``lsdm-aug bank build``): insert pre-generated nodules with Poisson
             blending instead of running the diffusion (cheap, CPU only); None runs the diffusion live.
+        appearance_from_outline: tell a feature-conditioned U-Net the texture and calcification of the real LIDC
+            nodule whose outline is inserted, for those the request leaves out (classifier-free guidance only,
+            no classifier steers them); False (default) leaves them out, and the U-Net draws its average nodule.
     """
 
     def __init__(self, mode: str = "insert", malignancy: Any = "balanced", lobulation: Any = None,
@@ -131,7 +138,8 @@ class NoduleSynthesizer:
                  location: Sequence[int] | None = None, guidance_scale: float = 1.0, steps: int = 25,
                  label_value: int = 1, intensity: str = "hu", hu_mean: float = 0.0, hu_std: float = 1.0,
                  device: str | None = None, model: str = "default", bank: str | None = None,
-                 cfg_scale: float | None = None, calcification: Any = None) -> None:
+                 cfg_scale: float | None = None, calcification: Any = None,
+                 appearance_from_outline: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if intensity not in INTENSITIES:
@@ -153,6 +161,7 @@ class NoduleSynthesizer:
                          zip(CONDITIONING_FEATURES, (malignancy, lobulation, spiculation, texture, calcification))}
         self.guidance_scale, self.steps, self.label_value = float(guidance_scale), int(steps), int(label_value)
         self.cfg_scale = None if cfg_scale is None else float(cfg_scale)
+        self.appearance_from_outline = bool(appearance_from_outline)
         self.intensity, self.hu_mean, self.hu_std = intensity, float(hu_mean), float(hu_std)
         self.device, self.model = device, str(model)
         self.bank = None if bank is None else str(bank)
@@ -186,6 +195,14 @@ class NoduleSynthesizer:
                 drawn[name] = float(rating_level(source[name], RATING_LEVELS[name]))
         return drawn
 
+    def _outline_appearance(self, table, nodule_id: str) -> dict[str, float]:
+        """The outline's source nodule's texture and calcification levels that the request leaves out."""
+        if not self.appearance_from_outline:
+            return {}
+        row = table.loc[table.nodule_id == nodule_id].iloc[0]
+        return {name: float(rating_level(row[name], RATING_LEVELS[name])) for name in APPEARANCE_FEATURES
+                if self.features[name] is None}
+
     def _draw_outline(self, rng: np.random.RandomState, features: dict[str, float]) -> tuple[str, float]:
         """A real LIDC nodule chosen by the requested shape features (see :func:`choose_outline`)."""
         return choose_outline(usable_nodule_table(), features, self.size_mm, rng)
@@ -210,13 +227,14 @@ class NoduleSynthesizer:
         seed = int(rng.randint(2**31 - 1))
         if self.mode in ("replace", "remove"):
             return self._draw_existing(label, features, seed)
-        bank_entry, distance = -1, 0.0
+        bank_entry, distance, appearance = -1, 0.0, {}
         if self.bank is not None:
             bank_entry = load_bank(self.bank).choose(features, rng)
             nodule_id, outline = self._bank_outline(bank_entry, spacing_mm, hu.ndim)
         else:
             nodule_id, distance = self._draw_outline(rng, features)
             outline = nodule_outline(nodule_id, spacing_mm, hu.ndim, self.size_mm)
+            appearance = self._outline_appearance(table, nodule_id)
         slice_axis_len = hu.shape[2] if hu.ndim == 3 else 1
         if self.location is not None:
             if centre_slice is None:
@@ -241,7 +259,7 @@ class NoduleSynthesizer:
         slices = tuple(k for k in range(first, first + depth) if 0 <= k < slice_axis_len) if hu.ndim == 3 else ()
         return NoduleParameters(self.mode, features, nodule_id, centre, slices, seed, self.size_mm,
                                 bank_entry=bank_entry, outline_distance=distance,
-                                centre_slice=int(centre_slice) if hu.ndim == 3 else 0)
+                                centre_slice=int(centre_slice) if hu.ndim == 3 else 0, outline_appearance=appearance)
 
     def _bank_outline(self, index: int, spacing_mm: Sequence[float], ndim: int) -> tuple[str, np.ndarray]:
         """The source nodule id of bank entry ``index`` and its outline (H, W, depth), its widest layer the
@@ -294,7 +312,8 @@ class NoduleSynthesizer:
                     continue
                 result = pipe.insert(unit, semantic, layer, params.centre, params.features, steps=self.steps,
                                      guidance_scale=self.guidance_scale, seed=params.seed,
-                                     spacing_mm=float(spacing_mm[0]), cfg_scale=self.cfg_scale)
+                                     spacing_mm=float(spacing_mm[0]), cfg_scale=self.cfg_scale,
+                                     conditioning=params.outline_appearance)
                 region = result.nodule_mask > 0
             else:
                 region = (label_2d > 0) if label_2d is not None else np.zeros_like(unit, bool)
@@ -384,7 +403,8 @@ class NoduleSynthesizer:
                                       [params[i].centre for i in batch], [params[i].features for i in batch],
                                       [params[i].seed for i in batch], steps=self.steps,
                                       guidance_scale=self.guidance_scale, cfg_scale=self.cfg_scale,
-                                      spacing_mm=[float(spacings_mm[i][0]) for i in batch])
+                                      spacing_mm=[float(spacings_mm[i][0]) for i in batch],
+                                      conditioning=[params[i].outline_appearance for i in batch])
             for i, edit in zip(batch, edits):
                 out = np.asarray(images[i]).copy()
                 label = None if labels[i] is None else np.asarray(labels[i]).copy()

@@ -29,7 +29,7 @@ __all__ = ["RandomNoduleSynth", "NoduleSynthesis"]
 _SYNTHESIZER_ARGS = ("guidance_scale", "steps", "label_value", "intensity", "hu_mean", "hu_std", "device", "model",
                      "bank", "cfg_scale")
 _PARAMETER_ARGS = ("mode", "features", "nodule_id", "centre", "slices", "seed", "size_mm", "skipped", "bank_entry",
-                   "outline_distance", "centre_slice")
+                   "outline_distance", "centre_slice", "outline_appearance")
 
 
 def _arrays(subject: tio.Subject, image_name: str, label_name: str | None, transform: tio.Transform):
@@ -67,7 +67,7 @@ class NoduleSynthesis(tio.Transform):
         image_name, label_name: the subject's CT image and its label map (None: no label; a name the subject
             lacks is an error). TorchIO's ``include`` / ``exclude`` choose whether the image is edited.
         mode, features, nodule_id, centre, slices, seed, size_mm, skipped, bank_entry, outline_distance,
-            centre_slice: the drawn :class:`~lsdm_aug.transforms.core.NoduleParameters`.
+            centre_slice, outline_appearance: the drawn :class:`~lsdm_aug.transforms.core.NoduleParameters`.
         guidance_scale, steps, label_value, intensity, hu_mean, hu_std, device, model, bank, cfg_scale: as
             :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`.
 
@@ -82,10 +82,12 @@ class NoduleSynthesis(tio.Transform):
                  bank_entry: int = -1, guidance_scale: float = 1.0, steps: int = 25, label_value: int = 1,
                  intensity: str = "hu", hu_mean: float = 0.0, hu_std: float = 1.0, device: str | None = None,
                  model: str = "default", bank: str | None = None, outline_distance: float = 0.0,
-                 centre_slice: int = 0, cfg_scale: float | None = None, **kwargs: Any) -> None:
+                 centre_slice: int = 0, cfg_scale: float | None = None,
+                 outline_appearance: dict[str, float] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.image_name, self.label_name = image_name, label_name
         self.mode, self.features, self.nodule_id = mode, dict(features or {}), nodule_id
+        self.outline_appearance = dict(outline_appearance or {})
         self.centre, self.slices, self.seed = tuple(centre), tuple(slices), int(seed)
         self.size_mm, self.skipped, self.bank_entry, self.bank = size_mm, skipped, int(bank_entry), bank
         self.guidance_scale, self.steps, self.label_value = guidance_scale, steps, label_value
@@ -115,8 +117,8 @@ class RandomNoduleSynth(RandomTransform):
         image_name, label_name: the subject's CT image and its label map (None: no label; a name the subject
             lacks is an error). TorchIO's ``include`` / ``exclude`` choose whether the image is edited.
         mode, malignancy, lobulation, spiculation, texture, size_mm, location, guidance_scale, steps,
-            label_value, intensity, hu_mean, hu_std, device, model, bank, cfg_scale, calcification: as
-            :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`.
+            label_value, intensity, hu_mean, hu_std, device, model, bank, cfg_scale, calcification,
+            appearance_from_outline: as :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`.
         **kwargs: TorchIO's ``Transform`` arguments (``p``, ``copy``, ...).
 
     Example:
@@ -128,12 +130,14 @@ class RandomNoduleSynth(RandomTransform):
                  size_mm: float | None = None, location: tuple[int, ...] | None = None, guidance_scale: float = 1.0,
                  steps: int = 25, label_value: int = 1, intensity: str = "hu", hu_mean: float = 0.0,
                  hu_std: float = 1.0, device: str | None = None, model: str = "default", bank: str | None = None,
-                 cfg_scale: float | None = None, calcification: Any = None, **kwargs: Any) -> None:
+                 cfg_scale: float | None = None, calcification: Any = None, appearance_from_outline: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.image_name, self.label_name = image_name, label_name
         self.synthesizer = NoduleSynthesizer(mode, malignancy, lobulation, spiculation, texture, size_mm, location,
                                              guidance_scale, steps, label_value, intensity, hu_mean, hu_std, device, model,
-                                             bank, cfg_scale=cfg_scale, calcification=calcification)
+                                             bank, cfg_scale=cfg_scale, calcification=calcification,
+                                             appearance_from_outline=appearance_from_outline)
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         selected = _arrays(subject, self.image_name, self.label_name, self)
