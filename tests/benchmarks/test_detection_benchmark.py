@@ -182,6 +182,19 @@ def test_2_5d_lsdm_cases_insert_one_nodule_over_its_slices_centred_on_the_labell
     assert json.loads((target / "dataset.json").read_text())["numTraining"] == len(real_cases) + 3
 
 
+def test_lsdm_cases_can_tell_the_unet_their_outlines_appearance(smoke_models):
+    from lsdm_aug.benchmarks.detection import data
+
+    base = dict(image_size=128, model=str(smoke_models), train_patients=2, test_patients=1, slices_per_patient=2,
+                arms=("real", "real+synthetic"), curve_arms=("real",), neighbour_slices=1, slice_thickness_mm=1.5,
+                synthetic_count=2, synthetic_steps=2)
+    for flag in (False, True):
+        recipe = DetectionRecipe(**base, appearance_from_outline=flag).validate()
+        made = list(data.synthetic_slabs(recipe, list(dict(data.real_slabs(recipe, "train")).items())))
+        assert all(d["synthesizer"].appearance_from_outline is flag for _, _, d in made)
+        assert all(bool(d["params"].outline_appearance) is flag for _, _, d in made)
+
+
 @pytest.mark.parametrize(("settings", "message"), [
     ({"neighbour_slices": 8}, "neighbour_slices must be in 0..7"),
     ({"neighbour_slices": 1, "slice_thickness_mm": 4.0}, "slice_thickness_mm must be in"),

@@ -193,7 +193,8 @@ def synthetic_slabs(recipe: DetectionRecipe, slabs: list[tuple[str, PhantomSlab]
         case_id, slab = slabs[rng.randint(len(slabs))]
         synthesizer = NoduleSynthesizer(malignancy=made % 5 + 1, steps=recipe.synthetic_steps, model=recipe.model,
                                         guidance_scale=0.0 if unguided else recipe.guidance_scale,
-                                        cfg_scale=0.0 if unguided else recipe.cfg_scale, device=recipe.device)
+                                        cfg_scale=0.0 if unguided else recipe.cfg_scale, device=recipe.device,
+                                        appearance_from_outline=recipe.appearance_from_outline)
         volume, label, lung = _as_volume(slab)
         params = synthesizer.draw(volume, label, rng, _voxel(slab), lung_mask=lung, centre_slice=middle)
         if params.skipped:
