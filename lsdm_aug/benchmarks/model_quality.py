@@ -470,17 +470,22 @@ def insertion_speed(pipe: LSDMPipeline, background: Background, steps: int, repe
                                                        steps=steps, guidance_scale=0.0, cfg_scale=0.0)),
                       ("whole_slice", lambda: pipe.generate(background.semantic_map, spacing_mm=background.spacing_mm,
                                                             steps=steps, guidance_scale=0.0, cfg_scale=0.0))):
-        run()  # warm-up
-        seconds = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            run()
-            seconds.append(time.perf_counter() - started)
-        timings[f"{name}_seconds"] = float(np.median(seconds))
+        timings[f"{name}_seconds"] = _median_seconds(run, repeats)
     timings["whole_slice_over_insert"] = timings["whole_slice_seconds"] / timings["insert_seconds"]
     timings |= _insertion_parts(pipe, repeats)
     timings |= {"torch_threads": torch.get_num_threads(), "repeats": repeats}
     return timings
+
+
+def _median_seconds(run: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``run``, after one warm-up call."""
+    run()
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - started)
+    return float(np.median(seconds))
 
 
 def _insertion_parts(pipe: LSDMPipeline, repeats: int) -> dict[str, float]:
@@ -493,24 +498,14 @@ def _insertion_parts(pipe: LSDMPipeline, repeats: int) -> dict[str, float]:
     condition_whole = pipe.condition(torch.ones(1, 1, 512, 512, dtype=torch.long, device=device), [{}])
     channels = pipe.recipe.autoencoder.latent_channels
     step = torch.tensor([500], device=device)
-
-    def median(run: Callable[[], Any]) -> float:
-        run()
-        seconds = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            run()
-            seconds.append(time.perf_counter() - started)
-        return float(np.median(seconds))
-
     with torch.no_grad():
         return {"window_px": pipe.window_px,
-                "unet_step_window_seconds": median(lambda: predict_noise(
-                    pipe.unet, torch.zeros(1, channels, window, window, device=device), step, condition)),
-                "unet_step_whole_seconds": median(lambda: predict_noise(
-                    pipe.unet, torch.zeros(1, channels, whole, whole, device=device), step, condition_whole)),
-                "encode_window_seconds": median(lambda: pipe.encode(torch.zeros(
-                    1, 1, window * pipe.factor, window * pipe.factor, device=device)))}
+                "unet_step_window_seconds": _median_seconds(lambda: predict_noise(
+                    pipe.unet, torch.zeros(1, channels, window, window, device=device), step, condition), repeats),
+                "unet_step_whole_seconds": _median_seconds(lambda: predict_noise(
+                    pipe.unet, torch.zeros(1, channels, whole, whole, device=device), step, condition_whole), repeats),
+                "encode_window_seconds": _median_seconds(lambda: pipe.encode(torch.zeros(
+                    1, 1, window * pipe.factor, window * pipe.factor, device=device)), repeats)}
 
 
 # ---- the report --------------------------------------------------------------------------------------------------
