@@ -264,14 +264,13 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
     """Insert one nodule per request into the backgrounds in turn (the outline chosen by the request's shape
     features, or by ``outline_features``, or given as ``nodule_ids``; among non-calcified LIDC nodules only with
     ``non_calcified_only``);
-    crops resampled to ``crop_spacing_mm`` for the evaluators. Under classifier-free guidance, a U-Net conditioned
-    on calcification is also asked the calcification of the outline's source nodule (a request as that real
-    nodule would make it), unless the request gives one."""
+    crops resampled to ``crop_spacing_mm`` for the evaluators. A U-Net conditioned on calcification is told the
+    calcification of the outline's source nodule (the pipeline's ``conditioning``: a request as that real nodule
+    would make it, used under classifier-free guidance), unless the request gives one."""
     table = usable_nodule_table()
     if non_calcified_only:
         table = table[rating_level(table.calcification.to_numpy(), 6) == NOT_CALCIFIED]
     calcification = table.set_index("nodule_id").calcification
-    tell = setting.cfg_scale > 0 and "calcification" in conditioned_features(pipe.unet)
     rng = np.random.RandomState(seed)
     crops, mean_hu, p90_hu, non_calcified, answered = [], [], [], [], []
     started = time.perf_counter()
@@ -289,13 +288,12 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
         if site is None:
             continue
         source_level = float(rating_level(calcification[nodule_id], 6))
-        if tell and "calcification" not in request:
-            request = {**request, "calcification": source_level}
         centre = (site[0] + outline.shape[0] / 2, site[1] + outline.shape[1] / 2)
         with _targets_of(pipe, setting):
             result = pipe.insert(background.image, background.semantic_map, outline, centre, request,
                                  spacing_mm=background.spacing_mm, steps=steps, guidance_scale=setting.guidance_scale,
-                                 cfg_scale=setting.cfg_scale, seed=seed * 7919 + i)
+                                 cfg_scale=setting.cfg_scale, seed=seed * 7919 + i,
+                                 conditioning={"calcification": source_level})
         mask = result.nodule_mask > 0
         hu = unit_to_hu(result.image)
         mean_hu.append(float(hu[mask].mean()))

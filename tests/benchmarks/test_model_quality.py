@@ -112,7 +112,7 @@ def test_texture_fidelity_inserts_the_phantoms_own_outlines_of_each_level_and_co
     assert phantom, "the fixture's test split must hold non-calcified nodules"
     asked, outlines = [], []
     insert, outline = pipe.insert, model_quality._outline
-    monkeypatch.setattr(pipe, "insert", lambda *a, **k: asked.append(a[4]) or insert(*a, **k))
+    monkeypatch.setattr(pipe, "insert", lambda *a, **k: asked.append(k["conditioning"]) or insert(*a, **k))
     monkeypatch.setattr(model_quality, "_outline", lambda nodule_id, sp: outlines.append(nodule_id) or outline(nodule_id, sp))
     result = model_quality.texture_fidelity(pipe, backgrounds, test, count=3, steps=2, seed=0, crop_spacing_mm=2.8)
     assert result["paired"]
@@ -127,7 +127,7 @@ def test_texture_fidelity_inserts_the_phantoms_own_outlines_of_each_level_and_co
     expected_ids = [nodules[i % len(nodules)][0] for level, nodules in sorted(phantom.items()) for i in range(3)]
     assert outlines == expected_ids
     # the U-Net (conditioned on calcification) was told each outline's real nodule is not calcified
-    assert len(asked) == len(expected_ids) and all(request["calcification"] == 6.0 for request in asked)
+    assert len(asked) == len(expected_ids) and all(told["calcification"] == 6.0 for told in asked)
 
 
 def test_two_workers_split_the_sections_and_give_the_same_figures(tmp_path, smoke_models, phantom_dataset):
