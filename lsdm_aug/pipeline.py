@@ -454,8 +454,9 @@ class LSDMPipeline:
         if conditioning is not None and len(conditioning) != len(features):
             raise ValueError(f"conditioning must hold one feature dict per item: {len(conditioning)} for "
                              f"{len(features)} items")
+        names = conditioned_features(self.unet)
         told = [{} for _ in features] if conditioning is None else [validate_features(c) for c in conditioning]
-        told = [{k: v for k, v in item.items() if k in conditioned_features(self.unet)} for item in told]
+        told = [{k: v for k, v in item.items() if k in names} for item in told]
         spacings = [self.check_spacing(value) for value in spacing_mm]
         cfg_scale = self._cfg_scale(cfg_scale, features)
         self._check_steering(features, guidance_scale, cfg_scale)

@@ -24,14 +24,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lsdm_aug.config import Recipe
+from lsdm_aug.config import Recipe, rating_level
 from lsdm_aug.data.prepared import PreparedDataset, atomic_write_text
 from lsdm_aug.models.autoencoder import encode_mean
 from lsdm_aug.models.checkpoint import CheckpointError, config_path, load_weights, read_config
 from lsdm_aug.models.classifiers import build_classifier, classifier_file
 from lsdm_aug.sampling.guidance import MALIGNANCY, LatentBox, TargetCalibration
 from lsdm_aug.sampling.schedulers import training_scheduler
-from lsdm_aug.training.classifiers import balanced_levels
 from lsdm_aug.training.common import select_device
 from lsdm_aug.training.diffusion import load_autoencoder
 
@@ -51,7 +50,7 @@ def _draw_nodules(features: pd.DataFrame, names: list[str], per_level: int, seed
     rng = np.random.default_rng(seed)
     chosen: set[int] = set()
     for name in names:
-        levels = balanced_levels(name, features[name].to_numpy())
+        levels = rating_level(features[name].to_numpy())
         for level in np.unique(levels):
             index = np.flatnonzero(levels == level)
             chosen.update(rng.choice(index, min(per_level, len(index)), replace=False).tolist())
@@ -105,13 +104,12 @@ def calibrate(classifiers: Mapping[str, torch.nn.Module], decode, crops: torch.T
                 per_step[feature].append(classifier(images, steps).reshape(-1).cpu())
         for feature in classifiers:
             predictions[feature].append(torch.cat(per_step[feature]).double().numpy())
-    return {feature: _table(feature, np.stack(predictions[feature]), ratings[feature], timesteps)
-            for feature in classifiers}
+    return {feature: _table(np.stack(predictions[feature]), ratings[feature], timesteps) for feature in classifiers}
 
 
-def _table(feature: str, predictions: np.ndarray, ratings: np.ndarray, timesteps: tuple[int, ...]) -> TargetCalibration:
+def _table(predictions: np.ndarray, ratings: np.ndarray, timesteps: tuple[int, ...]) -> TargetCalibration:
     """(timesteps, nodules) predictions -> their mean per rounded level of ``ratings``."""
-    levels = balanced_levels(feature, np.asarray(ratings, dtype=float))
+    levels = rating_level(ratings)
     present = np.unique(levels)
     means = tuple(tuple(float(row[levels == level].mean()) for level in present) for row in predictions)
     return TargetCalibration(tuple(int(t) for t in timesteps), tuple(float(v) for v in present), means,

@@ -35,6 +35,7 @@ from lsdm_aug.models.classifiers import build_classifier, classifier_file
 from lsdm_aug.progress import make_progress
 from lsdm_aug.sampling.guidance import MALIGNANCY, LatentBox, feature_loss
 from lsdm_aug.sampling.schedulers import training_scheduler
+from lsdm_aug.training.calibration import calibrate_classifiers
 from lsdm_aug.training.common import EMA, DistributedContext, load_split_arrays
 from lsdm_aug.training.diffusion import LatentData, load_autoencoder
 
@@ -228,7 +229,5 @@ def train_classifiers(recipe: Recipe, data_dir: str | Path, model_dir: str | Pat
                 context.barrier()
     context.close()
     if context.is_main and history:
-        from lsdm_aug.training.calibration import calibrate_classifiers  # it reads balanced_levels from here
-
         calibrate_classifiers(recipe, data_dir, model_dir, str(context.device), seed)
     return history[-1] if history else {}
