@@ -61,6 +61,7 @@ from lsdm_aug.transforms.core import choose_outline, nodule_outline, usable_nodu
 __all__ = ["QualitySettings", "run_model_quality", "quality_markdown", "GuidanceSetting", "guidance_grid"]
 
 SATURATED_HU = 400.0
+RIM_PX = 2  # a nodule's rim in the texture section: its outer 2 pixels (about 1.4 mm at 0.7 mm)
 NOT_CALCIFIED = 6  # LIDC calcification 6 = absent
 
 
@@ -250,6 +251,22 @@ class Inserted:
     non_calcified: np.ndarray  # the outline's source nodule is not calcified (LIDC calcification 6)
     seconds: float = 0.0
     request_index: np.ndarray | None = None  # which request each row answers (a request without room is left out)
+    core_hu: np.ndarray | None = None  # mean HU deeper than RIM_PX inside each nodule (nan: a nodule all rim)
+    rim_hu: np.ndarray | None = None  # mean HU of each nodule's outer RIM_PX pixels
+
+
+def core_and_rim_hu(hu: np.ndarray, mask: np.ndarray, rim_px: int = 2) -> tuple[float, float]:
+    """Mean HU of a nodule's core (``mask`` eroded by ``rim_px``) and of its rim (the rest of ``mask``): where
+    an inserted nodule's mean departs from the phantom's, inside or at the edge. nan for an empty part.
+
+    Example:
+        >>> hu = np.full((9, 9), -800.0); mask = np.zeros((9, 9), bool); mask[2:7, 2:7] = True; hu[4, 4] = 0.0
+        >>> core_and_rim_hu(hu, mask, rim_px=2)
+        (0.0, -800.0)
+    """
+    core = ndimage.binary_erosion(mask, iterations=rim_px)
+    rim = mask & ~core
+    return tuple(float(hu[part].mean()) if part.any() else float("nan") for part in (core, rim))
 
 
 def _outline(nodule_id: str, spacing_mm: float) -> np.ndarray:
@@ -272,7 +289,7 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
         table = table[rating_level(table.calcification.to_numpy(), 6) == NOT_CALCIFIED]
     calcification = table.set_index("nodule_id").calcification
     rng = np.random.RandomState(seed)
-    crops, mean_hu, p90_hu, non_calcified, answered = [], [], [], [], []
+    crops, mean_hu, p90_hu, non_calcified, answered, core_rim = [], [], [], [], [], []
     started = time.perf_counter()
     for i, request in enumerate(requests):
         if nodule_ids is None:
@@ -298,6 +315,7 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
         hu = unit_to_hu(result.image)
         mean_hu.append(float(hu[mask].mean()))
         p90_hu.append(float(np.percentile(hu[mask], 90)))
+        core_rim.append(core_and_rim_hu(hu, mask, RIM_PX))
         non_calcified.append(source_level == NOT_CALCIFIED)
         answered.append(i)
         rows, cols = np.nonzero(mask)
@@ -305,8 +323,9 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
         image = ndimage.zoom(result.image, zoom, order=1) if abs(zoom - 1) > 0.02 else result.image
         crops.append(nodule_crops(image[None], [(rows.mean() * zoom, cols.mean() * zoom)], crop_px)[0])
     seconds = (time.perf_counter() - started) / max(len(requests), 1)
+    core_rim = np.array(core_rim, float).reshape(-1, 2)
     return Inserted(np.stack(crops), np.array(mean_hu), np.array(p90_hu), np.array(non_calcified, bool), seconds,
-                    np.array(answered, int))
+                    np.array(answered, int), core_rim[:, 0], core_rim[:, 1])
 
 
 def _auc(high: np.ndarray, low: np.ndarray) -> float:
@@ -426,33 +445,45 @@ def texture_fidelity(pipe: LSDMPipeline, backgrounds: list[Background], test: Pr
     level L (in turn), and its mean HU is compared with that very nodule's in the phantom. A nodule's mean HU
     falls with its size (a thin rim of partial volume weighs more in a small one), and LIDC's ground-glass
     nodules are larger than its solid ones, so random outlines would compare other sizes than the phantom's."""
-    phantom: dict[int, list[tuple[str, float]]] = {}
+    phantom: dict[int, list[tuple[str, float, float, float]]] = {}  # level -> (nodule id, mean, core, rim HU)
     for row in test.features.itertuples():
         if rating_level(getattr(row, "calcification", NOT_CALCIFIED), 6) != NOT_CALCIFIED:
             continue
         case = test[row.case_id]
         mask = case["nodule_mask"] == row.nodule_index
         if mask.any():
+            hu = unit_to_hu(case["image"])
             phantom.setdefault(rating_level(row.texture), []).append(
-                (str(row.nodule_id), float(unit_to_hu(case["image"])[mask].mean())))
+                (str(row.nodule_id), float(hu[mask].mean()), *core_and_rim_hu(hu, mask, RIM_PX)))
     setting = GuidanceSetting("default", 1.0, pipe.default_cfg_scale)
     levels, saturated = {}, []
     for level in range(1, 6):
         nodules = phantom.get(level, [])
-        if not nodules:
-            levels[str(level)] = {"inserted_mean_hu": None, "phantom_mean_hu": None, "inserted": 0,
-                                  "phantom_nodules": 0}
-            continue
-        chosen = [nodules[i % len(nodules)] for i in range(count)]
+        chosen = [nodules[i % len(nodules)] for i in range(count)] if nodules else []
         result = insert_requests(pipe, backgrounds, [{"texture": float(level)}] * count, setting, steps, seed + level,
                                  pipe.recipe.classifiers.crop_px, crop_spacing_mm, non_calcified_only=True,
-                                 nodule_ids=[nodule_id for nodule_id, _ in chosen])
-        pairs = np.array([chosen[i][1] for i in result.request_index])
-        levels[str(level)] = {"inserted_mean_hu": float(result.mean_hu.mean()) if len(pairs) else None,
-                              "phantom_mean_hu": float(pairs.mean()) if len(pairs) else None,
-                              "inserted": int(len(pairs)), "phantom_nodules": len(nodules)}
-        saturated.extend((result.p90_hu >= SATURATED_HU).tolist())
+                                 nodule_ids=[nodule_id for nodule_id, *_ in chosen]) if chosen else None
+        pairs = np.array([chosen[i][1:] for i in result.request_index], float).reshape(-1, 3) if chosen \
+            else np.empty((0, 3))
+        levels[str(level)] = {"inserted": int(len(pairs)), "phantom_nodules": len(nodules),
+                              **_paired_means(result, pairs)}
+        if result is not None:
+            saturated.extend((result.p90_hu >= SATURATED_HU).tolist())
     return {"levels": levels, "saturated_share": float(np.mean(saturated)) if saturated else None, "paired": True}
+
+
+def _paired_means(result: Inserted | None, pairs: np.ndarray) -> dict[str, float | None]:
+    """Mean, core and rim HU of the inserted nodules and of the same nodules in the phantom (``pairs``: their
+    phantom mean, core, rim per inserted row); None where nothing was inserted or no nodule has a core."""
+    def mean(values: np.ndarray) -> float | None:
+        values = values[np.isfinite(values)]
+        return float(values.mean()) if len(values) else None
+
+    if result is None or not len(pairs):
+        return {f"{who}_{part}_hu": None for who in ("inserted", "phantom") for part in ("mean", "core", "rim")}
+    return {"inserted_mean_hu": mean(result.mean_hu), "inserted_core_hu": mean(result.core_hu),
+            "inserted_rim_hu": mean(result.rim_hu), "phantom_mean_hu": mean(pairs[:, 0]),
+            "phantom_core_hu": mean(pairs[:, 1]), "phantom_rim_hu": mean(pairs[:, 2])}
 
 
 def insertion_speed(pipe: LSDMPipeline, background: Background, steps: int, repeats: int = 3) -> dict[str, float]:
@@ -801,13 +832,17 @@ def quality_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Texture fidelity (default guidance)", "",
               "Paired: each phantom test nodule of a level (non-calcified) has its own outline inserted with that "
               "texture requested; its mean HU against the same nodule's in the phantom (random outlines would "
-              "compare other sizes: LIDC's ground-glass nodules are the larger ones, and a small nodule reads darker).",
-              "", "| where | texture | inserted mean HU | phantom mean HU, same nodules | inserted |",
-              "| --- | --- | --- | --- | --- |"]
+              "compare other sizes: LIDC's ground-glass nodules are the larger ones, and a small nodule reads darker). "
+              f"Core: deeper than {RIM_PX} px inside the nodule; rim: its outer {RIM_PX} px (where the two part, "
+              "inside or at the edge).",
+              "", "| where | texture | inserted mean HU | phantom mean HU, same nodules | inserted core / rim | "
+              "phantom core / rim | inserted |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for where, entry in [("test slices", report["texture"]), *[(f"{k} mm", v) for k, v in report["other_spacings"].items()]]:
         for level, v in entry["levels"].items():
+            parts = [" / ".join(_fmt(v.get(f"{who}_{part}_hu"), ".0f") for part in ("core", "rim"))
+                     for who in ("inserted", "phantom")]
             lines.append(f"| {where} | {level} | {_fmt(v['inserted_mean_hu'], '.0f')} | {_fmt(v['phantom_mean_hu'], '.0f')} "
-                         f"| {v['inserted']} |")
+                         f"| {parts[0]} | {parts[1]} | {v['inserted']} |")
     sp = report["speed"]
     lines += ["", f"## Speed ({sp.get('torch_threads', '?')} torch threads, median of {sp.get('repeats', 1)} timings "
               "each, in the same run)", "",

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from lsdm_aug.benchmarks.model_card import write_model_card
 from lsdm_aug.benchmarks.model_quality import GuidanceSetting, QualitySettings, gates, run_model_quality
@@ -103,12 +104,13 @@ def test_texture_fidelity_inserts_the_phantoms_own_outlines_of_each_level_and_co
     pipe = LSDMPipeline.from_pretrained(str(smoke_models), device="cpu")
     test = PreparedDataset(phantom_dataset, split="test")
     backgrounds = model_quality.test_backgrounds(test, 2)
-    phantom = {}  # level -> [(nodule id, its mean HU in the phantom)] of the non-calcified test nodules
+    phantom = {}  # level -> [(nodule id, its mean HU in the phantom, its rim's)] of the non-calcified test nodules
     for row in test.features.itertuples():
         mask = test[row.case_id]["nodule_mask"] == row.nodule_index
         if rating_level(row.calcification, 6) == 6 and mask.any():
-            hu = float(unit_to_hu(test[row.case_id]["image"])[mask].mean())
-            phantom.setdefault(rating_level(row.texture), []).append((row.nodule_id, hu))
+            hu = unit_to_hu(test[row.case_id]["image"])
+            rim = mask & ~ndimage.binary_erosion(mask, iterations=model_quality.RIM_PX)
+            phantom.setdefault(rating_level(row.texture), []).append((row.nodule_id, hu[mask].mean(), hu[rim].mean()))
     assert phantom, "the fixture's test split must hold non-calcified nodules"
     asked, outlines = [], []
     insert, outline = pipe.insert, model_quality._outline
@@ -123,7 +125,11 @@ def test_texture_fidelity_inserts_the_phantoms_own_outlines_of_each_level_and_co
             continue
         chosen = [nodules[i % len(nodules)] for i in range(3)]  # the level's own nodules, in turn
         assert entry["inserted"] == 3 and entry["phantom_nodules"] == len(nodules)
-        assert entry["phantom_mean_hu"] == pytest.approx(np.mean([hu for _, hu in chosen]))
+        assert entry["phantom_mean_hu"] == pytest.approx(np.mean([hu for _, hu, _ in chosen]))
+        assert entry["phantom_rim_hu"] == pytest.approx(np.mean([rim for _, _, rim in chosen]))
+        assert entry["inserted_rim_hu"] is not None
+        if entry["inserted_core_hu"] is not None:  # a nodule with a core: its rim is not the whole nodule
+            assert entry["inserted_rim_hu"] != pytest.approx(entry["inserted_mean_hu"])
     expected_ids = [nodules[i % len(nodules)][0] for level, nodules in sorted(phantom.items()) for i in range(3)]
     assert outlines == expected_ids
     # the U-Net (conditioned on calcification) was told each outline's real nodule is not calcified
