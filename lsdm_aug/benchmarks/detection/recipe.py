@@ -18,6 +18,8 @@ from lsdm_aug.data.prepared import HU_RANGE
 __all__ = ["ARMS", "DetectionRecipe", "load_detection_recipe"]
 
 ARMS = ("real", "real+synthetic", "real+on-the-fly", "real+copy-paste", "real+synthetic-unguided")
+# what nnU-Net's own trainer uses where a recipe leaves the setting null
+NNUNET_DEFAULTS = {"initial_lr": 0.01, "oversample_foreground": 0.33, "p_scaling": 0.2, "scaling": (0.7, 1.4)}
 TUPLE_KEYS = ("arms", "seeds", "features_per_stage", "ct_window", "patch_size", "curve_train_patients", "curve_arms",
               "scaling")
 
@@ -123,10 +125,12 @@ class DetectionRecipe:
             raise ValueError(f"workers must be >= 1, bootstrap >= 0 and tile_step_size in (0, 1], got "
                              f"{self.workers}, {self.bootstrap} and {self.tile_step_size}")
         if self.oversample_foreground is not None and not 0 <= self.oversample_foreground <= 1:
-            raise ValueError(f"oversample_foreground must be in [0, 1] or null (nnU-Net's 0.33), got "
+            raise ValueError(f"oversample_foreground must be in [0, 1] or null (nnU-Net's "
+                             f"{NNUNET_DEFAULTS['oversample_foreground']}), got "
                              f"{self.oversample_foreground}")
         if self.optimizer not in ("sgd", "adamw") or (self.initial_lr is not None and not self.initial_lr > 0):
-            raise ValueError(f"optimizer must be 'sgd' or 'adamw' and initial_lr > 0 or null (nnU-Net's 0.01), got "
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw' and initial_lr > 0 or null (nnU-Net's "
+                             f"{NNUNET_DEFAULTS['initial_lr']}), got "
                              f"{self.optimizer!r} and {self.initial_lr!r}")
         self._validate_augmentation()
         self._validate_slabs()
@@ -136,9 +140,11 @@ class DetectionRecipe:
 
     def _validate_augmentation(self) -> None:
         if self.p_scaling is not None and not 0 <= self.p_scaling <= 1:
-            raise ValueError(f"p_scaling must be in [0, 1] or null (nnU-Net's 0.2), got {self.p_scaling!r}")
+            raise ValueError(f"p_scaling must be in [0, 1] or null (nnU-Net's {NNUNET_DEFAULTS['p_scaling']}), got "
+                             f"{self.p_scaling!r}")
         if self.scaling is not None and not (len(self.scaling) == 2 and 0 < self.scaling[0] <= self.scaling[1]):
-            raise ValueError(f"scaling must be [low, high] with 0 < low <= high or null (nnU-Net's [0.7, 1.4]), got "
+            raise ValueError(f"scaling must be [low, high] with 0 < low <= high or null (nnU-Net's "
+                             f"{list(NNUNET_DEFAULTS['scaling'])}), got "
                              f"{self.scaling!r}")
         if self.progress_plot_every < 1:
             raise ValueError(f"progress_plot_every must be >= 1 (1: every epoch), got {self.progress_plot_every!r}")

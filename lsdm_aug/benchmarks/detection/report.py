@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from lsdm_aug.benchmarks.detection.recipe import NNUNET_DEFAULTS
 from lsdm_aug.benchmarks.detection.runs import CONFIGURATION
 from lsdm_aug.benchmarks.detection.scoring import SIZE_GROUPS_MM
 from lsdm_aug.data.prepared import atomic_write_figure
@@ -95,11 +96,8 @@ def _setup_lines(report: dict[str, Any]) -> list[str]:
 def _training_words(r: dict[str, Any]) -> str:
     """Optimizer, foreground sampling and the augmentation's scaling, each as the recipe set it or nnU-Net's."""
     optimizer = "AdamW" if r.get("optimizer") == "adamw" else "SGD"
-    rate = r.get("initial_lr") or 0.01
-    share = r.get("oversample_foreground")
-    share = 0.33 if share is None else share
-    p_scaling = 0.2 if r.get("p_scaling") is None else r["p_scaling"]
-    low, high = r.get("scaling") or (0.7, 1.4)
+    rate, share, p_scaling, (low, high) = (NNUNET_DEFAULTS[key] if r.get(key) is None else r[key]
+                                           for key in ("initial_lr", "oversample_foreground", "p_scaling", "scaling"))
     return (f"nnU-Net's {optimizer} from learning rate {rate:g}, {share:.0%} of patches centred on a nodule, "
             f"scaling augmentation {low:g}-{high:g}x on {p_scaling:.0%} of patches")
 
