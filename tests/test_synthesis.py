@@ -77,6 +77,30 @@ def test_same_seed_same_output_and_interrupted_runs_finish_identically(tmp_path,
             assert (a == b).all()
 
 
+def test_the_outlines_appearance_is_told_by_default_and_recorded(tmp_path, smoke_models):
+    from lsdm_aug.data.prepared import DatasetMismatchError
+    from lsdm_aug.transforms.core import usable_nodule_table
+
+    told = synthesize(tmp_path / "told", _request(smoke_models, count=3, features={"texture": 2}))
+    sources = usable_nodule_table().set_index("nodule_id").loc[told.source_nodule_id]
+    assert (told.texture_told.isna()).all()  # requested: nothing told
+    assert told.calcification_told.tolist() == [float(int(c + 0.5)) for c in sources.calcification]
+    off = tmp_path / "off"
+    manifest = synthesize(off, _request(smoke_models, count=3, appearance_from_outline=False))
+    assert manifest.texture_told.isna().all() and manifest.calcification_told.isna().all()
+    # a folder written before the setting existed had it off: it resumes without it and is refused with it
+    settings = off / ".lsdm-aug" / "settings.json"
+    record = json.loads(settings.read_text())
+    del record["appearance_from_outline"]
+    settings.write_text(json.dumps(record))
+    synthesize(off, _request(smoke_models, count=3, appearance_from_outline=False))
+    with pytest.raises(DatasetMismatchError, match="differs in appearance_from_outline"):
+        synthesize(off, _request(smoke_models, count=3))
+    result = runner.invoke(app, ["synthesize", "--out", str(off), "--count", "3", "--size", "64", "--steps", "2",
+                                 "--model", str(smoke_models), "--no-appearance-from-outline"])
+    assert result.exit_code == 0, result.output
+
+
 def test_a_folder_holding_another_dataset_is_refused_and_left_alone(tmp_path, smoke_models):
     out = tmp_path / "synth"
     synthesize(out, _request(smoke_models, count=2))

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from lsdm_aug.cli.errors import fail, user_errors
-from lsdm_aug.cli.synthesize import Level, build_request
+from lsdm_aug.cli.synthesize import AppearanceFromOutline, Level, build_request
 
 app = typer.Typer(help="Nodule banks: pre-generated nodules for the transforms' bank mode.", no_args_is_help=True)
 
@@ -33,6 +33,7 @@ def build(
     seed: Annotated[int, typer.Option(help="Master seed: same seed, same bank.")] = 0,
     source: Annotated[Path | None, typer.Option("--from", help="Generate in slices of this prepared or nnU-Net "
                                                               "dataset instead of new phantom slices.")] = None,
+    appearance_from_outline: AppearanceFromOutline = True,
     model: Annotated[str, typer.Option(help="'default' or a model folder.")] = "default",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ... (default: CUDA when present).")] = "",
     batch_size: Annotated[int, typer.Option(help="Nodules run through the diffusion together.")] = 1,
@@ -51,6 +52,7 @@ def build(
                                         "texture": texture, "calcification": calcification}, balance,
                                 size=size, seed=seed,
                                 guidance_scale=guidance_scale, steps=steps, model=model, cfg_scale=cfg_scale,
-                                source=None if source is None else str(source))
+                                source=None if source is None else str(source),
+                                appearance_from_outline=appearance_from_outline)
         bank = build_bank(out, request, device or None, batch_size=batch_size, progress=True)
     typer.echo(f"bank {out}: {len(bank)} nodules, {bank.settings['patch_px']} px patches at {bank.spacing_mm:.2f} mm/px")

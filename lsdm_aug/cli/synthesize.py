@@ -10,6 +10,10 @@ import typer
 from lsdm_aug.cli.errors import fail, user_errors
 
 Level = Annotated[str, typer.Option(help="A level 1..5 or a range like 3-5 (spread evenly); omit to leave free.")]
+AppearanceFromOutline = Annotated[bool, typer.Option(
+    "--appearance-from-outline/--no-appearance-from-outline",
+    help="Tell the U-Net the texture and calcification of each outline's real LIDC nodule when they are not "
+         "requested (off: it draws its average nodule).")]
 
 
 def build_request(count: int, levels: dict[str, str], balance: str, **settings):
@@ -43,6 +47,7 @@ def synthesize(
     nodules_per_slice: Annotated[int, typer.Option(help="Nodules inserted per case.")] = 1,
     source: Annotated[Path | None, typer.Option("--from", help="Insert into this prepared or nnU-Net dataset "
                                                               "instead of new phantom slices.")] = None,
+    appearance_from_outline: AppearanceFromOutline = True,
     model: Annotated[str, typer.Option(help="'default' or a model folder.")] = "default",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ... (default: CUDA when present).")] = "",
     batch_size: Annotated[int, typer.Option(help="Cases run through the diffusion together (output unchanged).")] = 1,
@@ -69,7 +74,8 @@ def synthesize(
                                         "texture": texture, "calcification": calcification}, balance,
                                 size=size, seed=seed,
                                 guidance_scale=guidance_scale, steps=steps, nodules_per_slice=nodules_per_slice,
-                                model=model, cfg_scale=cfg_scale, source=None if source is None else str(source))
+                                model=model, cfg_scale=cfg_scale, source=None if source is None else str(source),
+                                appearance_from_outline=appearance_from_outline)
         manifest = run(out, request, device or None, progress=True, batch_size=batch_size, ray_address=ray or None,
                        preview=preview)
     typer.echo(f"wrote {len(manifest)} cases to {out} (manifest.csv, dataset.json)"

@@ -55,6 +55,13 @@ def _settings(request: SynthesisRequest, shard_size: int) -> dict[str, Any]:
                                   "shard_size": shard_size, "request": asdict(request)}))
 
 
+def _differences(existing: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """The settings (``request.*`` for the request's) in which a bank's record and a new build differ."""
+    old, new = existing.get("request") or {}, settings["request"]
+    return sorted([k for k in set(existing) | set(settings) if k != "request" and existing.get(k) != settings.get(k)]
+                  + [f"request.{k}" for k in set(old) | set(new) if old.get(k) != new.get(k)])
+
+
 def _open(out_dir: Path, settings: dict[str, Any]) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--out {str(out_dir)!r} is a file, not a folder")
@@ -62,8 +69,10 @@ def _open(out_dir: Path, settings: dict[str, Any]) -> None:
     if manifest.is_file():
         existing = json.loads(manifest.read_text())
         existing.pop("model", None), existing.pop("spacing_mm", None)
+        existing.get("request", {}).setdefault("appearance_from_outline", False)  # built before the setting existed
         if existing != settings:
-            raise DatasetMismatchError(f"--out {str(out_dir)!r} holds a different nodule bank; choose another --out")
+            raise DatasetMismatchError(f"--out {str(out_dir)!r} holds a different nodule bank (differs in "
+                                       f"{', '.join(_differences(existing, settings))}); choose another --out")
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise DatasetMismatchError(f"--out {str(out_dir)!r} is a non-empty folder that is not a nodule bank")
 

@@ -34,7 +34,8 @@ from lsdm_aug.data.nnunet_format import case_paths, read_case, write_case, write
 from lsdm_aug.data.phantom import SUPPORTED_SIZES, ChestPhantom, PhantomConfig
 from lsdm_aug.data.prepared import DatasetMismatchError, PreparedDataset, atomic_write_text, unit_to_hu
 from lsdm_aug.progress import make_progress
-from lsdm_aug.transforms.core import NoduleSynthesizer, usable_nodule_table, load_pipeline, parse_feature
+from lsdm_aug.transforms.core import (APPEARANCE_FEATURES, NoduleSynthesizer, load_pipeline, parse_feature,
+                                     usable_nodule_table)
 
 __all__ = ["SynthesisRequest", "synthesize", "synthesize_group", "case_features", "parse_level_option", "CaseResult"]
 
@@ -75,6 +76,8 @@ class SynthesisRequest:
         nodules_per_slice: nodules inserted per case.
         model: "default" or a model folder.
         source: None for new phantom slices, else a prepared or nnU-Net dataset folder.
+        appearance_from_outline: tell the U-Net the texture and calcification of each outline's real nodule
+            when they are not requested (see :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`).
     """
 
     count: int
@@ -88,6 +91,7 @@ class SynthesisRequest:
     nodules_per_slice: int = 1
     model: str = "default"
     source: str | None = None
+    appearance_from_outline: bool = True
 
     def __post_init__(self) -> None:
         if self.count <= 0:
@@ -184,6 +188,7 @@ def _open(out_dir: Path, request: SynthesisRequest) -> None:
     settings_path = out_dir / STATE_DIR / "settings.json"
     if settings_path.is_file():
         existing = json.loads(settings_path.read_text())
+        existing.setdefault("appearance_from_outline", False)  # recorded before the setting existed: it was off
         if existing != _settings(request):
             changed = sorted(k for k in set(existing) | set(_settings(request)) if existing.get(k) != _settings(request).get(k))
             raise DatasetMismatchError(f"--out {str(out_dir)!r} holds a different synthetic dataset "
@@ -230,7 +235,8 @@ def _new_case(request: SynthesisRequest, index: int, device: str | None) -> _Cas
     features = case_features(request, index)
     spec = {name: int(features[name]) if name in features else None for name in CONDITIONING_FEATURES}
     synthesizer = NoduleSynthesizer(mode="insert", **spec, guidance_scale=request.guidance_scale, steps=request.steps,
-                                    label_value=1, device=device, model=request.model, cfg_scale=request.cfg_scale)
+                                    label_value=1, device=device, model=request.model, cfg_scale=request.cfg_scale,
+                                    appearance_from_outline=request.appearance_from_outline)
     return _CaseState(index, features, synthesizer)
 
 
@@ -284,6 +290,7 @@ def _row(request: SynthesisRequest, index: int, features: dict, placed: list[dic
     source = table.loc[first["nodule_id"]]
     row = {"case_id": _case_id(index), **{f"{name}_asked": features.get(name) for name in CONDITIONING_FEATURES},
            "source_nodule_id": first["nodule_id"],
+           **{f"{name}_told": first.get("outline_appearance", {}).get(name) for name in APPEARANCE_FEATURES},
            **{f"source_{name}": float(source[name]) for name in RATING_NAMES},
            "source_diameter_mm": float(source.diameter_mm), "centre_row": first["centre"][0],
            "centre_col": first["centre"][1], "changed_pixels": sum(p["changed_pixels"] for p in placed),

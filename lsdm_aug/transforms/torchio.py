@@ -130,7 +130,7 @@ class RandomNoduleSynth(RandomTransform):
                  size_mm: float | None = None, location: tuple[int, ...] | None = None, guidance_scale: float = 1.0,
                  steps: int = 25, label_value: int = 1, intensity: str = "hu", hu_mean: float = 0.0,
                  hu_std: float = 1.0, device: str | None = None, model: str = "default", bank: str | None = None,
-                 cfg_scale: float | None = None, calcification: Any = None, appearance_from_outline: bool = False,
+                 cfg_scale: float | None = None, calcification: Any = None, appearance_from_outline: bool = True,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.image_name, self.label_name = image_name, label_name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -112,8 +113,20 @@ def test_an_interrupted_build_finishes_identically(tmp_path, smoke_bank, smoke_m
     pd.testing.assert_frame_equal(rebuilt.table, original.table)
     for index in range(10):
         assert np.array_equal(rebuilt.entry(index).patch_hu, original.entry(index).patch_hu)
-    with pytest.raises(DatasetMismatchError, match="holds a different nodule bank"):
+    with pytest.raises(DatasetMismatchError, match=r"holds a different nodule bank \(differs in request.count\)"):
         build_bank(copy, SynthesisRequest(count=11, size=64, steps=2, model=str(smoke_models)), shard_size=4)
+
+
+def test_a_bank_built_before_appearance_from_outline_existed_had_it_off(tmp_path, smoke_bank, smoke_models):
+    copy = tmp_path / "bank"
+    shutil.copytree(smoke_bank, copy)
+    record = json.loads((copy / "bank.json").read_text())
+    assert record["request"].pop("appearance_from_outline") is True  # the default
+    (copy / "bank.json").write_text(json.dumps(record))
+    request = SynthesisRequest(count=10, size=64, steps=2, model=str(smoke_models), appearance_from_outline=False)
+    assert len(build_bank(copy, request, batch_size=5, shard_size=4)) == 10  # resumes (finished): it was off
+    with pytest.raises(DatasetMismatchError, match=r"differs in request.appearance_from_outline"):
+        build_bank(copy, SynthesisRequest(count=10, size=64, steps=2, model=str(smoke_models)), shard_size=4)
 
 
 def test_a_finished_bank_is_returned_without_loading_the_model(tmp_path, smoke_bank, smoke_models, monkeypatch):

@@ -32,7 +32,10 @@ def test_draw_takes_the_left_out_appearance_from_the_outlines_own_nodule(slice_h
     assert texture_asked.features == {"malignancy": 4.0, "texture": 2.0}
     assert texture_asked.outline_appearance == {"calcification": _source(texture_asked.nodule_id)["calcification"]}
     default = NoduleSynthesizer(malignancy=4).draw(hu, None, np.random.RandomState(3), (spacing, spacing))
-    assert default.outline_appearance == {} and default.nodule_id == told.nodule_id  # off by default, same draw
+    assert default.outline_appearance == told.outline_appearance  # on by default
+    off = NoduleSynthesizer(malignancy=4, appearance_from_outline=False).draw(hu, None, np.random.RandomState(3),
+                                                                              (spacing, spacing))
+    assert off.outline_appearance == {} and off.nodule_id == told.nodule_id  # off: nothing told, same draw
 
 
 def _insert_inputs(hu: np.ndarray, spacing: float, pipe: LSDMPipeline):
@@ -78,7 +81,7 @@ def test_the_synthesizer_applies_what_it_drew_alone_and_in_a_batch(slice_hu, smo
     assert info["outline_appearance"] == params.outline_appearance and info["changed_pixels"] > 0
     assert np.abs(alone - batched).max() <= 1.0  # HU: a batch's float rounding at most
     plain = NoduleSynthesizer(malignancy=4, model=str(smoke_models), steps=2, guidance_scale=0.0, cfg_scale=2.0,
-                              device="cpu")
+                              device="cpu", appearance_from_outline=False)
     unchanged, _, _ = plain.apply(hu, None, plain.draw(hu, None, np.random.RandomState(3), (spacing, spacing)),
                                   (spacing, spacing))
     assert not np.array_equal(unchanged, alone)

@@ -165,7 +165,8 @@ def write_synthetic_arm(recipe: DetectionRecipe, raw: Path, work: Path, real_cas
                                steps=recipe.synthetic_steps, model=recipe.model,
                                source=str(raw / dataset_name(recipe, "real")),
                                guidance_scale=0.0 if unguided else recipe.guidance_scale,
-                               cfg_scale=0.0 if unguided else recipe.cfg_scale)
+                               cfg_scale=0.0 if unguided else recipe.cfg_scale,
+                               appearance_from_outline=recipe.appearance_from_outline)
     synthetic = work / ("synthetic-unguided" if unguided else "synthetic")
     manifest = synthesize(synthetic, request, device=recipe.device)
     for case_id in manifest.case_id:
@@ -341,5 +342,5 @@ def ensure_bank(recipe: DetectionRecipe, work: Path) -> None:
     request = SynthesisRequest(count=int(recipe.on_the_fly.get("bank_count", 200)), size=recipe.image_size,
                                seed=recipe.data_seed + 1, steps=recipe.synthetic_steps,
                                guidance_scale=recipe.guidance_scale, cfg_scale=recipe.cfg_scale, model=recipe.model,
-                               source=source)
+                               source=source, appearance_from_outline=recipe.appearance_from_outline)
     build_bank(work / "bank", request, device=recipe.device, batch_size=8)

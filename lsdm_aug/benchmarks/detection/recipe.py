@@ -37,8 +37,9 @@ class DetectionRecipe:
     nnU-Net's 0.2 and (0.7, 1.4)); ``progress_plot_every``: epochs between nnU-Net's progress plots (1: nnU-Net's
     every epoch); ``workers`` (arm, seed) runs share the CPU cores.
     ``curve_train_patients``: more real training-set sizes, each trained with ``curve_arms``.
-    ``appearance_from_outline``: the LSDM cases tell the U-Net the texture and calcification of each outline's
-    real nodule (:class:`~lsdm_aug.transforms.core.NoduleSynthesizer`).
+    ``appearance_from_outline``: the LSDM cases and the on-the-fly bank tell the U-Net the texture and
+    calcification of each outline's real nodule (:class:`~lsdm_aug.transforms.core.NoduleSynthesizer`; default
+    True, as the product's; no effect at w = 0, so not on the unguided arm).
     ``neighbour_slices`` > 0 makes the detector 2.5D: each case is a phantom slab (:mod:`lsdm_aug.data.phantom_slab`)
     whose middle slice is labelled and whose ``neighbour_slices`` slices on each side, ``slice_thickness_mm``
     apart, are extra input channels (one nnU-Net channel per slice); a vessel continues and shifts from
@@ -64,7 +65,7 @@ class DetectionRecipe:
     synthetic_steps: int = 20
     guidance_scale: float = 1.0
     cfg_scale: float | None = None
-    appearance_from_outline: bool = False
+    appearance_from_outline: bool = True
     on_the_fly: dict[str, Any] = field(default_factory=lambda: {"prob": 0.3, "malignancy": "balanced", "steps": 10})
     arms: tuple[str, ...] = ARMS
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
