@@ -101,11 +101,11 @@ def _nodule_volume(scan, clusters) -> tuple[np.ndarray, list[dict]]:
     shape = (512, 512, len(scan.slice_zvals))
     labels = np.zeros(shape, np.uint8)
     records = []
-    for index, annotations in enumerate(clusters):
-        mask, bbox = pylidc.utils.consensus(annotations, clevel=CONSENSUS_LEVEL, ret_masks=False)
+    for index, readings in enumerate(clusters):  # one nodule's annotations by up to four radiologists
+        mask, bbox = pylidc.utils.consensus(readings, clevel=CONSENSUS_LEVEL, ret_masks=False)
         if not mask.any():
             continue
-        records.append(nodule_record(scan, index, annotations, (mask, bbox)))
+        records.append(nodule_record(scan, index, readings, (mask, bbox)))
         region = labels[bbox]
         region[mask] = len(records)
     return labels, records

@@ -121,8 +121,8 @@ def test_prepare_lidc_writes_slices_masks_and_features(prepared, dicom_root):
     scan = _scan("LIDC-IDRI-0171")
     with use_dicom_root(dicom_root):
         volume = scan.to_volume(verbose=False)
-    for annotations in scan.cluster_annotations(verbose=False):
-        mask, bbox = pylidc.utils.consensus(annotations, clevel=0.5, ret_masks=False)
+    for readings in scan.cluster_annotations(verbose=False):
+        mask, bbox = pylidc.utils.consensus(readings, clevel=0.5, ret_masks=False)
         if not mask.any():
             continue
         k = int(round(np.argwhere(mask).mean(0)[2])) + bbox[2].start
@@ -131,7 +131,7 @@ def test_prepare_lidc_writes_slices_masks_and_features(prepared, dicom_root):
         expected[bbox[0], bbox[1]] = mask[:, :, k - bbox[2].start]
         assert (case["nodule_mask"] > 0)[expected].all()
         labels = case["semantic_map"][expected]
-        malignancy = np.median([a.malignancy for a in annotations])
+        malignancy = np.median([a.malignancy for a in readings])
         assert set(np.unique(labels)) <= {5, 6, 7}
         assert (5 if malignancy < 3 else 6 if malignancy == 3 else 7) in labels
         hu = unit_to_hu(case["image"])

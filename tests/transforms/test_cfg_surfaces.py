@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 
 from lsdm_aug import NoduleSynth
 from lsdm_aug.cli import app
-from lsdm_aug.data.prepared import PreparedDataset, unit_to_hu
 from lsdm_aug.transforms.nnunet import NoduleSynthTransform
 from lsdm_aug.transforms.torchio import RandomNoduleSynth
 

@@ -9,7 +9,6 @@ import torchio as tio
 from monai.data import MetaTensor
 
 from lsdm_aug import NoduleSynthd
-from lsdm_aug.data.prepared import PreparedDataset, unit_to_hu
 from lsdm_aug.transforms.monai import NoduleSynthBatchd
 from lsdm_aug.transforms.torchio import RandomNoduleSynth
 

@@ -8,7 +8,6 @@ import torch
 import torchio as tio
 from monai.data import MetaTensor
 
-from lsdm_aug.data.prepared import PreparedDataset, unit_to_hu
 from lsdm_aug.transforms.core import NoduleSynthesizer, parse_feature
 from lsdm_aug.transforms.monai import NoduleSynth, NoduleSynthd, NoduleSynthD, NoduleSynthDict, synthesis_records
 from lsdm_aug.transforms.torchio import NoduleSynthesis, RandomNoduleSynth
