@@ -53,6 +53,25 @@ def detection(
     typer.echo(detection_markdown(report))
 
 
+@app.command("detection-compare")
+def detection_compare(
+    work: Annotated[Path, typer.Option(help="Work folder of the variant (its arm's runs finished).")],
+    against: Annotated[Path, typer.Option(help="Work folder it is compared with (same test set).")],
+    arm: Annotated[str, typer.Option(help="The arm run in both, e.g. real+on-the-fly.")] = "real+synthetic",
+    recipe: Annotated[str, typer.Option(help="Recipe whose scoring settings (threshold, candidates, bootstrap) "
+                                             "are used.")] = "bench-detection-phantom",
+) -> None:
+    """Paired CPM difference of one arm between two detection work folders (a recipe setting on and off)."""
+    from lsdm_aug.benchmarks.detection import compare_work_folders, load_detection_recipe
+
+    with user_errors():
+        result = compare_work_folders(work, against, arm, load_detection_recipe(recipe))
+    verdict = "resolved" if result["resolved"] else "not resolved"
+    typer.echo(f"{arm}: {work} - {against}: CPM {result['mean']:+.3f} [{result['low']:+.3f}, {result['high']:+.3f}] "
+               f"({verdict}; seeds {result['seeds']}, per seed "
+               f"{', '.join(f'{d:+.3f}' for d in result['seed_differences'])})")
+
+
 @app.command("generation")
 def generation(
     recipe: Annotated[str, typer.Option(help="bench-generation or a YAML path.")] = "bench-generation",

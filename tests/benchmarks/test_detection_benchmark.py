@@ -429,3 +429,50 @@ def test_lesions_are_grouped_by_the_diameter_of_their_labelled_area():
     assert size_group(disk, (0.25, 0.25)) == "< 6 mm"  # about 5.3 mm
     assert size_group(disk, (0.4, 0.4)) == "6-10 mm"  # about 8.4 mm
     assert size_group(disk, (0.5, 0.5, 2.5)) == ">= 10 mm"  # about 10.5 mm; the slice thickness plays no part
+
+
+def _predicted(work, arm: str, seed: int, quality: float) -> None:
+    """Fake nnU-Net probabilities for ``arm``/``seed``: each lesion at ``quality`` where ``quality`` > 0.5 finds
+    it, plus a false positive in a corner; done.json written as a finished run's."""
+    from lsdm_aug.benchmarks.detection.runs import predictions_folder
+    from lsdm_aug.data.nnunet_format import read_case
+
+    folder = predictions_folder(work, arm, seed)
+    folder.mkdir(parents=True)
+    for case_id in pd.read_csv(work / "test" / "lesions.csv").case_id.unique():
+        _, instances, _ = read_case(work / "test", case_id)
+        foreground = np.where(instances > 0, quality, 0.0)
+        foreground[:3, :3] = 0.9
+        np.savez(folder / f"{case_id}.npz", probabilities=np.stack([1 - foreground, foreground])[:, None])
+    (folder / "done.json").write_text("{}")
+
+
+def test_detection_compare_pairs_one_arm_of_two_work_folders(tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from lsdm_aug.benchmarks.detection import compare_work_folders, data
+    from lsdm_aug.cli import app
+
+    recipe = DetectionRecipe(image_size=64, train_patients=1, test_patients=3, slices_per_patient=2,
+                             nodule_free_fraction=0.0, arms=("real",), curve_arms=("real",), bootstrap=200).validate()
+    better, worse = tmp_path / "on", tmp_path / "off"
+    data.write_real(recipe, better / "raw", better / "test")
+    shutil.copytree(better / "test", worse / "test")
+    for seed in (0, 1):
+        _predicted(better, "real+on-the-fly", seed, 0.95)  # finds every lesion, above the corner's 0.9
+        _predicted(worse, "real+on-the-fly", seed, 0.6)  # finds them ranked below the false positive
+    _predicted(better, "real+on-the-fly", 2, 0.95)  # a seed finished in one folder only is left out
+    result = compare_work_folders(better, worse, "real+on-the-fly", recipe)
+    assert result["seeds"] == [0, 1] and result["mean"] > 0 and result["low"] > 0 and result["resolved"]
+    assert compare_work_folders(worse, better, "real+on-the-fly", recipe)["mean"] == pytest.approx(-result["mean"])
+    with pytest.raises(ValueError, match=r"arm must be one of \["):
+        compare_work_folders(better, worse, "real+magic", recipe)
+    with pytest.raises(ValueError, match="no seed of 'real' is finished in both"):
+        compare_work_folders(better, worse, "real", recipe)
+    lesions = pd.read_csv(worse / "test" / "lesions.csv")
+    lesions.drop(index=lesions.index[-1]).to_csv(worse / "test" / "lesions.csv", index=False)
+    result = CliRunner().invoke(app, ["benchmark", "detection-compare", "--work", str(better), "--against", str(worse),
+                                       "--arm", "real+on-the-fly"])
+    assert result.exit_code == 2 and "hold different test sets" in result.output

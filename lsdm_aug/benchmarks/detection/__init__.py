@@ -39,6 +39,7 @@ Example:
 """
 
 from lsdm_aug.benchmarks.detection.benchmark import run_detection, train_arms
+from lsdm_aug.benchmarks.detection.compare import compare_work_folders
 from lsdm_aug.benchmarks.detection.data import copy_paste_cases, dataset_name
 from lsdm_aug.benchmarks.detection.recipe import ARMS, DetectionRecipe, load_detection_recipe
 from lsdm_aug.benchmarks.detection.report import detection_markdown
@@ -47,4 +48,4 @@ from lsdm_aug.benchmarks.detection.scoring import evaluate, paired_difference
 
 __all__ = ["ARMS", "CONFIGURATION", "DetectionRecipe", "load_detection_recipe", "run_detection", "train_arms",
            "copy_paste_cases", "dataset_name", "detection_markdown", "reduced_configuration", "trainer_settings",
-           "evaluate", "paired_difference"]
+           "evaluate", "paired_difference", "compare_work_folders"]
