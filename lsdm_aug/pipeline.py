@@ -456,9 +456,12 @@ class LSDMPipeline:
                              f"{len(features)} items")
         names = conditioned_features(self.unet)
         told = [{} for _ in features] if conditioning is None else [validate_features(c) for c in conditioning]
-        told = [{k: v for k, v in item.items() if k in names} for item in told]
         spacings = [self.check_spacing(value) for value in spacing_mm]
         cfg_scale = self._cfg_scale(cfg_scale, features)
+        # what the U-Net is told besides the request: features it is conditioned on, not requested, and only
+        # under classifier-free guidance (w = 0 samples without the feature vector)
+        told = [{k: v for k, v in extra.items() if k in names and k not in item} if cfg_scale > 0 else {}
+                for extra, item in zip(told, features)]
         self._check_steering(features, guidance_scale, cfg_scale)
         windows = []
         for image, semantic_map, outline, centre, item, spacing in zip(images, semantic_maps, nodule_outlines, centres,

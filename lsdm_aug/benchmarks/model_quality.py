@@ -61,7 +61,7 @@ from lsdm_aug.transforms.core import choose_outline, nodule_outline, usable_nodu
 __all__ = ["QualitySettings", "run_model_quality", "quality_markdown", "GuidanceSetting", "guidance_grid"]
 
 SATURATED_HU = 400.0
-RIM_PX = 2  # a nodule's rim in the texture section: its outer 2 pixels (about 1.4 mm at 0.7 mm)
+RIM_MM = 1.4  # a nodule's rim in the texture section: its outer 1.4 mm (2 px at 0.7 mm)
 NOT_CALCIFIED = 6  # LIDC calcification 6 = absent
 
 
@@ -251,20 +251,24 @@ class Inserted:
     non_calcified: np.ndarray  # the outline's source nodule is not calcified (LIDC calcification 6)
     seconds: float = 0.0
     request_index: np.ndarray | None = None  # which request each row answers (a request without room is left out)
-    core_hu: np.ndarray | None = None  # mean HU deeper than RIM_PX inside each nodule (nan: a nodule all rim)
-    rim_hu: np.ndarray | None = None  # mean HU of each nodule's outer RIM_PX pixels
+    core_hu: np.ndarray | None = None  # mean HU deeper than RIM_MM inside each nodule (nan: a nodule all rim)
+    rim_hu: np.ndarray | None = None  # mean HU of each nodule's outer RIM_MM
 
 
-def core_and_rim_hu(hu: np.ndarray, mask: np.ndarray, rim_px: int = 2) -> tuple[float, float]:
-    """Mean HU of a nodule's core (``mask`` eroded by ``rim_px``) and of its rim (the rest of ``mask``): where
-    an inserted nodule's mean departs from the phantom's, inside or at the edge. nan for an empty part.
+def core_and_rim_hu(hu: np.ndarray, mask: np.ndarray, spacing_mm: float, rim_mm: float = RIM_MM
+                    ) -> tuple[float, float]:
+    """Mean HU of a nodule's core (``mask`` eroded by ``rim_mm``, at least one pixel) and of its rim (the rest
+    of ``mask``): whether an inserted nodule's mean departs from the phantom's inside or at the edge. nan for an
+    empty part.
 
     Example:
         >>> hu = np.full((9, 9), -800.0); mask = np.zeros((9, 9), bool); mask[2:7, 2:7] = True; hu[4, 4] = 0.0
-        >>> core_and_rim_hu(hu, mask, rim_px=2)
+        >>> core_and_rim_hu(hu, mask, spacing_mm=0.7)  # a 1.4 mm rim: 2 px
         (0.0, -800.0)
     """
-    core = ndimage.binary_erosion(mask, iterations=rim_px)
+    if not (spacing_mm > 0 and rim_mm > 0):
+        raise ValueError(f"spacing_mm and rim_mm must be > 0, got {spacing_mm!r} and {rim_mm!r}")
+    core = ndimage.binary_erosion(mask, iterations=max(1, round(rim_mm / spacing_mm)))
     rim = mask & ~core
     return tuple(float(hu[part].mean()) if part.any() else float("nan") for part in (core, rim))
 
@@ -315,7 +319,7 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
         hu = unit_to_hu(result.image)
         mean_hu.append(float(hu[mask].mean()))
         p90_hu.append(float(np.percentile(hu[mask], 90)))
-        core_rim.append(core_and_rim_hu(hu, mask, RIM_PX))
+        core_rim.append(core_and_rim_hu(hu, mask, background.spacing_mm))
         non_calcified.append(source_level == NOT_CALCIFIED)
         answered.append(i)
         rows, cols = np.nonzero(mask)
@@ -454,36 +458,43 @@ def texture_fidelity(pipe: LSDMPipeline, backgrounds: list[Background], test: Pr
         if mask.any():
             hu = unit_to_hu(case["image"])
             phantom.setdefault(rating_level(row.texture), []).append(
-                (str(row.nodule_id), float(hu[mask].mean()), *core_and_rim_hu(hu, mask, RIM_PX)))
+                (str(row.nodule_id), float(hu[mask].mean()), *core_and_rim_hu(hu, mask, float(case["spacing_mm"]))))
     setting = GuidanceSetting("default", 1.0, pipe.default_cfg_scale)
     levels, saturated = {}, []
     for level in range(1, 6):
         nodules = phantom.get(level, [])
-        chosen = [nodules[i % len(nodules)] for i in range(count)] if nodules else []
+        if not nodules:
+            levels[str(level)] = {"inserted": 0, "phantom_nodules": 0, **_paired_means(None, np.empty((0, 3)))}
+            continue
+        chosen = [nodules[i % len(nodules)] for i in range(count)]
         result = insert_requests(pipe, backgrounds, [{"texture": float(level)}] * count, setting, steps, seed + level,
                                  pipe.recipe.classifiers.crop_px, crop_spacing_mm, non_calcified_only=True,
-                                 nodule_ids=[nodule_id for nodule_id, *_ in chosen]) if chosen else None
-        pairs = np.array([chosen[i][1:] for i in result.request_index], float).reshape(-1, 3) if chosen \
-            else np.empty((0, 3))
+                                 nodule_ids=[nodule_id for nodule_id, *_ in chosen])
+        pairs = np.array([chosen[i][1:] for i in result.request_index], float).reshape(-1, 3)
         levels[str(level)] = {"inserted": int(len(pairs)), "phantom_nodules": len(nodules),
                               **_paired_means(result, pairs)}
-        if result is not None:
-            saturated.extend((result.p90_hu >= SATURATED_HU).tolist())
+        saturated.extend((result.p90_hu >= SATURATED_HU).tolist())
     return {"levels": levels, "saturated_share": float(np.mean(saturated)) if saturated else None, "paired": True}
 
 
-def _paired_means(result: Inserted | None, pairs: np.ndarray) -> dict[str, float | None]:
+def _paired_means(result: Inserted | None, pairs: np.ndarray) -> dict[str, Any]:
     """Mean, core and rim HU of the inserted nodules and of the same nodules in the phantom (``pairs``: their
-    phantom mean, core, rim per inserted row); None where nothing was inserted or no nodule has a core."""
-    def mean(values: np.ndarray) -> float | None:
-        values = values[np.isfinite(values)]
-        return float(values.mean()) if len(values) else None
+    phantom mean, core and rim per inserted row). Cores are compared over the nodules that have one on both
+    sides (``cored``); None where there is nothing to compare.
 
+    Example:
+        >>> inserted = Inserted(np.zeros((2, 1, 1)), np.array([-300.0, -100.0]), np.zeros(2), np.ones(2, bool),
+        ...                     core_hu=np.array([np.nan, 0.0]), rim_hu=np.array([-300.0, -200.0]))
+        >>> means = _paired_means(inserted, np.array([[-200.0, 50.0, -250.0], [-50.0, 40.0, -150.0]]))
+        >>> means["inserted_core_hu"], means["phantom_core_hu"], means["cored"]  # the first has no inserted core
+        (0.0, 40.0, 1)
+    """
+    parts = [f"{who}_{part}_hu" for who in ("inserted", "phantom") for part in ("mean", "core", "rim")]
     if result is None or not len(pairs):
-        return {f"{who}_{part}_hu": None for who in ("inserted", "phantom") for part in ("mean", "core", "rim")}
-    return {"inserted_mean_hu": mean(result.mean_hu), "inserted_core_hu": mean(result.core_hu),
-            "inserted_rim_hu": mean(result.rim_hu), "phantom_mean_hu": mean(pairs[:, 0]),
-            "phantom_core_hu": mean(pairs[:, 1]), "phantom_rim_hu": mean(pairs[:, 2])}
+        return {**dict.fromkeys(parts), "cored": 0}
+    cored = np.isfinite(result.core_hu) & np.isfinite(pairs[:, 1])
+    values = (result.mean_hu, result.core_hu[cored], result.rim_hu, pairs[:, 0], pairs[cored, 1], pairs[:, 2])
+    return {**{name: float(v.mean()) if len(v) else None for name, v in zip(parts, values)}, "cored": int(cored.sum())}
 
 
 def insertion_speed(pipe: LSDMPipeline, background: Background, steps: int, repeats: int = 3) -> dict[str, float]:
@@ -833,8 +844,8 @@ def quality_markdown(report: dict[str, Any]) -> str:
               "Paired: each phantom test nodule of a level (non-calcified) has its own outline inserted with that "
               "texture requested; its mean HU against the same nodule's in the phantom (random outlines would "
               "compare other sizes: LIDC's ground-glass nodules are the larger ones, and a small nodule reads darker). "
-              f"Core: deeper than {RIM_PX} px inside the nodule; rim: its outer {RIM_PX} px (where the two part, "
-              "inside or at the edge).",
+              f"Core: deeper than {RIM_MM:g} mm inside the nodule (nodules with one in both images); rim: its outer "
+              f"{RIM_MM:g} mm. They tell whether an inserted nodule is too dark inside or at its edge.",
               "", "| where | texture | inserted mean HU | phantom mean HU, same nodules | inserted core / rim | "
               "phantom core / rim | inserted |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for where, entry in [("test slices", report["texture"]), *[(f"{k} mm", v) for k, v in report["other_spacings"].items()]]:

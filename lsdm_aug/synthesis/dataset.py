@@ -8,7 +8,9 @@ continues where it stopped. A case counts as written once its manifest row is; t
 are written (atomically) before it.
 
 Layout: ``imagesTr/``, ``labelsTr/``, ``dataset.json`` (nnU-Net), ``manifest.csv`` (one row per case:
-features asked, the source LIDC nodule and its ratings, centre, size, seed, background, model) and
+features asked, what the U-Net was told besides them (``texture_told``, ``calcification_told``: the outline's
+real nodule's, :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`'s ``appearance_from_outline``), the source
+LIDC nodule and its ratings, centre, size, seed, background, model; the first nodule's when a case has more) and
 ``.lsdm-aug/`` (the request and one row file per finished case).
 
 Example:
@@ -77,7 +79,8 @@ class SynthesisRequest:
         model: "default" or a model folder.
         source: None for new phantom slices, else a prepared or nnU-Net dataset folder.
         appearance_from_outline: tell the U-Net the texture and calcification of each outline's real nodule
-            when they are not requested (see :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`).
+            when they are not requested (see :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`); default True.
+            A dataset or bank recorded before this setting existed was made with it off, and resumes only so.
     """
 
     count: int
@@ -94,6 +97,8 @@ class SynthesisRequest:
     appearance_from_outline: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.appearance_from_outline, bool):
+            raise ValueError(f"appearance_from_outline must be True or False, got {self.appearance_from_outline!r}")
         if self.count <= 0:
             raise ValueError(f"count must be > 0, got {self.count!r}")
         if self.size not in SUPPORTED_SIZES:
@@ -290,7 +295,7 @@ def _row(request: SynthesisRequest, index: int, features: dict, placed: list[dic
     source = table.loc[first["nodule_id"]]
     row = {"case_id": _case_id(index), **{f"{name}_asked": features.get(name) for name in CONDITIONING_FEATURES},
            "source_nodule_id": first["nodule_id"],
-           **{f"{name}_told": first.get("outline_appearance", {}).get(name) for name in APPEARANCE_FEATURES},
+           **{f"{name}_told": first.get("told", {}).get(name) for name in APPEARANCE_FEATURES},
            **{f"source_{name}": float(source[name]) for name in RATING_NAMES},
            "source_diameter_mm": float(source.diameter_mm), "centre_row": first["centre"][0],
            "centre_col": first["centre"][1], "changed_pixels": sum(p["changed_pixels"] for p in placed),

@@ -388,6 +388,9 @@ def test_the_on_the_fly_arm_gets_the_work_folder_bank_and_no_bank_count(tmp_path
     assert settings["bank"] == str(tmp_path / "bank") and "bank_count" not in settings
     assert settings["seed"] == 2 and settings["prob"] == 0.3
     assert trainer_settings(recipe, "real", 2, tmp_path)["prob"] == 0.0  # the other arms insert nothing
+    assert settings["appearance_from_outline"] is True  # the recipe's, live or banked
+    plain = DetectionRecipe(on_the_fly={"prob": 0.3}, appearance_from_outline=False).validate()
+    assert trainer_settings(plain, "real+on-the-fly", 0, tmp_path)["appearance_from_outline"] is False
 
 
 def test_the_recipe_hands_the_augmentation_and_plot_settings_to_the_trainer(tmp_path):

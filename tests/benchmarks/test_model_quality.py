@@ -109,7 +109,8 @@ def test_texture_fidelity_inserts_the_phantoms_own_outlines_of_each_level_and_co
         mask = test[row.case_id]["nodule_mask"] == row.nodule_index
         if rating_level(row.calcification, 6) == 6 and mask.any():
             hu = unit_to_hu(test[row.case_id]["image"])
-            rim = mask & ~ndimage.binary_erosion(mask, iterations=model_quality.RIM_PX)
+            core_px = max(1, round(model_quality.RIM_MM / float(test[row.case_id]["spacing_mm"])))
+            rim = mask & ~ndimage.binary_erosion(mask, iterations=core_px)
             phantom.setdefault(rating_level(row.texture), []).append((row.nodule_id, hu[mask].mean(), hu[rim].mean()))
     assert phantom, "the fixture's test split must hold non-calcified nodules"
     asked, outlines = [], []
@@ -163,3 +164,23 @@ def test_a_raw_targets_setting_guides_to_the_ratings_and_restores_the_pipeline(s
         assert not pipe.calibrated_targets
         raise RuntimeError("an insertion failed")
     assert pipe.calibrated_targets
+
+
+def test_core_and_rim_are_measured_in_millimetres_and_cores_compared_in_pairs():
+    from lsdm_aug.benchmarks.model_quality import Inserted, _paired_means, core_and_rim_hu
+
+    yy, xx = np.mgrid[:41, :41]
+    radius = np.hypot(yy - 20, xx - 20)
+    mask, hu = radius <= 10, np.where(radius <= 5, 0.0, -600.0)  # a dense core 5 px across inside a fainter shell
+    fine = core_and_rim_hu(hu, mask, spacing_mm=0.28)  # 1.4 mm = 5 px: the core is mostly the dense part
+    coarse = core_and_rim_hu(hu, mask, spacing_mm=1.4)  # 1.4 mm = 1 px: the core takes in most of the shell
+    assert fine[1] == -600.0 and fine[0] > -100.0 and coarse[0] < fine[0] - 200.0
+    with pytest.raises(ValueError, match="spacing_mm and rim_mm must be > 0, got 0.7 and 0"):
+        core_and_rim_hu(hu, mask, spacing_mm=0.7, rim_mm=0)
+    inserted = Inserted(np.zeros((3, 1, 1)), np.array([-1.0, -2.0, -3.0]), np.zeros(3), np.ones(3, bool),
+                        core_hu=np.array([10.0, np.nan, 30.0]), rim_hu=np.array([-5.0, -6.0, -7.0]))
+    pairs = np.array([[0.0, 100.0, -1.0], [0.0, 200.0, -2.0], [0.0, np.nan, -3.0]])
+    means = _paired_means(inserted, pairs)  # only the first nodule has a core on both sides
+    assert (means["inserted_core_hu"], means["phantom_core_hu"], means["cored"]) == (10.0, 100.0, 1)
+    assert means["inserted_rim_hu"] == -6.0 and means["phantom_rim_hu"] == -2.0
+    assert _paired_means(None, np.empty((0, 3)))["inserted_mean_hu"] is None

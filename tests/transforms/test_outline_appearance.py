@@ -62,6 +62,9 @@ def test_the_pipeline_conditions_on_told_features_without_guiding_to_them(slice_
     asked = insert({"malignancy": 4.0, "texture": 5.0})
     overridden = insert({"malignancy": 4.0, "texture": 5.0}, {"texture": 1.0})
     np.testing.assert_array_equal(asked.image, overridden.image)  # a requested feature keeps its value
+    assert "conditioning" not in overridden.record  # ... and the record says nothing else was told
+    unguided = insert({"malignancy": 4.0}, {"texture": 1.0}, cfg_scale=0.0)
+    assert "conditioning" not in unguided.record  # w = 0 samples without the feature vector: nothing told
     np.testing.assert_array_equal(insert({"malignancy": 4.0}, cfg_scale=0.0).image,
                                   insert({"malignancy": 4.0}, {"texture": 1.0}, cfg_scale=0.0).image)  # w = 0: unused
     with pytest.raises(ValueError, match="texture must be in 1..5, got 7"):

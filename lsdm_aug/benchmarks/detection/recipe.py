@@ -15,7 +15,7 @@ from lsdm_aug.benchmarks.recipes import load_benchmark_recipe
 from lsdm_aug.data.phantom import SUPPORTED_SIZES
 from lsdm_aug.data.prepared import HU_RANGE
 
-__all__ = ["ARMS", "DetectionRecipe", "load_detection_recipe"]
+__all__ = ["ARMS", "NNUNET_DEFAULTS", "DetectionRecipe", "load_detection_recipe"]
 
 ARMS = ("real", "real+synthetic", "real+on-the-fly", "real+copy-paste", "real+synthetic-unguided")
 # what nnU-Net's own trainer uses where a recipe leaves the setting null
@@ -32,14 +32,14 @@ class DetectionRecipe:
     patients from ``test_first_patient`` on, so every training-set size meets the same test set) or from a
     prepared dataset's train / test splits (e.g. LIDC). ``patch_size`` (None: nnU-Net's plan) and
     ``features_per_stage`` reduce nnU-Net's 2d plan; ``oversample_foreground`` is the share of training patches
-    nnU-Net centres on foreground (None: its 0.33); ``optimizer`` / ``initial_lr``: nnU-Net's SGD or its AdamW
-    variant (None: nnU-Net's 0.01); ``p_scaling`` / ``scaling``: the spatial augmentation's scaling (None:
-    nnU-Net's 0.2 and (0.7, 1.4)); ``progress_plot_every``: epochs between nnU-Net's progress plots (1: nnU-Net's
+    nnU-Net centres on foreground; ``optimizer`` / ``initial_lr``: nnU-Net's SGD or its AdamW variant;
+    ``p_scaling`` / ``scaling``: the spatial augmentation's scaling (each None: nnU-Net's own,
+    :data:`NNUNET_DEFAULTS`); ``progress_plot_every``: epochs between nnU-Net's progress plots (1: nnU-Net's
     every epoch); ``workers`` (arm, seed) runs share the CPU cores.
     ``curve_train_patients``: more real training-set sizes, each trained with ``curve_arms``.
-    ``appearance_from_outline``: the LSDM cases and the on-the-fly bank tell the U-Net the texture and
-    calcification of each outline's real nodule (:class:`~lsdm_aug.transforms.core.NoduleSynthesizer`; default
-    True, as the product's; no effect at w = 0, so not on the unguided arm).
+    ``appearance_from_outline``: the LSDM cases and the on-the-fly arm (live or its bank) tell the U-Net the
+    texture and calcification of each outline's real nodule (:class:`~lsdm_aug.transforms.core.NoduleSynthesizer`;
+    default True, as the product's; no effect at w = 0, so not on the unguided arm).
     ``neighbour_slices`` > 0 makes the detector 2.5D: each case is a phantom slab (:mod:`lsdm_aug.data.phantom_slab`)
     whose middle slice is labelled and whose ``neighbour_slices`` slices on each side, ``slice_thickness_mm``
     apart, are extra input channels (one nnU-Net channel per slice); a vessel continues and shifts from
@@ -103,6 +103,8 @@ class DetectionRecipe:
                 raise ValueError(f"{key} must be among {ARMS}, got {list(arms)}")
         if self.image_size not in SUPPORTED_SIZES:
             raise ValueError(f"image_size must be one of {SUPPORTED_SIZES}, got {self.image_size}")
+        if not isinstance(self.appearance_from_outline, bool):
+            raise ValueError(f"appearance_from_outline must be true or false, got {self.appearance_from_outline!r}")
         if min(self.train_patients, self.test_patients, self.slices_per_patient, len(self.seeds)) < 1:
             raise ValueError("train_patients, test_patients, slices_per_patient and seeds must be >= 1")
         largest = max((self.train_patients, *self.curve_train_patients))

@@ -114,7 +114,8 @@ def trainer_settings(recipe: DetectionRecipe, arm: str, seed: int, work: Path) -
         on_the_fly = {k: v for k, v in recipe.on_the_fly.items() if k != "bank_count"}
         if on_the_fly.get("bank") == "build":  # the bank that ensure_bank builds in the work folder
             on_the_fly["bank"] = str(work / "bank")
-        settings.update({"model": recipe.model, **on_the_fly})
+        settings.update({"model": recipe.model, "appearance_from_outline": recipe.appearance_from_outline,
+                         **on_the_fly})
         if recipe.neighbour_slices:
             settings["slice_thickness_mm"] = recipe.slice_thickness_mm  # the channels are neighbouring slices
     return settings
