@@ -72,7 +72,7 @@ def _open(out_dir: Path, settings: dict[str, Any]) -> None:
         existing.get("request", {}).setdefault("appearance_from_outline", False)  # built before the setting existed
         if existing != settings:
             raise DatasetMismatchError(f"--out {str(out_dir)!r} holds a different nodule bank (differs in "
-                                       f"{', '.join(_differences(existing, settings))}); choose another --out")
+                                       f"{', '.join(_differences(existing, settings))}); choose another folder or delete this one")
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise DatasetMismatchError(f"--out {str(out_dir)!r} is a non-empty folder that is not a nodule bank")
 

@@ -197,7 +197,7 @@ def _open(out_dir: Path, request: SynthesisRequest) -> None:
         if existing != _settings(request):
             changed = sorted(k for k in set(existing) | set(_settings(request)) if existing.get(k) != _settings(request).get(k))
             raise DatasetMismatchError(f"--out {str(out_dir)!r} holds a different synthetic dataset "
-                                       f"(differs in {', '.join(changed)}); choose another --out")
+                                       f"(differs in {', '.join(changed)}); choose another folder or delete this one")
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise DatasetMismatchError(f"--out {str(out_dir)!r} is a non-empty folder that is not an lsdm-aug synthetic dataset")
 

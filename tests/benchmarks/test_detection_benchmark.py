@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -470,6 +471,8 @@ def test_detection_compare_pairs_one_arm_of_two_work_folders(tmp_path):
     result = compare_work_folders(better, worse, "real+on-the-fly", recipe)
     assert result["seeds"] == [0, 1] and result["mean"] > 0 and result["low"] > 0 and result["resolved"]
     assert compare_work_folders(worse, better, "real+on-the-fly", recipe)["mean"] == pytest.approx(-result["mean"])
+    with pytest.raises(ValueError, match="needs bootstrap resamples; the recipe has bootstrap = 0"):
+        compare_work_folders(better, worse, "real+on-the-fly", replace(recipe, bootstrap=0))
     with pytest.raises(ValueError, match=r"arm must be one of \["):
         compare_work_folders(better, worse, "real+magic", recipe)
     with pytest.raises(ValueError, match="no seed of 'real' is finished in both"):

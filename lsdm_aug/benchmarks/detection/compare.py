@@ -6,7 +6,9 @@ The benchmark pairs arms within one work folder; an ablation of a recipe setting
 test set, and this compares the two runs of that arm seed for seed, with the benchmark's patient bootstrap.
 
 Example:
-    >>> compare_work_folders("work/detection-b", "work/detection-a", "real+on-the-fly")  # doctest: +SKIP
+    >>> from lsdm_aug.benchmarks.detection import load_detection_recipe
+    >>> recipe = load_detection_recipe("bench-detection-phantom")
+    >>> compare_work_folders("work/detection-b", "work/detection-a", "real+on-the-fly", recipe)  # doctest: +SKIP
     {'arm': 'real+on-the-fly', 'mean': -0.018, 'low': -0.047, 'high': 0.012, 'resolved': False, ...}
 """
 
@@ -17,9 +19,12 @@ from typing import Any
 
 import pandas as pd
 
-from lsdm_aug.benchmarks.detection.recipe import ARMS, DetectionRecipe, load_detection_recipe
+from lsdm_aug.benchmarks.detection.recipe import ARMS, DetectionRecipe
 from lsdm_aug.benchmarks.detection.runs import predictions_folder
 from lsdm_aug.benchmarks.detection.scoring import evaluate, paired_difference
+from lsdm_aug.metrics.detection import CaseDetections
+
+__all__ = ["compare_work_folders", "finished_seeds"]
 
 
 def finished_seeds(work: Path, arm: str) -> list[int]:
@@ -30,18 +35,18 @@ def finished_seeds(work: Path, arm: str) -> list[int]:
     return sorted(int(p.name.removeprefix("seed")) for p in folder.glob("seed*") if (p / "done.json").is_file())
 
 
-def compare_work_folders(work: str | Path, against: str | Path, arm: str,
-                         recipe: DetectionRecipe | None = None) -> dict[str, Any]:
+def compare_work_folders(work: str | Path, against: str | Path, arm: str, recipe: DetectionRecipe) -> dict[str, Any]:
     """CPM of ``arm`` in ``work`` minus the same arm in ``against``: seed means over the seeds finished in both,
     with the paired patient-bootstrap 95 % interval (:func:`~.scoring.paired_difference`); scored as ``recipe``
-    scores (threshold, candidates per slice, operating point, bootstrap resamples and seed; default: the
-    shipped ``bench-detection-phantom``).
+    scores (threshold, candidates per slice, operating point, bootstrap resamples and seed): the recipe the two
+    folders were run with.
 
     Raises:
-        ValueError: an unknown arm, a folder without a test set, test sets that differ, or no seed finished
-            in both folders.
+        ValueError: an unknown arm, a recipe without bootstrap resamples, a folder without a test set, test sets
+            that differ, or no seed finished in both folders.
     """
-    recipe = recipe or load_detection_recipe("bench-detection-phantom")
+    if recipe.bootstrap < 1:
+        raise ValueError(f"a paired comparison needs bootstrap resamples; the recipe has bootstrap = {recipe.bootstrap}")
     if arm not in ARMS:
         raise ValueError(f"arm must be one of {list(ARMS)}, got {arm!r}")
     work, against = Path(work), Path(against)
@@ -57,7 +62,7 @@ def compare_work_folders(work: str | Path, against: str | Path, arm: str,
     if not seeds:
         raise ValueError(f"no seed of {arm!r} is finished in both {str(work)!r} and {str(against)!r}")
 
-    def detections(folder: Path) -> list:
+    def detections(folder: Path) -> list[list[CaseDetections]]:
         return [evaluate(folder / "test", predictions_folder(folder, arm, seed), recipe.threshold,
                          recipe.candidates_per_slice, recipe.operating_fps)[1] for seed in seeds]
 
