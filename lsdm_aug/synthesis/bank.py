@@ -26,7 +26,7 @@ from scipy import ndimage
 from lsdm_aug.bank.store import BANK_FORMAT, BANK_VERSION, NoduleBank
 from lsdm_aug.data.prepared import DatasetMismatchError, atomic_write_npz, atomic_write_text
 from lsdm_aug.progress import make_progress
-from lsdm_aug.synthesis.dataset import SynthesisRequest, synthesize_group
+from lsdm_aug.synthesis.dataset import SynthesisRequest, differing_keys, recorded_request, synthesize_group
 from lsdm_aug.transforms.core import load_pipeline
 
 __all__ = ["build_bank"]
@@ -55,13 +55,6 @@ def _settings(request: SynthesisRequest, shard_size: int) -> dict[str, Any]:
                                   "shard_size": shard_size, "request": asdict(request)}))
 
 
-def _differences(existing: dict[str, Any], settings: dict[str, Any]) -> list[str]:
-    """The settings (``request.*`` for the request's) in which a bank's record and a new build differ."""
-    old, new = existing.get("request") or {}, settings["request"]
-    return sorted([k for k in set(existing) | set(settings) if k != "request" and existing.get(k) != settings.get(k)]
-                  + [f"request.{k}" for k in set(old) | set(new) if old.get(k) != new.get(k)])
-
-
 def _open(out_dir: Path, settings: dict[str, Any]) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--out {str(out_dir)!r} is a file, not a folder")
@@ -69,10 +62,12 @@ def _open(out_dir: Path, settings: dict[str, Any]) -> None:
     if manifest.is_file():
         existing = json.loads(manifest.read_text())
         existing.pop("model", None), existing.pop("spacing_mm", None)
-        existing.get("request", {}).setdefault("appearance_from_outline", False)  # built before the setting existed
-        if existing != settings:
+        recorded = recorded_request(existing.pop("request", None) or {})
+        differs = (differing_keys(existing, {k: v for k, v in settings.items() if k != "request"})
+                   + differing_keys(recorded, settings["request"], "request."))
+        if differs:
             raise DatasetMismatchError(f"--out {str(out_dir)!r} holds a different nodule bank (differs in "
-                                       f"{', '.join(_differences(existing, settings))}); choose another folder or delete this one")
+                                       f"{', '.join(differs)}); choose another folder or delete this one")
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise DatasetMismatchError(f"--out {str(out_dir)!r} is a non-empty folder that is not a nodule bank")
 

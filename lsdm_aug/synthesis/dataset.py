@@ -186,18 +186,37 @@ def _settings(request: SynthesisRequest) -> dict[str, Any]:
     return json.loads(json.dumps({"format": "lsdm-aug-synthetic", "version": 1, **asdict(request)}))
 
 
+# request settings added after folders were first written: what a record without them was made with
+_EARLIER_REQUEST_DEFAULTS = {"appearance_from_outline": False}
+
+
+def recorded_request(record: dict[str, Any]) -> dict[str, Any]:
+    """A request as a dataset's or bank's record holds it, with the settings added since it was written filled in
+    as they were then (so an older folder resumes under the settings that made it)."""
+    return {**_EARLIER_REQUEST_DEFAULTS, **record}
+
+
+def differing_keys(recorded: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys (each with ``prefix``) whose values differ between a folder's record and a new request's, sorted.
+
+    Example:
+        >>> differing_keys({"count": 5, "seed": 0}, {"count": 6, "seed": 0, "steps": 2}, "request.")
+        ['request.count', 'request.steps']
+    """
+    missing = object()  # a key one side lacks differs even from None
+    return sorted(f"{prefix}{k}" for k in set(recorded) | set(new) if recorded.get(k, missing) != new.get(k, missing))
+
+
 def _open(out_dir: Path, request: SynthesisRequest) -> None:
     """Refuse a folder holding something else; remember the request; drop temporary files of a killed run."""
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--out {str(out_dir)!r} is a file, not a folder")
     settings_path = out_dir / STATE_DIR / "settings.json"
     if settings_path.is_file():
-        existing = json.loads(settings_path.read_text())
-        existing.setdefault("appearance_from_outline", False)  # recorded before the setting existed: it was off
-        if existing != _settings(request):
-            changed = sorted(k for k in set(existing) | set(_settings(request)) if existing.get(k) != _settings(request).get(k))
-            raise DatasetMismatchError(f"--out {str(out_dir)!r} holds a different synthetic dataset "
-                                       f"(differs in {', '.join(changed)}); choose another folder or delete this one")
+        differs = differing_keys(recorded_request(json.loads(settings_path.read_text())), _settings(request))
+        if differs:
+            raise DatasetMismatchError(f"--out {str(out_dir)!r} holds a different synthetic dataset (differs in "
+                                       f"{', '.join(differs)}); choose another folder or delete this one")
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise DatasetMismatchError(f"--out {str(out_dir)!r} is a non-empty folder that is not an lsdm-aug synthetic dataset")
 
