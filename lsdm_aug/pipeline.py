@@ -78,6 +78,17 @@ def model_spacing(unet_config: Mapping[str, Any], folder: Path) -> tuple[float, 
     return median, (float(serves[0]), float(serves[1]))
 
 
+def _checked_window(window_px: Any, recipe: Recipe, model_id: str) -> int:
+    """A local edit's smallest window side (model pixels), checked against what the networks can take."""
+    step = recipe.autoencoder.downsampling * 2 ** (len(recipe.diffusion.channels) - 1)
+    smallest = recipe.classifiers.crop_px
+    if isinstance(window_px, bool) or not isinstance(window_px, (int, np.integer)) or window_px < smallest \
+            or window_px % step:
+        raise ValueError(f"model {model_id}: edit window {window_px!r} px; allowed: a multiple of {step} px (the "
+                         f"U-Net's size step) of at least {smallest} px (the classifiers' crop)")
+    return int(window_px)
+
+
 def _nodule_pixels(semantic_maps: torch.Tensor) -> torch.Tensor:
     """Boolean mask of the nodule labels (5, 6, 7) of a map tensor."""
     return torch.isin(semantic_maps, torch.tensor([int(x) for x in NODULE_LABELS], device=semantic_maps.device))
@@ -113,6 +124,9 @@ class LSDMPipeline:
         calibrations: feature -> calibrated guidance targets of a regression classifier
             (:class:`~lsdm_aug.sampling.guidance.TargetCalibration`; ``from_pretrained`` reads them from the
             classifiers' configs). Set :attr:`calibrated_targets` to False to guide to the raw ratings.
+        window_px: the smallest side of a local edit's window, in model pixels (``from_pretrained``: the U-Net's
+            ``edit_window_px``, else its training crop); a multiple of the U-Net's size step (autoencoder factor
+            x 2 per U-Net level) and at least the classifiers' crop. A larger nodule gets a larger window.
 
     Example:
         >>> pipe = LSDMPipeline.from_pretrained("models/phantom-128")  # doctest: +SKIP
@@ -131,7 +145,8 @@ class LSDMPipeline:
         self._default_cfg_scale = float(default_cfg_scale)
         self.spacing_mm = float(spacing_mm)
         self.serves_spacing_mm = tuple(serves_spacing_mm or (min(0.4, self.spacing_mm), max(3.0, self.spacing_mm)))
-        self.window_px = int(window_px or max(recipe.image_size // 2, recipe.classifiers.crop_px))
+        self.window_px = _checked_window(window_px or max(recipe.image_size // 2, recipe.classifiers.crop_px), recipe,
+                                         model_id)
         self.device = select_device(device)
         self.autoencoder = autoencoder.to(self.device).eval().requires_grad_(False)
         self.unet = unet.to(self.device).eval().requires_grad_(False)
@@ -170,7 +185,8 @@ class LSDMPipeline:
                 if config.get("calibration"):
                     calibrations[feature] = _calibration(config["calibration"], path)
         spacing, serves = model_spacing(unet_config, folder)
-        window = max(int(unet_config.get("crop_px") or recipe.image_size // 2), recipe.classifiers.crop_px)
+        window = unet_config.get("edit_window_px") or max(int(unet_config.get("crop_px") or recipe.image_size // 2),
+                                                          recipe.classifiers.crop_px)
         return cls(recipe, autoencoder, unet, classifiers, autoencoder_config["scale_factor"], device,
                    model_id=f"{folder.name}@{autoencoder_config.get('steps', 0)}/{unet_config.get('steps', 0)}"
                             f"#{weights_digest(folder)}",

@@ -28,7 +28,7 @@ def test_the_default_is_the_native_resolution_feature_conditioned_model():
     pipe = LSDMPipeline.from_pretrained("default", device="cpu")
     assert pipe.recipe.image_size == 512 and pipe.feature_conditioned
     assert 0.6 < pipe.spacing_mm < 0.8 and pipe.serves_spacing_mm == (0.4, 3.0)
-    assert pipe.window_px == 128  # the U-Net's training crop: a local edit is a 32 x 32 latent window
+    assert pipe.window_px == 96  # its measured edit window (unet.json): a local edit is at least 24 x 24 latents
 
 
 def test_default_pipeline_generates_a_512_px_slice_at_lidc_spacing():

@@ -78,6 +78,33 @@ def test_from_pretrained_loads_every_component(pipe, smoke_models):
         assert torch.equal(value, saved[key]), key
 
 
+def _with_edit_window(models, window) -> None:
+    config = json.loads((models / "unet.json").read_text())
+    config["edit_window_px"] = window
+    (models / "unet.json").write_text(json.dumps(config))
+
+
+def test_a_model_folder_sets_its_edit_window_and_its_digest_tells_it_apart(copy_models, smoke_models, cases):
+    models = copy_models()
+    _with_edit_window(models, 48)
+    pipe, plain = LSDMPipeline.from_pretrained(models), LSDMPipeline.from_pretrained(smoke_models)
+    assert (pipe.window_px, plain.window_px) == (48, 32)  # without the key: the U-Net's training crop
+    assert pipe.model_id.split("#")[1] != plain.model_id.split("#")[1]  # other nodules by default: another model id
+    case = cases["free"]
+    region = np.zeros(case["image"].shape, bool)
+    region[30:34, 30:34] = True
+    window = pipe._plan(case["image"], case["semantic_map"], region, case["spacing_mm"], 2.0)
+    assert window.grid.size_model_px == 48
+
+
+@pytest.mark.parametrize("window", [40, 8, True, 48.0])
+def test_an_edit_window_the_networks_cannot_take_is_named(copy_models, window):
+    models = copy_models()
+    _with_edit_window(models, window)
+    with pytest.raises(ValueError, match=rf"edit window {re.escape(repr(window))} px; allowed: a multiple of 16 px"):
+        LSDMPipeline.from_pretrained(models)
+
+
 def test_from_pretrained_on_a_missing_folder_is_named(tmp_path):
     missing = tmp_path / "no-such-model"
     with pytest.raises(CheckpointError, match=re.escape(str(missing))):

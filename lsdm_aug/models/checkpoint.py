@@ -32,6 +32,9 @@ __all__ = ["CheckpointError", "module_digest", "save_weights", "load_weights", "
 
 SHIPPED_MODELS_DIR = Path(__file__).resolve().parent / "shipped"
 DEFAULT_MODEL = "phantom-512"
+# Keys of a U-Net's config that change what the model makes, chosen after training by measurement: the default
+# classifier-free guidance scale and the default edit window (image side in model pixels of a local edit).
+MAKING_DEFAULTS = ("default_cfg_scale", "edit_window_px")
 
 
 class CheckpointError(ValueError):
@@ -152,7 +155,7 @@ def save_half_precision(source: str | Path, target: str | Path) -> None:
 
 def weights_digest(folder: str | Path, length: int = 8) -> str:
     """A short SHA-256 over a model folder's weight files (training states left out), the classifiers' calibrated
-    guidance targets and the U-Net's default classifier-free guidance scale (when its config sets one): two folders
+    guidance targets and the U-Net's defaults that change what it makes (:data:`MAKING_DEFAULTS`, when set): two folders
     with the same name and step counts but other weights, targets or defaults get other digests, so nothing keyed
     on a model mistakes one for the other.
 
@@ -168,8 +171,9 @@ def weights_digest(folder: str | Path, length: int = 8) -> str:
             config = _config_or_empty(path)  # guidance targets and defaults change what the model makes
             if config.get("calibration") is not None:
                 digest.update(json.dumps(config["calibration"], sort_keys=True).encode())
-            if config.get("default_cfg_scale") is not None:
-                digest.update(json.dumps({"default_cfg_scale": config["default_cfg_scale"]}).encode())
+            for key in MAKING_DEFAULTS:
+                if config.get(key) is not None:
+                    digest.update(json.dumps({key: config[key]}).encode())
     return digest.hexdigest()[:length]
 
 

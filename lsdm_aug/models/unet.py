@@ -78,7 +78,17 @@ class MaxPoolSPADE(SPADE):
         return self.mlp_gamma(actv), self.mlp_beta(actv)
 
     def _weights_version(self) -> int:
-        return sum(p._version for p in self.parameters())
+        """The sum of the modulation weights' version counters (an in-place update, e.g. EMA's, changes it)."""
+        weights = self.__dict__.get("_weights")
+        if weights is None:
+            weights = self.__dict__["_weights"] = tuple(self.parameters())
+        return sum(p._version for p in weights)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``to()``, ``half()``, ...: the kept modulation and the weights' list are dropped."""
+        self.__dict__.pop("_weights", None)
+        self._modulation = None
+        return super()._apply(fn, recurse)
 
 
 class FeatureEmbedding(torch.nn.Module):

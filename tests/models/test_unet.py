@@ -212,3 +212,16 @@ def test_spade_modulation_is_recomputed_in_training_under_autograd_and_after_new
     with torch.no_grad():
         _noise(unet, condition, latent)
     assert len(calls) == 4 * spades
+
+
+def test_spade_modulation_is_recomputed_after_the_unet_is_converted():
+    unet = _random_unet()
+    condition = SemanticCondition(latent=torch.randn(1, 3, 16, 16), onehot=semantic_onehot(lung_map(True)))
+    latent = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        _noise(unet, condition, latent)  # the modulation is kept
+        unet.half().float()  # new tensors under every weight (rounded), no in-place update to see
+        converted = _noise(unet, condition, latent)
+        fresh = copy.deepcopy(unet)
+        other = SemanticCondition(latent=condition.latent, onehot=condition.onehot.clone())
+        assert torch.equal(converted, _noise(fresh, other, latent))
