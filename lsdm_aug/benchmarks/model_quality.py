@@ -665,9 +665,10 @@ class _Context:
                 for k, setting in enumerate(self.settings.settings)]
 
 
-def _work_through(context: _Context, sections: list[tuple[str, Callable[[], Any]]]) -> None:
-    """Compute, in order, the sections no other process has taken."""
-    for name, compute in sections:
+def _work_through(context: _Context, sections: list[tuple[str, Callable[[], Any]]], description: str = "",
+                  progress: bool = False) -> None:
+    """Compute, in order, the sections no other process has taken (a progress bar over them with ``progress``)."""
+    for name, compute in track_progress(sections, description, enabled=progress):
         if context.parts.claim(name):
             context.parts.get(name, compute)
 
@@ -717,7 +718,7 @@ def run_model_quality(settings: QualitySettings, progress: bool = True, workers:
         pipe, context.test, seed=settings.seed))
     controls, spacings = context.control_sections(evaluators, real_crops), context.spacing_sections()
     if helper is not None:
-        _work_through(context, [*track_progress(controls, "guidance settings", progress), *spacings])
+        _work_through(context, [*controls, *spacings], "guidance settings and spacings", progress)
         helper.join()
         if helper.exitcode != 0:
             raise RuntimeError(f"the second model-quality process failed (exit code {helper.exitcode})")
