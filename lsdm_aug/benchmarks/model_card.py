@@ -107,7 +107,7 @@ def model_card(model_dir: str | Path, data_command: str, train_commands: list[st
                   "level, it also denoises whole slices, but its attention then spans the whole slice instead of one "
                   "window and it has never seen a field of view that wide: whole generated slices show the right "
                   "tissues per label, with less global coherence (body outline, symmetry) than local edits, which run "
-                  "on exactly the window size it trained on. Local insertion is the intended use.", ""]
+                  f"on {_edit_window_words(unet)}. Local insertion is the intended use.", ""]
     lines += ["## Limits", "", *(notes or []),
               "- Phantom anatomy only: real-CT texture, artefacts and pathology beyond nodules are absent.", ""]
     return "\n".join(lines)
@@ -123,3 +123,12 @@ def write_model_card(model_dir: str | Path, data_command: str, train_commands: l
         shutil.copyfile(Path(quality_path).parent / "guidance_grid.png", Path(model_dir) / "guidance_grid.png")
     (Path(model_dir) / "MODEL_CARD.md").write_text(text)
     return text
+
+
+def _edit_window_words(unet: dict) -> str:
+    """What window a local edit runs on, from the U-Net's config (its ``edit_window_px``, else its training crop)."""
+    window = unet.get("edit_window_px")
+    if not window or window == unet["crop_px"]:
+        return "exactly the window size it trained on"
+    return (f"windows of {window} px or more (edit_window_px in unet.json; a larger nodule gets a larger window), "
+            f"{window / unet['crop_px']:.2g} of the side it trained on")

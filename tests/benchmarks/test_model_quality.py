@@ -184,3 +184,15 @@ def test_core_and_rim_are_measured_in_millimetres_and_cores_compared_in_pairs():
     assert (means["inserted_core_hu"], means["phantom_core_hu"], means["cored"]) == (10.0, 100.0, 1)
     assert means["inserted_rim_hu"] == -6.0 and means["phantom_rim_hu"] == -2.0
     assert _paired_means(None, np.empty((0, 3)))["inserted_mean_hu"] is None
+
+
+def test_the_model_card_says_which_window_local_edits_run_on(tmp_path, smoke_models):
+    from lsdm_aug.benchmarks.model_card import model_card
+
+    model = tmp_path / "model"
+    shutil.copytree(smoke_models, model)
+    assert "local edits, which run on exactly the window size it trained on" in model_card(model, "data", ["train"])
+    config = json.loads((model / "unet.json").read_text())
+    (model / "unet.json").write_text(json.dumps({**config, "edit_window_px": 48}))
+    card = model_card(model, "data", ["train"])
+    assert "local edits, which run on windows of 48 px or more" in card and "1.5 of the side it trained on" in card
