@@ -111,6 +111,16 @@ class DiffusionConfig:
     feature_conditioning: bool = False
     conditioned_features: tuple[str, ...] = FEATURES
 
+    @property
+    def downsampling(self) -> int:
+        """How much the U-Net shrinks its input: a latent side must be a multiple of it.
+
+        Example:
+            >>> DiffusionConfig(channels=(32, 64, 64)).downsampling
+            4
+        """
+        return 2 ** (len(self.channels) - 1)
+
     def validate(self) -> None:
         unknown = [f for f in self.conditioned_features if f not in CONDITIONING_FEATURES]
         if unknown or len(set(self.conditioned_features)) != len(self.conditioned_features):

@@ -80,7 +80,7 @@ def model_spacing(unet_config: Mapping[str, Any], folder: Path) -> tuple[float, 
 
 def _checked_window(window_px: Any, recipe: Recipe, model_id: str) -> int:
     """A local edit's smallest window side (model pixels), checked against what the networks can take."""
-    step = recipe.autoencoder.downsampling * 2 ** (len(recipe.diffusion.channels) - 1)
+    step = recipe.autoencoder.downsampling * recipe.diffusion.downsampling
     smallest = recipe.classifiers.crop_px
     if isinstance(window_px, bool) or not isinstance(window_px, (int, np.integer)) or window_px < smallest \
             or window_px % step:
@@ -385,7 +385,7 @@ class LSDMPipeline:
             return ModelGrid(0.0, 0.0, shape[-1], 1.0)
         if shape[0] != shape[1]:
             raise ValueError(f"semantic maps must be square, got {shape}")
-        step = self.factor * 2 ** (len(self.recipe.diffusion.channels) - 1)
+        step = self.factor * self.recipe.diffusion.downsampling
         size = int(np.ceil(shape[0] / scale / step)) * step
         return ModelGrid(0.0, 0.0, size, scale)
 
@@ -394,7 +394,7 @@ class LSDMPipeline:
               feather_px: float) -> EditWindow:
         """The edit window of ``region`` on the model's grid (see :mod:`lsdm_aug.editing`)."""
         return plan_window(image, semantic_map, region, spacing_mm, self.spacing_mm, self.window_px, self.factor,
-                           2 ** (len(self.recipe.diffusion.channels) - 1), feather_px)
+                           self.recipe.diffusion.downsampling, feather_px)
 
     def _edit_batch(self, windows: list[EditWindow], features: list[dict[str, float]], steps: int,
                     guidance_scale: float, seeds: list[int], sampler: str, cfg_scale: float,
