@@ -225,3 +225,47 @@ def test_spade_modulation_is_recomputed_after_the_unet_is_converted():
         fresh = copy.deepcopy(unet)
         other = SemanticCondition(latent=condition.latent, onehot=condition.onehot.clone())
         assert torch.equal(converted, _noise(fresh, other, latent))
+
+
+SUBPIXEL_TINY = dict(channels=(16, 16, 32), attention_levels=(False, False, False), norm_num_groups=8,
+                     spade_intermediate_channels=8)
+
+
+def test_the_nodule_subpixel_layout_says_where_inside_a_latent_pixel_the_nodule_is():
+    from lsdm_aug.models.unet import nodule_subpixel
+
+    semantic = torch.full((1, 8, 8), LUNG, dtype=torch.long)
+    semantic[0, 5, 2] = NODULE  # latent pixel (1, 0), image pixel (1, 2) inside it
+    layout = nodule_subpixel(semantic_onehot(semantic), 4, (2, 2))
+    assert layout.shape == (1, 16, 2, 2)
+    assert torch.nonzero(layout).tolist() == [[0, 1 * 4 + 2, 1, 0]]
+    with pytest.raises(ValueError, match=r"\(8, 8\) px is not 4 x the latent's \(4, 4\)"):
+        nodule_subpixel(semantic_onehot(semantic), 4, (4, 4))
+
+
+def test_a_u_net_given_the_subpixel_layout_starts_as_its_source_and_then_sees_it(tmp_path):
+    from lsdm_aug.config import DiffusionConfig
+    from lsdm_aug.models.checkpoint import load_matching_weights, save_weights
+
+    torch.manual_seed(0)
+    source = build_unet(DiffusionConfig(**SUBPIXEL_TINY), latent_channels=3).eval()
+    with torch.no_grad():
+        for parameter in source.parameters():  # MONAI zero-initialises the output layer
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    save_weights(tmp_path / "unet.safetensors", source, {"component": "unet"})
+    target = build_unet(DiffusionConfig(**SUBPIXEL_TINY, nodule_subpixel_input=4), latent_channels=3).eval()
+    assert target.conv_in.conv.in_channels == 2 * 3 + 16
+    assert load_matching_weights(tmp_path / "unet.safetensors", target) == []
+    one = torch.full((1, 32, 32), LUNG, dtype=torch.long)
+    one[0, 8:14, 9:15] = NODULE
+    other = one.clone()
+    other[0, 8:14, 9] = LUNG  # the same latent pixels touched: the max-pooled SPADE maps cannot tell the two apart
+    latent, timestep = torch.randn(1, 3, 8, 8), torch.tensor([300])
+    conditions = [SemanticCondition(torch.zeros(1, 3, 8, 8), semantic_onehot(m)) for m in (one, other)]
+    with torch.no_grad():
+        before = [predict_noise(target, latent, timestep, c) for c in conditions]
+        assert torch.equal(before[0], predict_noise(source, latent, timestep, conditions[0]))  # zero-initialised
+        target.conv_in.conv.weight[:, 6:].normal_(generator=torch.Generator().manual_seed(1))
+        after = [predict_noise(target, latent, timestep, c) for c in conditions]
+    assert torch.equal(before[0], before[1])
+    assert not torch.allclose(after[0], after[1])
