@@ -56,7 +56,7 @@ from lsdm_aug.pipeline import LSDMPipeline
 from lsdm_aug.progress import track_progress
 from lsdm_aug.sampling.schedulers import build_scheduler
 from lsdm_aug.training.autoencoder import reconstruction_metrics
-from lsdm_aug.transforms.core import choose_outline, nodule_outline, usable_nodule_table
+from lsdm_aug.transforms.core import choose_outline, nodule_outline, nodule_record, usable_nodule_table
 
 __all__ = ["QualitySettings", "run_model_quality", "quality_markdown", "GuidanceSetting", "guidance_grid"]
 
@@ -291,7 +291,6 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
     table = usable_nodule_table()
     if non_calcified_only:
         table = table[rating_level(table.calcification.to_numpy(), 6) == NOT_CALCIFIED]
-    calcification = table.set_index("nodule_id").calcification
     rng = np.random.RandomState(seed)
     crops, mean_hu, p90_hu, non_calcified, answered, core_rim = [], [], [], [], [], []
     started = time.perf_counter()
@@ -308,7 +307,7 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
                 break
         if site is None:
             continue
-        source_level = float(rating_level(calcification[nodule_id], 6))
+        source_level = float(rating_level(nodule_record(nodule_id).calcification, 6))
         centre = (site[0] + outline.shape[0] / 2, site[1] + outline.shape[1] / 2)
         with _targets_of(pipe, setting):
             result = pipe.insert(background.image, background.semantic_map, outline, centre, request,

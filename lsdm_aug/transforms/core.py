@@ -35,7 +35,7 @@ from lsdm_aug.data.prepared import hu_to_unit, unit_to_hu
 from lsdm_aug.data.semantic import SemanticLabel, lung_mask_from_hu, semantic_map_from_hu
 
 __all__ = ["NoduleSynthesizer", "NoduleParameters", "parse_feature", "MODES", "load_pipeline", "usable_nodule_table",
-           "choose_outline", "nodule_outline", "SHAPE_FEATURES", "slice_lung"]
+           "nodule_record", "choose_outline", "nodule_outline", "SHAPE_FEATURES", "slice_lung"]
 
 SHAPE_FEATURES = ("malignancy", "lobulation", "spiculation")  # what a nodule's outline carries
 APPEARANCE_FEATURES = ("texture", "calcification")  # what the U-Net renders inside the outline
@@ -197,11 +197,11 @@ class NoduleSynthesizer:
                 drawn[name] = float(rating_level(source[name], RATING_LEVELS[name]))
         return drawn
 
-    def _outline_appearance(self, table, nodule_id: str) -> dict[str, float]:
+    def _outline_appearance(self, nodule_id: str) -> dict[str, float]:
         """The outline's source nodule's texture and calcification levels that the request leaves out."""
         if not self.appearance_from_outline:
             return {}
-        row = table.loc[table.nodule_id == nodule_id].iloc[0]
+        row = nodule_record(nodule_id)
         return {name: float(rating_level(row[name], RATING_LEVELS[name])) for name in APPEARANCE_FEATURES
                 if self.features[name] is None}
 
@@ -236,7 +236,7 @@ class NoduleSynthesizer:
         else:
             nodule_id, distance = self._draw_outline(rng, features)
             outline = nodule_outline(nodule_id, spacing_mm, hu.ndim, self.size_mm)
-            appearance = self._outline_appearance(table, nodule_id)
+            appearance = self._outline_appearance(nodule_id)
         slice_axis_len = hu.shape[2] if hu.ndim == 3 else 1
         if self.location is not None:
             if centre_slice is None:
@@ -522,6 +522,25 @@ def usable_nodule_table():
     return table[table.consensus_voxels > 0].reset_index(drop=True)
 
 
+@functools.cache
+def _usable_nodules_by_id():
+    return usable_nodule_table().set_index("nodule_id")
+
+
+def nodule_record(nodule_id: str):
+    """One usable LIDC nodule's row of :func:`usable_nodule_table` (ratings, diameter, spacing), by its id.
+
+    Example:
+        >>> nodule_id = usable_nodule_table().nodule_id.iloc[0]
+        >>> bool(1 <= nodule_record(nodule_id).malignancy <= 5)
+        True
+    """
+    records = _usable_nodules_by_id()
+    if nodule_id not in records.index:
+        raise KeyError(f"no usable LIDC nodule {nodule_id!r} (ids look like {records.index[0]!r})")
+    return records.loc[nodule_id]
+
+
 def nodule_outline(nodule_id: str, spacing_mm: Sequence[float], ndim: int, size_mm: float | None) -> np.ndarray:
     """A nodule's consensus mask at the image's spacing, (H, W, D) without empty end layers (so that layer
     ``D // 2`` is its middle); for 2D images its centre slice, (H, W, 1)."""
@@ -529,7 +548,7 @@ def nodule_outline(nodule_id: str, spacing_mm: Sequence[float], ndim: int, size_
     index = bank.nodule_ids.index(nodule_id)
     zoom = 1.0
     if size_mm is not None:
-        zoom = size_mm / max(float(usable_nodule_table().set_index("nodule_id").diameter_mm[nodule_id]), 1e-3)
+        zoom = size_mm / max(float(nodule_record(nodule_id).diameter_mm), 1e-3)
     in_plane = float(bank.pixel_spacing_mm[index]) * zoom
     if ndim == 2:
         return resample_mask(bank.centre_slice(nodule_id), in_plane, [float(s) for s in spacing_mm[:2]])[:, :, None]
