@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 __all__ = ["CheckpointError", "module_digest", "save_weights", "load_weights", "load_matching_weights", "read_config",
            "save_training_state", "load_training_state", "config_path", "resolve_model_dir", "SHIPPED_MODELS_DIR",
-           "DEFAULT_MODEL", "shipped_models", "save_half_precision", "weights_digest"]
+           "DEFAULT_MODEL", "shipped_models", "save_half_precision", "weights_digest", "save_tensors", "load_tensors"]
 
 SHIPPED_MODELS_DIR = Path(__file__).resolve().parent / "shipped"
 DEFAULT_MODEL = "phantom-512"
@@ -71,6 +71,20 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) 
 def save_weights(path: str | Path, module: torch.nn.Module, config: dict[str, Any]) -> None:
     """Write ``module``'s weights (safetensors) and ``config`` (JSON beside them), each atomically."""
     _save(Path(path), dict(_unwrap(module).state_dict()), config)
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """Write named tensors that are not a module's weights (e.g. cached latents) and ``config``, each atomically."""
+    _save(Path(path), tensors, config)
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors :func:`save_tensors` wrote (never unpickled).
+
+    Raises:
+        CheckpointError: the file is missing or not a safetensors file.
+    """
+    return _read_tensors(Path(path))
 
 
 def read_config(path: str | Path) -> dict[str, Any]:

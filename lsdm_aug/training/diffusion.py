@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 
 from lsdm_aug.config import FEATURES, Recipe
 from lsdm_aug.models.autoencoder import build_autoencoder, encode_mean
-from lsdm_aug.models.checkpoint import load_training_state, load_weights, save_training_state, save_weights
+from lsdm_aug.models.checkpoint import (load_tensors, load_training_state, load_weights, save_tensors,
+                                       save_training_state, save_weights)
 from lsdm_aug.data.prepared import PreparedDataset
 from lsdm_aug.data.semantic import SemanticLabel
 from lsdm_aug.models.unet import (SemanticCondition, build_unet, feature_levels,
@@ -46,6 +48,7 @@ __all__ = ["train_diffusion", "LatentData", "LatentCrops", "load_autoencoder", "
 
 UNET_FILE = "unet.safetensors"
 STATE_FILE = "unet_state.safetensors"
+LATENT_CACHE_DIR = "latent_cache"  # in the model folder: encoded splits, so a resumed or repeated run skips encoding
 
 
 def load_autoencoder(model_dir: str | Path, recipe: Recipe, device: torch.device) -> tuple[torch.nn.Module, float]:
@@ -219,9 +222,10 @@ def nodule_weighted_mse(prediction: torch.Tensor, noise: torch.Tensor, onehot: t
 
 def load_latent_crops(data_dir: str | Path, split: str, autoencoder: torch.nn.Module, scale: float,
                       crop_latent_px: int, factor: int, nodule_share: float, limit: int | None = None,
-                      features: tuple[str, ...] = FEATURES) -> LatentCrops:
+                      features: tuple[str, ...] = FEATURES, cache: Path | None = None) -> LatentCrops:
     """Encode one split of a prepared dataset and wrap it as :class:`LatentCrops`, with the nodules' levels of
-    ``features`` (columns of its ``features.csv``)."""
+    ``features`` (columns of its ``features.csv``); with ``cache`` (see :func:`latent_cache_path`) the encoding
+    is read from there when present and written there (atomically) when made."""
     arrays = load_split_arrays(data_dir, split, ("image", "semantic_map", "nodule_mask"), limit=limit)
     dataset = PreparedDataset(data_dir, split=split)
     case_ids = dataset.case_ids()[:len(arrays["image"])]
@@ -234,8 +238,38 @@ def load_latent_crops(data_dir: str | Path, split: str, autoencoder: torch.nn.Mo
         else:
             levels.append(torch.cat([feature_levels({f: float(r[f]) for f in features}, names=features)
                                      for _, r in rows.iterrows()]))
-    data = LatentData.encode(arrays, autoencoder, scale)
+    data = _encoded(arrays, autoencoder, scale, cache)
     return LatentCrops(data, torch.from_numpy(arrays["nodule_mask"]), levels, crop_latent_px, factor, nodule_share)
+
+
+def latent_cache_path(model_dir: str | Path, data_dir: str | Path, split: str, limit: int | None) -> Path:
+    """Where :func:`load_latent_crops` keeps one split's encoding: named by the autoencoder's weights and config
+    and the prepared dataset's records, so another autoencoder or dataset never reads it.
+
+    Example:
+        >>> latent_cache_path("/tmp/model", "/tmp/data", "train", 640).parent.name
+        'latent_cache'
+    """
+    key = hashlib.sha256(f"{split}:{limit}".encode())
+    model, data = Path(model_dir), Path(data_dir)
+    for path in (model / AUTOENCODER_FILE, model / AUTOENCODER_FILE.replace(".safetensors", ".json"),
+                 data / "dataset.json", data / "splits.json", data / "cases.csv"):
+        key.update(path.name.encode())
+        key.update(path.read_bytes() if path.is_file() else b"")
+    return model / LATENT_CACHE_DIR / f"{split}-{key.hexdigest()[:16]}.safetensors"
+
+
+def _encoded(arrays: dict, autoencoder: torch.nn.Module, scale: float, cache: Path | None) -> LatentData:
+    maps = torch.from_numpy(arrays["semantic_map"]).unsqueeze(1)
+    if cache is not None and cache.is_file():
+        tensors = load_tensors(cache)
+        if len(tensors["latents"]) == len(maps):
+            return LatentData(tensors["latents"], tensors["semantic_latents"], maps)
+    data = LatentData.encode(arrays, autoencoder, scale)
+    if cache is not None:
+        save_tensors(cache, {"latents": data.latents, "semantic_latents": data.semantic_latents},
+                     {"slices": len(maps), "scale": scale})
+    return data
 
 
 @torch.no_grad()
@@ -285,10 +319,11 @@ def train_diffusion(recipe: Recipe, data_dir: str | Path, model_dir: str | Path,
     factor = recipe.autoencoder.downsampling
     crop_latent = (settings.crop_px or recipe.image_size) // factor
     features = tuple(recipe.diffusion.conditioned_features)
-    train = load_latent_crops(data_dir, "train", autoencoder, scale, crop_latent, factor, settings.nodule_share,
-                              limit=settings.max_train_slices or None, features=features)
-    validation = load_latent_crops(data_dir, "validation", autoencoder, scale, crop_latent, factor,
-                                   settings.nodule_share, limit=max_validation, features=features)
+    limits = {"train": settings.max_train_slices or None, "validation": max_validation}
+    train, validation = (load_latent_crops(data_dir, split, autoencoder, scale, crop_latent, factor,
+                                           settings.nodule_share, limit=limit, features=features,
+                                           cache=latent_cache_path(model_dir, data_dir, split, limit))
+                         for split, limit in limits.items())
     torch.manual_seed(seed)
     unet = build_unet(recipe.diffusion, recipe.autoencoder.latent_channels).to(context.device)
     optimizer = torch.optim.AdamW(parameter_groups(unet, settings.learning_rate, settings.feature_lr_scale))

@@ -109,6 +109,37 @@ def test_diffusion_resumes_from_the_saved_step(copy_models, phantom_dataset, smo
     assert meta["step"] == 9 and meta["ema_updates"] == 9  # the EMA warm-up continues too
 
 
+def test_a_resumed_diffusion_run_reads_its_encoded_slices_instead_of_encoding_again(copy_models, phantom_dataset,
+                                                                                   smoke_recipe, monkeypatch):
+    from lsdm_aug.training import diffusion as diffusion_stage
+
+    models = copy_models()
+    caches = sorted((models / diffusion_stage.LATENT_CACHE_DIR).glob("*.safetensors"))
+    assert [p.name.split("-")[0] for p in caches] == ["train", "validation"]  # written by the first run
+    encoded = []
+    original = diffusion_stage.LatentData.encode
+    monkeypatch.setattr(diffusion_stage.LatentData, "encode",
+                        classmethod(lambda cls, *args, **kwargs: encoded.append(1) or original(*args, **kwargs)))
+    cached = diffusion_stage.load_latent_crops(phantom_dataset, "train", *_smoke_encoder(models, smoke_recipe),
+                                               crop_latent_px=8, factor=4, nodule_share=0.5, cache=caches[0])
+    train_diffusion(longer(smoke_recipe, "train_diffusion", 9), phantom_dataset, models, device="cpu", progress=False)
+    assert encoded == []
+    fresh = diffusion_stage.LatentData.encode(
+        diffusion_stage.load_split_arrays(phantom_dataset, "train", ("image", "semantic_map")),
+        *_smoke_encoder(models, smoke_recipe))
+    assert torch.allclose(cached.data.latents, fresh.latents) and torch.allclose(
+        cached.data.semantic_latents, fresh.semantic_latents)
+    before = diffusion_stage.latent_cache_path(models, phantom_dataset, "train", None)
+    (models / "autoencoder.json").write_text((models / "autoencoder.json").read_text() + " ")
+    assert diffusion_stage.latent_cache_path(models, phantom_dataset, "train", None) != before
+
+
+def _smoke_encoder(models, recipe):
+    from lsdm_aug.training.diffusion import load_autoencoder
+
+    return load_autoencoder(models, recipe, torch.device("cpu"))
+
+
 def test_classifiers_resume_and_draw_balanced_batches(copy_models, phantom_dataset, smoke_recipe, monkeypatch):
     models = copy_models()
     before = read(models / "classifier_malignancy.json")["steps"]
