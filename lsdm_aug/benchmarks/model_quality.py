@@ -50,7 +50,7 @@ from lsdm_aug.data.prepared import (PreparedDataset, atomic_write_figure, atomic
 from lsdm_aug.data.semantic import SemanticLabel, semantic_map_from_hu
 from lsdm_aug.metrics.evaluator import NoduleEvaluator, nodule_crops
 from lsdm_aug.metrics.features import frechet_distance
-from lsdm_aug.models.checkpoint import module_digest
+from lsdm_aug.models.checkpoint import module_digest, resolve_model_dir, weights_digest
 from lsdm_aug.models.unet import conditioned_features, predict_noise
 from lsdm_aug.pipeline import LSDMPipeline
 from lsdm_aug.progress import track_progress
@@ -553,6 +553,9 @@ def _key(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+EXPLICIT_SECTIONS = ("control_", "guidance_grid", "feature_sensitivity")  # every guidance scale given explicitly
+
+
 class Parts:
     """Finished sections of one run, kept as JSON under ``out/parts-<settings and model hash>/``: a rerun with the
     same settings and model skips them (each written atomically, so an interruption loses only the section running).
@@ -560,19 +563,27 @@ class Parts:
     Sections that do not depend on the whole model live apart, so that another U-Net reuses them: the evaluators
     (trained on clean phantom crops only) under ``out/evaluators-<settings hash>/``, and the autoencoder's gates
     under ``out/autoencoder-<settings and autoencoder hash>/`` (``autoencoder_id``: a digest of its weights).
+    Sections that pass every guidance scale explicitly (:data:`EXPLICIT_SECTIONS`: the guidance settings, their grid,
+    the feature sensitivity) live under ``out/explicit-<settings and weights hash>/`` when ``weights_id`` is given
+    (a digest that leaves the model's default cfg scale out): a model that differs only in that default reuses them.
     """
 
-    def __init__(self, out: Path, settings: QualitySettings, model_id: str, autoencoder_id: str | None = None) -> None:
+    def __init__(self, out: Path, settings: QualitySettings, model_id: str, autoencoder_id: str | None = None,
+                 weights_id: str | None = None) -> None:
         self.folder = out / f"parts-{_key([asdict(settings), model_id])}"
         model_free = {k: v for k, v in asdict(settings).items() if k not in ("model", "settings")}  # nor guidance
         self.evaluator_folder = out / f"evaluators-{_key(model_free)}"
         self.autoencoder_folder = (out / f"autoencoder-{_key([model_free, autoencoder_id])}" if autoencoder_id
                                    else self.folder)
-        for folder in (self.folder, self.evaluator_folder, self.autoencoder_folder):
+        self.explicit_folder = out / f"explicit-{_key([asdict(settings), weights_id])}" if weights_id else self.folder
+        for folder in (self.folder, self.evaluator_folder, self.autoencoder_folder, self.explicit_folder):
             folder.mkdir(parents=True, exist_ok=True)
 
+    def _folder_of(self, name: str) -> Path:
+        return self.explicit_folder if name.startswith(EXPLICIT_SECTIONS) else self.folder
+
     def get(self, name: str, compute: Callable[[], Any], folder: Path | None = None) -> Any:
-        path = (folder or self.folder) / f"{name}.json"
+        path = (folder or self._folder_of(name)) / f"{name}.json"
         if path.is_file():
             return json.loads(path.read_text())
         value = compute()
@@ -580,7 +591,7 @@ class Parts:
         return json.loads(path.read_text())
 
     def array(self, name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
-        path = self.folder / f"{name}.npz"
+        path = self._folder_of(name) / f"{name}.npz"
         if path.is_file():
             with np.load(path) as saved:
                 return saved["array"]
@@ -591,17 +602,19 @@ class Parts:
     def claim(self, name: str) -> bool:
         """Take section ``name`` for this process (``workers`` > 1): False when it is finished or another process
         has taken it. A claim is a file created exclusively; :meth:`clear_claims` drops them at a run's start."""
-        if (self.folder / f"{name}.json").is_file():
+        folder = self._folder_of(name)
+        if (folder / f"{name}.json").is_file():
             return False
         try:
-            os.close(os.open(self.folder / f"{name}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.close(os.open(folder / f"{name}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return False
         return True
 
     def clear_claims(self) -> None:
-        for claim in self.folder.glob("*.claim"):
-            claim.unlink(missing_ok=True)
+        for folder in {self.folder, self.explicit_folder}:
+            for claim in folder.glob("*.claim"):
+                claim.unlink(missing_ok=True)
 
     def evaluator(self, feature: str, train: Callable[[], tuple[NoduleEvaluator, dict]]) -> tuple[NoduleEvaluator, dict]:
         path = self.evaluator_folder / f"evaluator_{feature}.safetensors"
@@ -628,7 +641,8 @@ class _Context:
         torch.manual_seed(settings.seed)
         pipe = LSDMPipeline.from_pretrained(settings.model)
         parts = Parts(Path(settings.out), settings, pipe.model_id,
-                      autoencoder_id=module_digest(pipe.autoencoder, pipe.scale_factor))
+                      autoencoder_id=module_digest(pipe.autoencoder, pipe.scale_factor),
+                      weights_id=weights_digest(resolve_model_dir(settings.model), leave_out=("default_cfg_scale",)))
         test = PreparedDataset(settings.data, split="test")
         return cls(settings, pipe, parts, test, test_backgrounds(test, max(settings.count, 8)),
                    float(np.median(test.cases.spacing_mm)))

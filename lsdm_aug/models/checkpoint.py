@@ -173,16 +173,20 @@ def save_half_precision(source: str | Path, target: str | Path) -> None:
     _save(Path(target), tensors, {**read_config(source), "stored_dtype": "float16"})
 
 
-def weights_digest(folder: str | Path, length: int = 8) -> str:
+def weights_digest(folder: str | Path, length: int = 8, leave_out: tuple[str, ...] = ()) -> str:
     """A short SHA-256 over a model folder's weight files (training states left out), the classifiers' calibrated
     guidance targets and the U-Net's defaults that change what it makes (:data:`MAKING_DEFAULTS`, when set): two folders
     with the same name and step counts but other weights, targets or defaults get other digests, so nothing keyed
-    on a model mistakes one for the other.
+    on a model mistakes one for the other. ``leave_out``: defaults not counted (e.g. ``("default_cfg_scale",)``
+    for work that passes every guidance scale explicitly).
 
     Example:
         >>> len(weights_digest(resolve_model_dir("default")))
         8
     """
+    unknown = set(leave_out) - set(MAKING_DEFAULTS)
+    if unknown:
+        raise ValueError(f"leave_out names {sorted(unknown)}, not among the making defaults {MAKING_DEFAULTS}")
     digest = hashlib.sha256()
     for path in sorted(Path(folder).glob("*.safetensors")):
         if not path.name.endswith("_state.safetensors"):
@@ -192,7 +196,7 @@ def weights_digest(folder: str | Path, length: int = 8) -> str:
             if config.get("calibration") is not None:
                 digest.update(json.dumps(config["calibration"], sort_keys=True).encode())
             for key in MAKING_DEFAULTS:
-                if config.get(key) is not None:
+                if key not in leave_out and config.get(key) is not None:
                     digest.update(json.dumps({key: config[key]}).encode())
     return digest.hexdigest()[:length]
 

@@ -64,10 +64,11 @@ def test_a_rerun_resumes_from_finished_sections(tmp_path, smoke_models, phantom_
                                other_spacings=())
     first = run_model_quality(settings, progress=False)
     parts = next((tmp_path / "q").glob("parts-*"))
-    assert (parts / "control_1.json").is_file()
+    explicit = next((tmp_path / "q").glob("explicit-*"))
+    assert (explicit / "control_1.json").is_file()
     assert next((tmp_path / "q").glob("evaluators-*/evaluator_malignancy.safetensors")).is_file()
     assert next((tmp_path / "q").glob("autoencoder-*/autoencoder.json")).is_file()
-    (parts / "control_1.json").unlink()  # as if interrupted during the second setting
+    (explicit / "control_1.json").unlink()  # as if interrupted during the second setting
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished section was computed again")
@@ -92,6 +93,13 @@ def test_a_rerun_resumes_from_finished_sections(tmp_path, smoke_models, phantom_
     assert another_unet.evaluator_folder == here.evaluator_folder  # evaluators never see the model
     assert another_unet.autoencoder_folder == here.autoencoder_folder  # same autoencoder, same reconstruction gates
     assert model_quality.Parts(tmp_path / "q", settings, again["model"], "ae2").autoencoder_folder != here.autoencoder_folder
+    explicit = next((tmp_path / "q").glob("explicit-*"))
+    assert (explicit / "control_1.json").is_file() and (explicit / "guidance_grid.npz").is_file()
+    assert not (parts / "control_1.json").exists() and (parts / "texture.json").is_file()
+    other_default = model_quality.Parts(tmp_path / "q", settings, again["model"] + "-w1", "ae1", "weights1")
+    same_weights = model_quality.Parts(tmp_path / "q", settings, again["model"], "ae1", "weights1")
+    assert other_default.folder != same_weights.folder  # the default guidance's sections (texture, spacings) differ
+    assert other_default.explicit_folder == same_weights.explicit_folder  # sections at explicit settings are shared
 
 
 def test_texture_fidelity_inserts_the_phantoms_own_outlines_of_each_level_and_compares_pairs(

@@ -211,3 +211,10 @@ def test_the_weights_digest_tells_another_default_guidance_scale_apart(copy_mode
     config["default_cfg_scale"] = 3.0
     (copy / "unet.json").write_text(json.dumps(config))
     assert weights_digest(copy) not in (changed, weights_digest(smoke_models))
+    explicit = ("default_cfg_scale",)  # for work that passes every guidance scale itself
+    assert weights_digest(copy, leave_out=explicit) == weights_digest(smoke_models, leave_out=explicit)
+    config["edit_window_px"] = 32  # another window edits other pixels: not left out
+    (copy / "unet.json").write_text(json.dumps(config))
+    assert weights_digest(copy, leave_out=explicit) != weights_digest(smoke_models, leave_out=explicit)
+    with pytest.raises(ValueError, match=r"leave_out names \['steps'\], not among the making defaults"):
+        weights_digest(copy, leave_out=("steps",))
