@@ -94,10 +94,7 @@ class DiffusionConfig:
     only by the encoded map concatenated to the noisy latent. ``feature_conditioning`` adds the nodule
     feature vector (see :class:`lsdm_aug.models.unet.FeatureEmbedding`), for classifier-free guidance;
     ``conditioned_features`` names its features, in the order of the embedding's tables (a U-Net saved before the
-    key existed is conditioned on the four guided ones). ``nodule_subpixel_input`` (0: off; else the
-    autoencoder's downsampling f) also gives the U-Net the nodule labels' layout inside each latent pixel, as f x f
-    more input channels (the nodule mask rearranged space-to-depth), so that it knows where a nodule of two or three
-    latent pixels ends to a fraction of a latent pixel.
+    key existed is conditioned on the four guided ones).
     """
 
     channels: tuple[int, ...] = (32, 64, 64)
@@ -113,7 +110,6 @@ class DiffusionConfig:
     spade: bool = True
     feature_conditioning: bool = False
     conditioned_features: tuple[str, ...] = FEATURES
-    nodule_subpixel_input: int = 0
 
     @property
     def downsampling(self) -> int:
@@ -132,10 +128,6 @@ class DiffusionConfig:
                               f"got {list(self.conditioned_features)}")
         if self.feature_conditioning and not self.spade:
             raise RecipeError("diffusion.feature_conditioning needs the SPADE U-Net (spade: true)")
-        if isinstance(self.nodule_subpixel_input, bool) or not isinstance(self.nodule_subpixel_input, int) \
-                or self.nodule_subpixel_input < 0:
-            raise RecipeError(f"diffusion.nodule_subpixel_input must be 0 (off) or the autoencoder's downsampling, "
-                              f"got {self.nodule_subpixel_input!r}")
         if len(self.attention_levels) != len(self.channels):
             raise RecipeError(f"diffusion.attention_levels needs one entry per level of channels {self.channels}, "
                               f"got {self.attention_levels}")
@@ -296,9 +288,6 @@ class Recipe:
         for part in (self.autoencoder, self.diffusion, self.classifiers, self.train_classifiers):
             part.validate()
         self.train_diffusion.validate(self.autoencoder.downsampling)
-        if self.diffusion.nodule_subpixel_input not in (0, self.autoencoder.downsampling):
-            raise RecipeError(f"diffusion.nodule_subpixel_input must be 0 (off) or the autoencoder's downsampling "
-                              f"{self.autoencoder.downsampling}, got {self.diffusion.nodule_subpixel_input}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -112,11 +112,6 @@ def test_inconsistent_values_are_refused():
         recipe_from_dict({"image_size": 66})
     with pytest.raises(RecipeError, match="beta_schedule"):
         recipe_from_dict({"diffusion": {"beta_schedule": "cosine"}})
-    with pytest.raises(RecipeError, match="nodule_subpixel_input must be 0 .* downsampling 4, got 2"):
-        recipe_from_dict({"diffusion": {"nodule_subpixel_input": 2}})
-    with pytest.raises(RecipeError, match="nodule_subpixel_input .* got -4"):
-        recipe_from_dict({"diffusion": {"nodule_subpixel_input": -4}})
-    assert recipe_from_dict({"diffusion": {"nodule_subpixel_input": 4}}).diffusion.nodule_subpixel_input == 4
 
 
 def test_a_yaml_recipe_overrides_only_what_it_names(tmp_path):

@@ -21,7 +21,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -114,8 +114,7 @@ def latent_vs_pixel(pipe: LSDMPipeline, settings: SpeedSettings) -> dict:
     top = (case.semantic_map.shape[0] - size) // 2
     left = (case.semantic_map.shape[1] - size) // 2
     maps = torch.as_tensor(case.semantic_map[top:top + size, left:left + size])[None, None].long()
-    # on the slice itself every pixel is a U-Net pixel: nothing lies inside one, so no sub-pixel layout
-    pixel_unet = build_unet(replace(pipe.recipe.diffusion, nodule_subpixel_input=0), 1).eval()
+    pixel_unet = build_unet(pipe.recipe.diffusion, 1).eval()
     result = {"steps": steps, "window_px": size}
     for name, unet, shape in (("latent", pipe.unet.cpu(), (1, pipe.recipe.autoencoder.latent_channels,
                                                              size // factor, size // factor)),

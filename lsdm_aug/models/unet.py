@@ -6,10 +6,6 @@
   nearest neighbour, which drops a nodule smaller than the pooling window; max-pooling keeps it, as
   the thesis prescribes). :class:`MaxPoolSPADE` is swapped in for MONAI's ``SPADE`` after the net is
   built; it adds no parameters, so checkpoints stay MONAI-compatible.
-* optionally (``nodule_subpixel_input`` = f, the autoencoder's downsampling) the nodule labels' layout inside
-  each latent pixel: the image-resolution nodule mask rearranged space-to-depth (``pixel_unshuffle``) into f x f
-  more input channels. Max-pooled SPADE maps say which latent pixels a nodule touches, not where inside them
-  its edge runs, and a median nodule at native resolution is only two or three latent pixels wide.
 * optionally (``feature_conditioning``, for classifier-free guidance, thesis section 8.2) the nodule's
   feature vector (``conditioned_features``: malignancy, lobulation, spiculation, texture, each 1..5, and
   calcification 1..6 in the native default; 0 = "not given"), through
@@ -41,14 +37,13 @@ from monai.networks.blocks.spade_norm import SPADE
 from monai.networks.nets import DiffusionModelUNet, SPADEDiffusionModelUNet
 
 from lsdm_aug.config import CONDITIONING_FEATURES, FEATURES, RATING_LEVELS, DiffusionConfig, rating_level
-from lsdm_aug.data.semantic import NUM_LABELS, SemanticLabel
+from lsdm_aug.data.semantic import NUM_LABELS
 
 __all__ = ["MaxPoolSPADE", "FeatureEmbedding", "build_unet", "semantic_onehot", "semantic_to_unit",
            "SemanticCondition", "predict_noise", "is_feature_conditioned", "feature_levels", "conditioned_features",
-           "NULL_LEVEL", "CONDITIONING_FEATURES", "nodule_subpixel"]
+           "NULL_LEVEL", "CONDITIONING_FEATURES"]
 
 NULL_LEVEL = 0  # "not given": the learned null token of each feature
-NODULE_LABEL_FIRST = SemanticLabel.NODULE_BENIGN  # labels from here on are nodules
 
 
 class MaxPoolSPADE(SPADE):
@@ -176,22 +171,15 @@ def build_unet(config: DiffusionConfig, latent_channels: int) -> SPADEDiffusionM
     """The SPADE diffusion U-Net of LSDM (noisy latent + encoded map in, noise out); with ``config.spade``
     false, the LDM baseline's plain U-Net (the map only concatenated)."""
     config.validate()
-    unet = _build_network(config, latent_channels, 2 * latent_channels + config.nodule_subpixel_input ** 2)
-    unet.nodule_subpixel_input = config.nodule_subpixel_input
-    return unet
-
-
-def _build_network(config: DiffusionConfig, latent_channels: int, in_channels: int
-                   ) -> SPADEDiffusionModelUNet | DiffusionModelUNet:
     levels = len(config.channels)
     if not config.spade:
         return DiffusionModelUNet(
-            spatial_dims=2, in_channels=in_channels, out_channels=latent_channels,
+            spatial_dims=2, in_channels=2 * latent_channels, out_channels=latent_channels,
             channels=tuple(config.channels), attention_levels=tuple(config.attention_levels),
             num_res_blocks=(config.num_res_blocks,) * levels, norm_num_groups=config.norm_num_groups,
             num_head_channels=config.num_head_channels)
     unet = SPADEDiffusionModelUNet(
-        spatial_dims=2, in_channels=in_channels, out_channels=latent_channels, label_nc=NUM_LABELS,
+        spatial_dims=2, in_channels=2 * latent_channels, out_channels=latent_channels, label_nc=NUM_LABELS,
         channels=tuple(config.channels), attention_levels=tuple(config.attention_levels),
         num_res_blocks=(config.num_res_blocks,) * levels, norm_num_groups=config.norm_num_groups,
         num_head_channels=config.num_head_channels, spade_intermediate_channels=config.spade_intermediate_channels,
@@ -269,36 +257,15 @@ class SemanticCondition:
 def predict_noise(unet: torch.nn.Module, noisy_latent: torch.Tensor, timesteps: torch.Tensor,
                   condition: SemanticCondition) -> torch.Tensor:
     """epsilon_theta(Concat(z_t, E(m)), t) with SPADE fed the one-hot map (the LDM baseline: no SPADE), and the
-    feature levels when the U-Net is feature-conditioned (none given: the null tokens); a U-Net built with
-    ``nodule_subpixel_input`` also gets the nodule mask space-to-depth (see :func:`nodule_subpixel`)."""
+    feature levels when the U-Net is feature-conditioned (none given: the null tokens)."""
+    inputs = torch.cat([noisy_latent, condition.latent], dim=1)
     network = getattr(unet, "module", unet)
-    parts = [noisy_latent, condition.latent]
-    if getattr(network, "nodule_subpixel_input", 0):
-        parts.append(nodule_subpixel(condition.onehot, network.nodule_subpixel_input, noisy_latent.shape[-2:]))
-    inputs = torch.cat(parts, dim=1)
     if isinstance(network, DiffusionModelUNet):
         return unet(inputs, timesteps)
     if is_feature_conditioned(network):
         width = network.class_embedding.num_features
         return unet(inputs, timesteps, seg=condition.onehot, class_labels=condition.levels(width))
     return unet(inputs, timesteps, seg=condition.onehot)
-
-
-def nodule_subpixel(onehot: torch.Tensor, factor: int, latent_size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """The nodule labels (5, 6, 7) of a one-hot map (B, 8, H, W) as (B, factor**2, H / factor, W / factor): which
-    image pixels of each latent pixel are nodule.
-
-    Example:
-        >>> semantic = torch.zeros(1, 8, 8, dtype=torch.long); semantic[0, 1, 2] = 6
-        >>> layout = nodule_subpixel(semantic_onehot(semantic), 4, (2, 2))
-        >>> layout.shape, int(layout[0, 6, 0, 0]), float(layout.sum())
-        (torch.Size([1, 16, 2, 2]), 1, 1.0)
-    """
-    if tuple(onehot.shape[-2:]) != (latent_size[0] * factor, latent_size[1] * factor):
-        raise ValueError(f"a map of {tuple(onehot.shape[-2:])} px is not {factor} x the latent's "
-                         f"{tuple(latent_size)}")
-    nodules = onehot[:, int(NODULE_LABEL_FIRST):].amax(1, keepdim=True)
-    return F.pixel_unshuffle(nodules, factor)
 
 
 def is_feature_conditioned(unet: torch.nn.Module) -> bool:
