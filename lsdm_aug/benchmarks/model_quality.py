@@ -32,6 +32,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -56,7 +57,7 @@ from lsdm_aug.pipeline import LSDMPipeline
 from lsdm_aug.progress import track_progress
 from lsdm_aug.sampling.schedulers import build_scheduler
 from lsdm_aug.training.autoencoder import reconstruction_metrics
-from lsdm_aug.transforms.core import choose_outline, nodule_outline, nodule_record, usable_nodule_table
+from lsdm_aug.transforms.core import choose_outline, nodule_outline, usable_nodule, usable_nodule_table
 
 __all__ = ["QualitySettings", "run_model_quality", "quality_markdown", "GuidanceSetting", "guidance_grid"]
 
@@ -307,7 +308,7 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
                 break
         if site is None:
             continue
-        source_level = float(rating_level(nodule_record(nodule_id).calcification, 6))
+        source_level = float(rating_level(usable_nodule(nodule_id).calcification, 6))
         centre = (site[0] + outline.shape[0] / 2, site[1] + outline.shape[1] / 2)
         with _targets_of(pipe, setting):
             result = pipe.insert(background.image, background.semantic_map, outline, centre, request,
@@ -553,7 +554,12 @@ def _key(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-EXPLICIT_SECTIONS = ("control_", "guidance_grid", "feature_sensitivity")  # every guidance scale given explicitly
+EXPLICIT_SECTIONS = ("guidance_grid", "feature_sensitivity", "generated_lung")  # every guidance scale given explicitly
+
+
+def _explicit(name: str) -> bool:
+    """Whether section ``name`` passes every guidance scale itself (these, and the guidance settings ``control_<k>``)."""
+    return name in EXPLICIT_SECTIONS or re.fullmatch(r"control_\d+", name) is not None
 
 
 class Parts:
@@ -563,9 +569,10 @@ class Parts:
     Sections that do not depend on the whole model live apart, so that another U-Net reuses them: the evaluators
     (trained on clean phantom crops only) under ``out/evaluators-<settings hash>/``, and the autoencoder's gates
     under ``out/autoencoder-<settings and autoencoder hash>/`` (``autoencoder_id``: a digest of its weights).
-    Sections that pass every guidance scale explicitly (:data:`EXPLICIT_SECTIONS`: the guidance settings, their grid,
-    the feature sensitivity) live under ``out/explicit-<settings and weights hash>/`` when ``weights_id`` is given
-    (a digest that leaves the model's default cfg scale out): a model that differs only in that default reuses them.
+    Sections that pass every guidance scale explicitly (the guidance settings and :data:`EXPLICIT_SECTIONS`) live
+    under ``out/explicit-<settings and weights hash>/`` when ``weights_id`` is given (a digest that leaves the model's
+    default cfg scale out): the same ``--model`` with another default reuses them (one finished under ``parts-`` by an
+    earlier version is read from there).
     """
 
     def __init__(self, out: Path, settings: QualitySettings, model_id: str, autoencoder_id: str | None = None,
@@ -579,8 +586,10 @@ class Parts:
         for folder in (self.folder, self.evaluator_folder, self.autoencoder_folder, self.explicit_folder):
             folder.mkdir(parents=True, exist_ok=True)
 
-    def _folder_of(self, name: str) -> Path:
-        return self.explicit_folder if name.startswith(EXPLICIT_SECTIONS) else self.folder
+    def _folder_of(self, name: str, suffix: str = ".json") -> Path:
+        if not _explicit(name) or (self.folder / f"{name}{suffix}").is_file():
+            return self.folder
+        return self.explicit_folder
 
     def get(self, name: str, compute: Callable[[], Any], folder: Path | None = None) -> Any:
         path = (folder or self._folder_of(name)) / f"{name}.json"
@@ -591,7 +600,7 @@ class Parts:
         return json.loads(path.read_text())
 
     def array(self, name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
-        path = self._folder_of(name) / f"{name}.npz"
+        path = self._folder_of(name, ".npz") / f"{name}.npz"
         if path.is_file():
             with np.load(path) as saved:
                 return saved["array"]

@@ -36,8 +36,8 @@ from lsdm_aug.data.nnunet_format import case_paths, read_case, write_case, write
 from lsdm_aug.data.phantom import SUPPORTED_SIZES, ChestPhantom, PhantomConfig
 from lsdm_aug.data.prepared import DatasetMismatchError, PreparedDataset, atomic_write_text, unit_to_hu
 from lsdm_aug.progress import make_progress
-from lsdm_aug.transforms.core import (APPEARANCE_FEATURES, NoduleSynthesizer, load_pipeline, nodule_record,
-                                     parse_feature)
+from lsdm_aug.transforms.core import (APPEARANCE_FEATURES, NoduleSynthesizer, load_pipeline, parse_feature,
+                                     usable_nodule)
 
 __all__ = ["SynthesisRequest", "synthesize", "synthesize_group", "case_features", "parse_level_option", "CaseResult"]
 
@@ -310,7 +310,7 @@ def _synthesize_cases(request: SynthesisRequest, backgrounds: _Backgrounds, indi
 
 def _row(request: SynthesisRequest, index: int, features: dict, placed: list[dict], background: str) -> dict:
     first = placed[0]
-    source = nodule_record(first["nodule_id"])
+    source = usable_nodule(first["nodule_id"])
     row = {"case_id": _case_id(index), **{f"{name}_asked": features.get(name) for name in CONDITIONING_FEATURES},
            "source_nodule_id": first["nodule_id"],
            **{f"{name}_told": first.get("told", {}).get(name) for name in APPEARANCE_FEATURES},

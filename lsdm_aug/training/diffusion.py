@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from lsdm_aug.config import FEATURES, Recipe
 from lsdm_aug.models.autoencoder import build_autoencoder, encode_mean
-from lsdm_aug.models.checkpoint import (load_tensors, load_training_state, load_weights, save_tensors,
-                                       save_training_state, save_weights)
+from lsdm_aug.models.checkpoint import (CheckpointError, load_tensors, load_training_state, load_weights, read_config,
+                                       save_tensors, save_training_state, save_weights)
 from lsdm_aug.data.prepared import PreparedDataset
 from lsdm_aug.data.semantic import SemanticLabel
 from lsdm_aug.models.unet import (SemanticCondition, build_unet, feature_levels,
@@ -222,10 +222,11 @@ def nodule_weighted_mse(prediction: torch.Tensor, noise: torch.Tensor, onehot: t
 
 def load_latent_crops(data_dir: str | Path, split: str, autoencoder: torch.nn.Module, scale: float,
                       crop_latent_px: int, factor: int, nodule_share: float, limit: int | None = None,
-                      features: tuple[str, ...] = FEATURES, cache: Path | None = None) -> LatentCrops:
+                      features: tuple[str, ...] = FEATURES, cache: Path | None = None,
+                      write_cache: bool = True) -> LatentCrops:
     """Encode one split of a prepared dataset and wrap it as :class:`LatentCrops`, with the nodules' levels of
     ``features`` (columns of its ``features.csv``); with ``cache`` (see :func:`latent_cache_path`) the encoding
-    is read from there when present and written there (atomically) when made."""
+    is read from there when present and written there (atomically) when made and ``write_cache``."""
     arrays = load_split_arrays(data_dir, split, ("image", "semantic_map", "nodule_mask"), limit=limit)
     dataset = PreparedDataset(data_dir, split=split)
     case_ids = dataset.case_ids()[:len(arrays["image"])]
@@ -238,13 +239,14 @@ def load_latent_crops(data_dir: str | Path, split: str, autoencoder: torch.nn.Mo
         else:
             levels.append(torch.cat([feature_levels({f: float(r[f]) for f in features}, names=features)
                                      for _, r in rows.iterrows()]))
-    data = _encoded(arrays, autoencoder, scale, cache)
+    data = _encoded(arrays, autoencoder, scale, cache, write_cache)
     return LatentCrops(data, torch.from_numpy(arrays["nodule_mask"]), levels, crop_latent_px, factor, nodule_share)
 
 
 def latent_cache_path(model_dir: str | Path, data_dir: str | Path, split: str, limit: int | None) -> Path:
     """Where :func:`load_latent_crops` keeps one split's encoding: named by the autoencoder's weights and config
-    and the prepared dataset's records, so another autoencoder or dataset never reads it.
+    and the prepared dataset (its records, and each case file's name, size and modification time), so another
+    autoencoder or a dataset written again never reads it.
 
     Example:
         >>> latent_cache_path("/tmp/model", "/tmp/data", "train", 640).parent.name
@@ -256,19 +258,34 @@ def latent_cache_path(model_dir: str | Path, data_dir: str | Path, split: str, l
                  data / "dataset.json", data / "splits.json", data / "cases.csv"):
         key.update(path.name.encode())
         key.update(path.read_bytes() if path.is_file() else b"")
+    for case in sorted((data / "cases").glob("*")) if (data / "cases").is_dir() else []:
+        status = case.stat()
+        key.update(f"{case.name}:{status.st_size}:{status.st_mtime_ns}".encode())
     return model / LATENT_CACHE_DIR / f"{split}-{key.hexdigest()[:16]}.safetensors"
 
 
-def _encoded(arrays: dict, autoencoder: torch.nn.Module, scale: float, cache: Path | None) -> LatentData:
+def _encoded(arrays: dict, autoencoder: torch.nn.Module, scale: float, cache: Path | None,
+             write: bool = True) -> LatentData:
+    """The split's encoding, read from ``cache`` when it holds this many slices at this scale; else encoded, and
+    written to ``cache`` (``write``: one DDP process writes, every process reads) in place of the split's older
+    encodings."""
     maps = torch.from_numpy(arrays["semantic_map"]).unsqueeze(1)
     if cache is not None and cache.is_file():
-        tensors = load_tensors(cache)
-        if len(tensors["latents"]) == len(maps):
+        try:
+            tensors, recorded = load_tensors(cache), read_config(cache)
+        except CheckpointError:  # damaged (e.g. the disk filled up): encode again below
+            tensors, recorded = {}, {}
+        if recorded.get("slices") == len(maps) and recorded.get("scale") == scale and len(tensors) == 2:
             return LatentData(tensors["latents"], tensors["semantic_latents"], maps)
     data = LatentData.encode(arrays, autoencoder, scale)
-    if cache is not None:
+    if cache is not None and write:
         save_tensors(cache, {"latents": data.latents, "semantic_latents": data.semantic_latents},
                      {"slices": len(maps), "scale": scale})
+        split = cache.name.split("-")[0]
+        for older in cache.parent.glob(f"{split}-*.safetensors"):
+            if older != cache:
+                older.unlink(missing_ok=True)
+                older.with_suffix(".json").unlink(missing_ok=True)
     return data
 
 
@@ -322,7 +339,8 @@ def train_diffusion(recipe: Recipe, data_dir: str | Path, model_dir: str | Path,
     limits = {"train": settings.max_train_slices or None, "validation": max_validation}
     train, validation = (load_latent_crops(data_dir, split, autoencoder, scale, crop_latent, factor,
                                            settings.nodule_share, limit=limit, features=features,
-                                           cache=latent_cache_path(model_dir, data_dir, split, limit))
+                                           cache=latent_cache_path(model_dir, data_dir, split, limit),
+                                           write_cache=context.is_main)
                          for split, limit in limits.items())
     torch.manual_seed(seed)
     unet = build_unet(recipe.diffusion, recipe.autoencoder.latent_channels).to(context.device)

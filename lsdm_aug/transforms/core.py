@@ -35,7 +35,7 @@ from lsdm_aug.data.prepared import hu_to_unit, unit_to_hu
 from lsdm_aug.data.semantic import SemanticLabel, lung_mask_from_hu, semantic_map_from_hu
 
 __all__ = ["NoduleSynthesizer", "NoduleParameters", "parse_feature", "MODES", "load_pipeline", "usable_nodule_table",
-           "nodule_record", "choose_outline", "nodule_outline", "SHAPE_FEATURES", "slice_lung"]
+           "usable_nodule", "choose_outline", "nodule_outline", "SHAPE_FEATURES", "slice_lung"]
 
 SHAPE_FEATURES = ("malignancy", "lobulation", "spiculation")  # what a nodule's outline carries
 APPEARANCE_FEATURES = ("texture", "calcification")  # what the U-Net renders inside the outline
@@ -201,7 +201,7 @@ class NoduleSynthesizer:
         """The outline's source nodule's texture and calcification levels that the request leaves out."""
         if not self.appearance_from_outline:
             return {}
-        row = nodule_record(nodule_id)
+        row = usable_nodule(nodule_id)
         return {name: float(rating_level(row[name], RATING_LEVELS[name])) for name in APPEARANCE_FEATURES
                 if self.features[name] is None}
 
@@ -527,17 +527,20 @@ def _usable_nodules_by_id():
     return usable_nodule_table().set_index("nodule_id")
 
 
-def nodule_record(nodule_id: str):
+def usable_nodule(nodule_id: str):
     """One usable LIDC nodule's row of :func:`usable_nodule_table` (ratings, diameter, spacing), by its id.
+
+    Raises:
+        ValueError: no usable nodule has that id.
 
     Example:
         >>> nodule_id = usable_nodule_table().nodule_id.iloc[0]
-        >>> bool(1 <= nodule_record(nodule_id).malignancy <= 5)
+        >>> bool(1 <= usable_nodule(nodule_id).malignancy <= 5)
         True
     """
     records = _usable_nodules_by_id()
     if nodule_id not in records.index:
-        raise KeyError(f"no usable LIDC nodule {nodule_id!r} (ids look like {records.index[0]!r})")
+        raise ValueError(f"no usable LIDC nodule {nodule_id!r} (ids look like {records.index[0]!r})")
     return records.loc[nodule_id]
 
 
@@ -548,7 +551,7 @@ def nodule_outline(nodule_id: str, spacing_mm: Sequence[float], ndim: int, size_
     index = bank.nodule_ids.index(nodule_id)
     zoom = 1.0
     if size_mm is not None:
-        zoom = size_mm / max(float(nodule_record(nodule_id).diameter_mm), 1e-3)
+        zoom = size_mm / max(float(usable_nodule(nodule_id).diameter_mm), 1e-3)
     in_plane = float(bank.pixel_spacing_mm[index]) * zoom
     if ndim == 2:
         return resample_mask(bank.centre_slice(nodule_id), in_plane, [float(s) for s in spacing_mm[:2]])[:, :, None]

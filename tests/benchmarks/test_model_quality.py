@@ -69,6 +69,7 @@ def test_a_rerun_resumes_from_finished_sections(tmp_path, smoke_models, phantom_
     assert next((tmp_path / "q").glob("evaluators-*/evaluator_malignancy.safetensors")).is_file()
     assert next((tmp_path / "q").glob("autoencoder-*/autoencoder.json")).is_file()
     (explicit / "control_1.json").unlink()  # as if interrupted during the second setting
+    (explicit / "control_0.json").rename(parts / "control_0.json")  # as an earlier version kept it: still read
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished section was computed again")
@@ -95,6 +96,7 @@ def test_a_rerun_resumes_from_finished_sections(tmp_path, smoke_models, phantom_
     assert model_quality.Parts(tmp_path / "q", settings, again["model"], "ae2").autoencoder_folder != here.autoencoder_folder
     explicit = next((tmp_path / "q").glob("explicit-*"))
     assert (explicit / "control_1.json").is_file() and (explicit / "guidance_grid.npz").is_file()
+    assert (explicit / "generated_lung.json").is_file() and (explicit / "feature_sensitivity.json").is_file()
     assert not (parts / "control_1.json").exists() and (parts / "texture.json").is_file()
     other_default = model_quality.Parts(tmp_path / "q", settings, again["model"] + "-w1", "ae1", "weights1")
     same_weights = model_quality.Parts(tmp_path / "q", settings, again["model"], "ae1", "weights1")

@@ -134,6 +134,37 @@ def test_a_resumed_diffusion_run_reads_its_encoded_slices_instead_of_encoding_ag
     assert diffusion_stage.latent_cache_path(models, phantom_dataset, "train", None) != before
 
 
+def test_the_latent_cache_is_named_by_the_data_and_survives_damage(copy_models, phantom_dataset, smoke_recipe,
+                                                                   tmp_path, monkeypatch):
+    import shutil
+
+    from lsdm_aug.training import diffusion as diffusion_stage
+
+    models = copy_models()
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dataset, data)
+    path = diffusion_stage.latent_cache_path(models, data, "train", None)
+    assert diffusion_stage.latent_cache_path(models, data, "train", 8) != path  # fewer slices
+    case = next((data / "cases").iterdir())
+    case.write_bytes(case.read_bytes())  # the dataset written again: other modification times
+    assert diffusion_stage.latent_cache_path(models, data, "train", None) != path
+    path = diffusion_stage.latent_cache_path(models, data, "train", None)
+    stale = path.with_name("train-0000000000000000.safetensors")
+    stale.parent.mkdir(parents=True, exist_ok=True)  # the copied models hold the smoke run's own encodings
+    stale.write_bytes(b"an encoding of the dataset before it was written again")
+    path.write_bytes(b"damaged")  # e.g. the disk filled up while it was written
+    encoded = []
+    original = diffusion_stage.LatentData.encode
+    monkeypatch.setattr(diffusion_stage.LatentData, "encode",
+                        classmethod(lambda cls, *args, **kwargs: encoded.append(1) or original(*args, **kwargs)))
+    crops = diffusion_stage.load_latent_crops(data, "train", *_smoke_encoder(models, smoke_recipe), crop_latent_px=8,
+                                              factor=4, nodule_share=0.5, cache=path)
+    assert encoded == [1] and not stale.exists()  # encoded again, and the older encoding of the split dropped
+    again = diffusion_stage.load_latent_crops(data, "train", *_smoke_encoder(models, smoke_recipe), crop_latent_px=8,
+                                              factor=4, nodule_share=0.5, cache=path)
+    assert encoded == [1] and torch.equal(again.data.latents, crops.data.latents)
+
+
 def _smoke_encoder(models, recipe):
     from lsdm_aug.training.diffusion import load_autoencoder
 

@@ -163,3 +163,13 @@ def test_3d_outlines_have_no_empty_end_layers_so_the_middle_layer_lands_on_the_c
         outline = nodule_outline(nodule_id, voxel_mm, 3, None)
         assert outline[:, :, 0].any() and outline[:, :, -1].any(), nodule_id
         assert outline[:, :, outline.shape[2] // 2].any(), nodule_id
+
+
+def test_a_usable_nodule_is_looked_up_by_id_and_an_unknown_id_is_named():
+    from lsdm_aug.transforms.core import usable_nodule
+
+    table = usable_nodule_table()
+    row = table.iloc[7]
+    assert usable_nodule(row.nodule_id).diameter_mm == row.diameter_mm
+    with pytest.raises(ValueError, match=r"no usable LIDC nodule 'LIDC-IDRI-9999-n00' \(ids look like 'LIDC-IDRI-"):
+        usable_nodule("LIDC-IDRI-9999-n00")
