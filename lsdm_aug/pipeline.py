@@ -40,7 +40,7 @@ from lsdm_aug.training.autoencoder import AUTOENCODER_FILE
 from lsdm_aug.training.common import select_device
 from lsdm_aug.training.diffusion import UNET_FILE
 
-__all__ = ["LSDMPipeline", "EditResult", "DEFAULT_MODEL_DIR", "validate_features", "SpacingError",
+__all__ = ["LSDMPipeline", "EditResult", "DEFAULT_MODEL_DIR", "validate_features", "fallback_window", "SpacingError",
            "model_spacing"]
 
 DEFAULT_MODEL_DIR = resolve_model_dir("default")
@@ -87,6 +87,18 @@ def _checked_window(window_px: Any, recipe: Recipe, model_id: str) -> int:
         raise ValueError(f"model {model_id}: edit window {window_px!r} px; allowed: a multiple of {step} px (the "
                          f"U-Net's size step) of at least {smallest} px (the classifiers' crop)")
     return int(window_px)
+
+
+def fallback_window(recipe: Recipe, training_crop_px: int | None = None) -> int:
+    """The edit window of a model that sets none (``edit_window_px``): the U-Net's training window when known, else
+    half the image side; never smaller than the classifiers' crop.
+
+    Example:
+        >>> from lsdm_aug.config import load_recipe
+        >>> fallback_window(load_recipe("phantom-512"), 128), fallback_window(load_recipe("phantom-512"))
+        (128, 256)
+    """
+    return max(int(training_crop_px or recipe.image_size // 2), recipe.classifiers.crop_px)
 
 
 def _nodule_pixels(semantic_maps: torch.Tensor) -> torch.Tensor:
@@ -145,8 +157,7 @@ class LSDMPipeline:
         self._default_cfg_scale = float(default_cfg_scale)
         self.spacing_mm = float(spacing_mm)
         self.serves_spacing_mm = tuple(serves_spacing_mm or (min(0.4, self.spacing_mm), max(3.0, self.spacing_mm)))
-        self.window_px = _checked_window(window_px or max(recipe.image_size // 2, recipe.classifiers.crop_px), recipe,
-                                         model_id)
+        self.window_px = _checked_window(window_px or fallback_window(recipe), recipe, model_id)
         self.device = select_device(device)
         self.autoencoder = autoencoder.to(self.device).eval().requires_grad_(False)
         self.unet = unet.to(self.device).eval().requires_grad_(False)
@@ -185,8 +196,7 @@ class LSDMPipeline:
                 if config.get("calibration"):
                     calibrations[feature] = _calibration(config["calibration"], path)
         spacing, serves = model_spacing(unet_config, folder)
-        window = unet_config.get("edit_window_px") or max(int(unet_config.get("crop_px") or recipe.image_size // 2),
-                                                          recipe.classifiers.crop_px)
+        window = unet_config.get("edit_window_px") or fallback_window(recipe, unet_config.get("crop_px"))
         return cls(recipe, autoencoder, unet, classifiers, autoencoder_config["scale_factor"], device,
                    model_id=f"{folder.name}@{autoencoder_config.get('steps', 0)}/{unet_config.get('steps', 0)}"
                             f"#{weights_digest(folder)}",
