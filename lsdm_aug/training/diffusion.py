@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from lsdm_aug.config import FEATURES, Recipe
 from lsdm_aug.models.autoencoder import build_autoencoder, encode_mean
-from lsdm_aug.models.checkpoint import (CheckpointError, load_tensors, load_training_state, load_weights, read_config,
-                                       save_tensors, save_training_state, save_weights)
+from lsdm_aug.models.checkpoint import (CheckpointError, config_path, load_tensors, load_training_state, load_weights,
+                                       read_config, save_tensors, save_training_state, save_weights)
 from lsdm_aug.data.prepared import PreparedDataset
 from lsdm_aug.data.semantic import SemanticLabel
 from lsdm_aug.models.unet import (SemanticCondition, build_unet, feature_levels,
@@ -239,7 +239,7 @@ def load_latent_crops(data_dir: str | Path, split: str, autoencoder: torch.nn.Mo
         else:
             levels.append(torch.cat([feature_levels({f: float(r[f]) for f in features}, names=features)
                                      for _, r in rows.iterrows()]))
-    data = _encoded(arrays, autoencoder, scale, cache, write_cache)
+    data = _encoded(arrays, autoencoder, scale, split, cache, write_cache)
     return LatentCrops(data, torch.from_numpy(arrays["nodule_mask"]), levels, crop_latent_px, factor, nodule_share)
 
 
@@ -254,8 +254,8 @@ def latent_cache_path(model_dir: str | Path, data_dir: str | Path, split: str, l
     """
     key = hashlib.sha256(f"{split}:{limit}".encode())
     model, data = Path(model_dir), Path(data_dir)
-    for path in (model / AUTOENCODER_FILE, model / AUTOENCODER_FILE.replace(".safetensors", ".json"),
-                 data / "dataset.json", data / "splits.json", data / "cases.csv"):
+    for path in (model / AUTOENCODER_FILE, config_path(model / AUTOENCODER_FILE), data / "dataset.json",
+                 data / "splits.json", data / "cases.csv"):
         key.update(path.name.encode())
         key.update(path.read_bytes() if path.is_file() else b"")
     for case in sorted((data / "cases").glob("*")) if (data / "cases").is_dir() else []:
@@ -264,7 +264,7 @@ def latent_cache_path(model_dir: str | Path, data_dir: str | Path, split: str, l
     return model / LATENT_CACHE_DIR / f"{split}-{key.hexdigest()[:16]}.safetensors"
 
 
-def _encoded(arrays: dict, autoencoder: torch.nn.Module, scale: float, cache: Path | None,
+def _encoded(arrays: dict, autoencoder: torch.nn.Module, scale: float, split: str, cache: Path | None,
              write: bool = True) -> LatentData:
     """The split's encoding, read from ``cache`` when it holds this many slices at this scale; else encoded, and
     written to ``cache`` (``write``: one DDP process writes, every process reads) in place of the split's older
@@ -281,11 +281,10 @@ def _encoded(arrays: dict, autoencoder: torch.nn.Module, scale: float, cache: Pa
     if cache is not None and write:
         save_tensors(cache, {"latents": data.latents, "semantic_latents": data.semantic_latents},
                      {"slices": len(maps), "scale": scale})
-        split = cache.name.split("-")[0]
         for older in cache.parent.glob(f"{split}-*.safetensors"):
             if older != cache:
                 older.unlink(missing_ok=True)
-                older.with_suffix(".json").unlink(missing_ok=True)
+                config_path(older).unlink(missing_ok=True)
     return data
 
 
