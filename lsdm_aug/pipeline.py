@@ -26,7 +26,8 @@ import torch
 
 from lsdm_aug.config import CONDITIONING_FEATURES, FEATURES, RATING_LEVELS, Recipe, recipe_from_dict
 from lsdm_aug.data.semantic import SemanticLabel, malignancy_label
-from lsdm_aug.editing import EditWindow, ModelGrid, SpacingError, check_spacing, plan_window
+from lsdm_aug.editing import (EditWindow, ModelGrid, SpacingError, check_spacing, is_saturated, plan_window,
+                               redraw_seed, told_not_calcified)
 from lsdm_aug.editing.window import SAME_SPACING_TOLERANCE
 from lsdm_aug.models.autoencoder import build_autoencoder, encode_mean
 from lsdm_aug.models.checkpoint import CheckpointError, load_weights, read_config, resolve_model_dir, weights_digest
@@ -139,6 +140,9 @@ class LSDMPipeline:
         window_px: the smallest side of a local edit's window, in model pixels (``from_pretrained``: the U-Net's
             ``edit_window_px``, else its training crop); a multiple of the U-Net's size step (autoencoder factor
             x 2 per U-Net level) and at least the classifiers' crop. A larger nodule gets a larger window.
+        max_redraws: how often an insertion or replacement told "not calcified" (calcification 6) whose nodule
+            comes out saturated (90th percentile >= 400 HU) is drawn again with the next seed
+            (:mod:`lsdm_aug.editing.saturation`; 0: never); the record says ``redraws`` and ``saturated``.
 
     Example:
         >>> pipe = LSDMPipeline.from_pretrained("models/phantom-128")  # doctest: +SKIP
@@ -150,7 +154,7 @@ class LSDMPipeline:
                  classifiers: Mapping[str, torch.nn.Module], scale_factor: float, device: str | None = None,
                  model_id: str = "custom", default_cfg_scale: float = 1.0, spacing_mm: float | None = None,
                  serves_spacing_mm: tuple[float, float] | None = None, window_px: int | None = None,
-                 calibrations: Mapping[str, TargetCalibration] | None = None) -> None:
+                 calibrations: Mapping[str, TargetCalibration] | None = None, max_redraws: int = 2) -> None:
         if spacing_mm is None:
             raise ValueError(f"model {model_id}: give the pixel spacing (mm) its U-Net was trained at")
         self.recipe, self.scale_factor, self.model_id = recipe, float(scale_factor), model_id
@@ -165,11 +169,16 @@ class LSDMPipeline:
         self.calibrations = {f: c for f, c in (calibrations or {}).items() if f in self.classifiers}
         self.calibrated_targets = True
         self.factor = recipe.autoencoder.downsampling
+        if not isinstance(max_redraws, int) or max_redraws < 0:
+            raise ValueError(f"max_redraws must be an int >= 0, got {max_redraws!r}")
+        self.max_redraws = max_redraws
 
     # ---- loading -------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path = "default", device: str | None = None) -> LSDMPipeline:
-        """Load ``"default"`` (shipped in the package) or a model folder written by ``lsdm-aug train``.
+    def from_pretrained(cls, name_or_path: str | Path = "default", device: str | None = None,
+                        max_redraws: int = 2) -> LSDMPipeline:
+        """Load ``"default"`` (shipped in the package) or a model folder written by ``lsdm-aug train``
+        (``max_redraws``: see the class).
 
         Raises:
             CheckpointError: unknown name, missing folder or file, corrupt or mismatched weights.
@@ -201,7 +210,7 @@ class LSDMPipeline:
                    model_id=f"{folder.name}@{autoencoder_config.get('steps', 0)}/{unet_config.get('steps', 0)}"
                             f"#{weights_digest(folder)}",
                    default_cfg_scale=float(unet_config.get("default_cfg_scale", 1.0)), spacing_mm=spacing,
-                   serves_spacing_mm=serves, window_px=window, calibrations=calibrations)
+                   serves_spacing_mm=serves, window_px=window, calibrations=calibrations, max_redraws=max_redraws)
 
     def check_spacing(self, spacing_mm: float) -> float:
         """An image's pixel spacing, checked against :attr:`serves_spacing_mm` (:class:`SpacingError` outside)."""
@@ -429,11 +438,49 @@ class LSDMPipeline:
 
     def _edit(self, image: np.ndarray, semantic_map: np.ndarray, region: np.ndarray, features: dict[str, float],
               spacing_mm: float, steps: int, guidance_scale: float, seed: int, sampler: str, feather_px: float,
-              cfg_scale: float) -> tuple[np.ndarray, np.ndarray]:
-        """Regenerate ``region`` (bool, image pixels) of ``image`` under the (already edited) ``semantic_map``."""
+              cfg_scale: float) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Regenerate ``region`` (bool, image pixels) of ``image`` under the (already edited) ``semantic_map``;
+        returns the image, the footprint and the record's note on redraws (see :meth:`_draw`)."""
         window = self._plan(image, semantic_map, region, spacing_mm, feather_px)
-        (out,) = self._edit_batch([window], [features], steps, guidance_scale, [seed], sampler, cfg_scale)
-        return out, window.alpha > 0
+        (out,), (redraw,) = self._draw([window], [features], [seed], [{}], steps, guidance_scale, sampler, cfg_scale)
+        return out, window.alpha > 0, redraw
+
+    def _draw_once(self, windows: list[EditWindow], features: list[dict[str, float]], seeds: list[int],
+                   told: list[dict[str, float]], steps: int, guidance_scale: float, sampler: str,
+                   cfg_scale: float) -> list[np.ndarray]:
+        """:meth:`_edit_batch` with one batch per window size, so that each window is what it would be alone."""
+        outs: list[np.ndarray | None] = [None] * len(windows)
+        sizes = [w.grid.size_model_px for w in windows]
+        for size in sorted(set(sizes)):
+            group = [i for i, s in enumerate(sizes) if s == size]
+            for i, out in zip(group, self._edit_batch([windows[i] for i in group], [features[i] for i in group], steps,
+                                                      guidance_scale, [int(seeds[i]) for i in group], sampler,
+                                                      cfg_scale, [told[i] for i in group])):
+                outs[i] = out
+        return outs
+
+    def _draw(self, windows: list[EditWindow], features: list[dict[str, float]], seeds: list[int],
+              told: list[dict[str, float]], steps: int, guidance_scale: float, sampler: str,
+              cfg_scale: float) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+        """Each window regenerated; one told "not calcified" whose nodule comes out saturated is drawn again with
+        :func:`~lsdm_aug.editing.redraw_seed` up to :attr:`max_redraws` times. Returns the images and, per window,
+        what the record says about it (``redraws``; ``saturated`` for a window that was checked)."""
+        outs = self._draw_once(windows, features, seeds, told, steps, guidance_scale, sampler, cfg_scale)
+        checked = [told_not_calcified({**extra, **item}) for extra, item in zip(told, features)]
+        redraws = [0] * len(windows)
+        pending = [i for i, window in enumerate(windows) if checked[i] and is_saturated(outs[i], window.region)]
+        for attempt in range(1, self.max_redraws + 1):
+            if not pending:
+                break
+            again = self._draw_once([windows[i] for i in pending], [features[i] for i in pending],
+                                    [redraw_seed(seeds[i], attempt) for i in pending], [told[i] for i in pending],
+                                    steps, guidance_scale, sampler, cfg_scale)
+            for i, out in zip(pending, again):
+                outs[i], redraws[i] = out, attempt
+            pending = [i for i in pending if is_saturated(outs[i], windows[i].region)]
+        notes = [{"redraws": n, **({"saturated": i in pending} if checked[i] else {})}
+                 for i, n in enumerate(redraws)]
+        return outs, notes
 
     def insert(self, image: np.ndarray, semantic_map: np.ndarray, nodule_outline: np.ndarray,
                centre: tuple[int, int], features: Mapping[str, float] | None = None, *, spacing_mm: float,
@@ -500,22 +547,16 @@ class LSDMPipeline:
             edited_map = semantic_map.copy()
             edited_map[region] = malignancy_label(item.get("malignancy", 3.0))
             windows.append(self._plan(image, edited_map, region, spacing, feather_px))
-        outs: list[np.ndarray | None] = [None] * len(windows)
-        sizes = [w.grid.size_model_px for w in windows]
-        for size in sorted(set(sizes)):  # one batch per window size: each window is what it would be alone
-            group = [i for i, s in enumerate(sizes) if s == size]
-            for i, out in zip(group, self._edit_batch([windows[i] for i in group], [features[i] for i in group], steps,
-                                                      guidance_scale, [int(seeds[i]) for i in group], sampler,
-                                                      cfg_scale, [told[i] for i in group])):
-                outs[i] = out
+        outs, notes = self._draw(windows, features, [int(seed) for seed in seeds], told, steps, guidance_scale, sampler,
+                                 cfg_scale)
         results = []
-        for out, window, item, seed, spacing, extra in zip(outs, windows, features, seeds, spacings, told):
+        for out, window, item, seed, spacing, extra, note in zip(outs, windows, features, seeds, spacings, told, notes):
             rows, cols = np.nonzero(window.region)
             record = {"mode": "insert", **item, **({"conditioning": extra} if extra else {}),
                       "centre_row": float(rows.mean()), "centre_col": float(cols.mean()),
                       "area_px": int(window.region.sum()), "seed": int(seed), "guidance_scale": guidance_scale,
                       "cfg_scale": cfg_scale, "steps": steps, "spacing_mm": spacing,
-                      "model_spacing_mm": self.spacing_mm, "model": self.model_id}
+                      "model_spacing_mm": self.spacing_mm, "model": self.model_id, **note}
             results.append(EditResult(out, window.semantic_map, window.region.astype(np.uint8), window.alpha > 0,
                                       record))
         return results
@@ -535,12 +576,13 @@ class LSDMPipeline:
             raise ValueError("nodule_mask is empty: nothing to replace")
         edited_map = np.asarray(semantic_map).copy()
         edited_map[region] = malignancy_label(features.get("malignancy", 3.0))
-        out, footprint = self._edit(np.asarray(image), edited_map, region, features, spacing, steps, guidance_scale,
-                                    seed, sampler, feather_px, cfg_scale)
+        out, footprint, note = self._edit(np.asarray(image), edited_map, region, features, spacing, steps,
+                                          guidance_scale, seed, sampler, feather_px, cfg_scale)
         return EditResult(out, edited_map, region.astype(np.uint8), footprint,
                           {"mode": "replace", **features, "area_px": int(region.sum()), "seed": int(seed),
                            "guidance_scale": guidance_scale, "cfg_scale": cfg_scale, "steps": steps,
-                           "spacing_mm": spacing, "model_spacing_mm": self.spacing_mm, "model": self.model_id})
+                           "spacing_mm": spacing, "model_spacing_mm": self.spacing_mm, "model": self.model_id,
+                           **note})
 
     def remove(self, image: np.ndarray, semantic_map: np.ndarray, nodule_mask: np.ndarray, *, spacing_mm: float,
                steps: int = 50, seed: int = 0, sampler: str = "ddim", feather_px: float = 2.0) -> EditResult:
@@ -551,8 +593,8 @@ class LSDMPipeline:
             raise ValueError("nodule_mask is empty: nothing to remove")
         edited_map = np.asarray(semantic_map).copy()
         edited_map[region] = SemanticLabel.LUNG
-        out, footprint = self._edit(np.asarray(image), edited_map, region, {}, spacing, steps, 0.0, seed, sampler,
-                                    feather_px, 0.0)
+        out, footprint, _ = self._edit(np.asarray(image), edited_map, region, {}, spacing, steps, 0.0, seed, sampler,
+                                       feather_px, 0.0)
         return EditResult(out, edited_map, np.zeros_like(region, np.uint8), footprint,
                           {"mode": "remove", "area_px": int(region.sum()), "seed": int(seed), "steps": steps,
                            "spacing_mm": spacing, "model_spacing_mm": self.spacing_mm, "model": self.model_id})

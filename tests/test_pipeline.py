@@ -396,3 +396,84 @@ def test_calcification_is_steered_by_a_unet_conditioned_on_it_and_refused_by_oth
     with pytest.raises(ValueError, match=r"cannot steer \['calcification'\].*feature conditioning: \['malignancy'"):
         older.generate(semantic_map, {"calcification": 6}, spacing_mm=pipe.spacing_mm, steps=STEPS, cfg_scale=1.0)
     older.generate(semantic_map, {"malignancy": 4}, spacing_mm=pipe.spacing_mm, steps=STEPS, cfg_scale=1.0)
+
+
+# ---- saturated draws ------------------------------------------------------------------------------------------
+
+def _twin(pipe: LSDMPipeline, max_redraws: int) -> LSDMPipeline:
+    """The same networks with another ``max_redraws``."""
+    return LSDMPipeline(pipe.recipe, pipe.autoencoder, pipe.unet, pipe.classifiers, pipe.scale_factor, "cpu",
+                        spacing_mm=pipe.spacing_mm, window_px=pipe.window_px, calibrations=pipe.calibrations,
+                        max_redraws=max_redraws)
+
+
+def _saturated_first(count: int):
+    """A stand-in for ``is_saturated`` that calls the first ``count`` draws it is shown saturated."""
+    calls = []
+
+    def check(image, region):
+        calls.append(1)
+        return len(calls) <= count
+    return check
+
+
+@pytest.mark.parametrize(("saturated_draws", "redraws", "still"), [(1, 1, False), (2, 2, False), (5, 2, True)])
+def test_a_saturated_draw_told_not_calcified_is_drawn_again_with_the_next_seed(pipe, cases, monkeypatch,
+                                                                               saturated_draws, redraws, still):
+    from lsdm_aug import pipeline as module
+    from lsdm_aug.editing import redraw_seed
+
+    case = cases["free"]
+    centre = lung_site(case["semantic_map"])
+    ask = {"image": case["image"], "semantic_map": case["semantic_map"], "nodule_outline": disk_outline(),
+           "centre": centre, "features": {"malignancy": 4}, "steps": STEPS, "spacing_mm": pipe.spacing_mm,
+           "conditioning": {"calcification": 6}}
+    never = _twin(pipe, 0)
+    monkeypatch.setattr(module, "is_saturated", _saturated_first(saturated_draws))
+    result = _twin(pipe, 2).insert(**ask, seed=3)
+    monkeypatch.undo()
+    assert result.record["redraws"] == redraws and result.record["saturated"] is still
+    assert result.record["seed"] == 3  # the request's seed; the redraw's is redraw_seed(3, redraws)
+    expected = never.insert(**ask, seed=redraw_seed(3, redraws))
+    assert np.array_equal(result.image, expected.image)
+    assert not np.array_equal(result.image, never.insert(**ask, seed=3).image)
+
+
+def test_requests_not_told_not_calcified_are_never_redrawn(pipe, cases, monkeypatch):
+    from lsdm_aug import pipeline as module
+
+    case = cases["free"]
+    centre = lung_site(case["semantic_map"])
+    monkeypatch.setattr(module, "is_saturated", lambda image, region: True)
+    for told in (None, {"calcification": 1}):
+        result = pipe.insert(case["image"], case["semantic_map"], disk_outline(), centre=centre,
+                             features={"malignancy": 4}, steps=STEPS, seed=0, spacing_mm=pipe.spacing_mm,
+                             conditioning=told)
+        assert result.record["redraws"] == 0 and "saturated" not in result.record
+    removed = pipe.remove(cases["nodule"]["image"], cases["nodule"]["semantic_map"],
+                          cases["nodule"]["nodule_mask"] > 0, steps=STEPS, seed=0, spacing_mm=pipe.spacing_mm)
+    assert "redraws" not in removed.record
+    # a replacement asking "not calcified" itself is checked
+    replaced = pipe.replace(cases["nodule"]["image"], cases["nodule"]["semantic_map"],
+                            cases["nodule"]["nodule_mask"] > 0, features={"calcification": 6}, cfg_scale=1.0,
+                            steps=STEPS, seed=0, spacing_mm=pipe.spacing_mm)
+    assert replaced.record["redraws"] == 2 and replaced.record["saturated"] is True
+
+
+def test_the_real_check_reads_the_inserted_nodule(pipe, cases):
+    from lsdm_aug.data.prepared import unit_to_hu
+    from lsdm_aug.editing import SATURATED_HU
+
+    case = cases["free"]
+    result = pipe.insert(case["image"], case["semantic_map"], disk_outline(), centre=lung_site(case["semantic_map"]),
+                         features={"malignancy": 4}, steps=STEPS, seed=0, spacing_mm=pipe.spacing_mm,
+                         conditioning={"calcification": 6})
+    p90 = np.percentile(unit_to_hu(result.image[result.nodule_mask > 0]), 90)
+    assert result.record["saturated"] is bool(p90 >= SATURATED_HU)
+    assert 0 <= result.record["redraws"] <= pipe.max_redraws
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "2"])
+def test_max_redraws_is_checked(pipe, value):
+    with pytest.raises(ValueError, match=rf"max_redraws must be an int >= 0, got {re.escape(repr(value))}"):
+        _twin(pipe, value)

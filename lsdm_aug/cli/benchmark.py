@@ -99,6 +99,8 @@ def model_quality(
     evaluator_steps: Annotated[int, typer.Option(help="Training steps of each independent evaluator.")] = 600,
     workers: Annotated[int, typer.Option(help="Processes: 2 runs a second one, one torch thread each, taking the "
                                               "guidance settings from the end (same figures).")] = 1,
+    max_redraws: Annotated[int, typer.Option(help="Redraws of a saturated nodule told 'not calcified' (the "
+                                                  "pipeline's default; 0: first draws only).")] = 2,
 ) -> None:
     """A model's gates: reconstruction, map respect, control per guidance setting (s, w), other spacings, speed."""
     if not (data / "dataset.json").is_file():
@@ -109,7 +111,7 @@ def model_quality(
 
     with user_errors():
         settings = QualitySettings(data=str(data), model=model, out=str(out), count=count, steps=steps, seed=seed,
-                                   evaluator_steps=evaluator_steps)
+                                   evaluator_steps=evaluator_steps, max_redraws=max_redraws)
         report = run_model_quality(settings, workers=workers)
     typer.echo(quality_markdown(report))
 

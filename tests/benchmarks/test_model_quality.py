@@ -34,6 +34,11 @@ def test_model_quality_writes_every_gate(tmp_path, smoke_models, phantom_dataset
     best = max(report["control"]["per_feature"]["malignancy"].values())
     assert ("malignancy AUC >= 0.85 (best setting)", f"{best:.3f}", best >= 0.85) in gates(without_default)
     assert report["control"]["guidance_alone"][0]["frechet_vs_none"] == 1.0
+    texture = report["texture"]  # saturation after the pipeline's redraws, and of the first draws
+    assert texture["redraws"] == 2 and 0 <= texture["saturated_share"] <= texture["first_draw_saturated_share"] <= 1
+    saturation = next(g for g in gates(report) if g[0].startswith("<= 2 % saturated"))
+    assert saturation[1] == (f"{texture['saturated_share']:.3f} (first draws "
+                             f"{texture['first_draw_saturated_share']:.3f}, up to 2 redraws)")
     sensitivity = report["feature_sensitivity"]  # the smoke U-Net is feature-conditioned
     assert set(sensitivity["relative_change"]) == {"100", "500", "900"}
     assert all(v >= 0 for t in sensitivity["relative_change"].values() for v in t.values())
@@ -206,3 +211,11 @@ def test_the_model_card_says_which_window_local_edits_run_on(tmp_path, smoke_mod
     (model / "unet.json").write_text(json.dumps({**config, "edit_window_px": 48}))
     card = model_card(model, "data", ["train"])
     assert "local edits, which run on windows of 48 px or more" in card and "1.5 of the side it trained on" in card
+
+
+@pytest.mark.parametrize(("field", "value", "named"), [("count", 1, "count must be >= 2, got 1"),
+                                                      ("steps", 0, "steps must be in 1..1000, got 0"),
+                                                      ("max_redraws", -1, "max_redraws must be an int >= 0, got -1")])
+def test_bad_settings_are_named(field, value, named):
+    with pytest.raises(ValueError, match=named):
+        QualitySettings(data="x", **{field: value})
