@@ -213,7 +213,7 @@ def test_the_model_card_says_which_window_local_edits_run_on(tmp_path, smoke_mod
     assert "local edits, which run on windows of 48 px or more" in card and "1.5 of the side it trained on" in card
 
 
-@pytest.mark.parametrize(("field", "value", "named"), [("count", 1, "count must be >= 2, got 1"),
+@pytest.mark.parametrize(("field", "value", "named"), [("count", 1, r"count must be >= 2 \(an AUC needs both classes\), got 1"),
                                                       ("steps", 0, "steps must be in 1..1000, got 0"),
                                                       ("max_redraws", -1, "max_redraws must be an int >= 0, got -1")])
 def test_bad_settings_are_named(field, value, named):
