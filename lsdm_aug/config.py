@@ -281,6 +281,18 @@ class Recipe:
     spade_gan: SpadeGanConfig = field(default_factory=SpadeGanConfig)
     train_spade_gan: SpadeGanTraining = field(default_factory=SpadeGanTraining)
 
+    @property
+    def size_step(self) -> int:
+        """Image pixels per U-Net size step: a window the networks take has a side that is a multiple of it
+        (the autoencoder's downsampling times the U-Net's).
+
+        Example:
+            >>> Recipe(autoencoder=AutoencoderConfig(channels=(32, 64, 64)),
+            ...        diffusion=DiffusionConfig(channels=(32, 64, 64))).size_step
+            16
+        """
+        return self.autoencoder.downsampling * self.diffusion.downsampling
+
     def validate(self) -> Recipe:
         if self.image_size % self.autoencoder.downsampling:
             raise RecipeError(f"image_size {self.image_size} must be a multiple of the autoencoder's downsampling "

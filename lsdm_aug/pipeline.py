@@ -81,7 +81,7 @@ def model_spacing(unet_config: Mapping[str, Any], folder: Path) -> tuple[float, 
 
 def _checked_window(window_px: Any, recipe: Recipe, model_id: str) -> int:
     """A local edit's smallest window side (model pixels), checked against what the networks can take."""
-    step = recipe.autoencoder.downsampling * recipe.diffusion.downsampling
+    step = recipe.size_step
     smallest = recipe.classifiers.crop_px
     if isinstance(window_px, bool) or not isinstance(window_px, (int, np.integer)) or window_px < smallest \
             or window_px % step:
@@ -404,7 +404,7 @@ class LSDMPipeline:
             return ModelGrid(0.0, 0.0, shape[-1], 1.0)
         if shape[0] != shape[1]:
             raise ValueError(f"semantic maps must be square, got {shape}")
-        step = self.factor * self.recipe.diffusion.downsampling
+        step = self.recipe.size_step
         size = int(np.ceil(shape[0] / scale / step)) * step
         return ModelGrid(0.0, 0.0, size, scale)
 
