@@ -212,3 +212,17 @@ def test_phantom_and_prepared_backgrounds_bring_their_own_lung_fields(tmp_path, 
     synthesize(tmp_path / "raw" / "Dataset986_Known", _request(smoke_models, count=2))
     with pytest.raises(AssertionError, match="K-means lung segmentation ran"):  # an nnU-Net set has no lung fields
         synthesize(tmp_path / "again", _request(smoke_models, count=1, source=str(tmp_path / "raw" / "Dataset986_Known")))
+
+
+def test_the_manifest_records_the_pipelines_redraws(tmp_path, smoke_models, monkeypatch):
+    from lsdm_aug import pipeline
+
+    monkeypatch.setattr(pipeline, "is_saturated", lambda image, region: True)  # every draw saturated
+    manifest = synthesize(tmp_path / "redrawn", _request(smoke_models, count=4))
+    not_calcified = manifest.calcification_told == 6.0
+    assert not_calcified.any()
+    assert (manifest.redraws[not_calcified] == 2).all() and manifest.saturated[not_calcified].all()
+    assert (manifest.redraws[~not_calcified] == 0).all() and not manifest.saturated[~not_calcified].any()
+    monkeypatch.undo()
+    plain = synthesize(tmp_path / "plain", _request(smoke_models, count=4))
+    assert set(plain.redraws) <= {0, 1, 2} and plain.saturated.dtype == bool

@@ -10,7 +10,9 @@ are written (atomically) before it.
 Layout: ``imagesTr/``, ``labelsTr/``, ``dataset.json`` (nnU-Net), ``manifest.csv`` (one row per case:
 features asked, what the U-Net was told besides them (``texture_told``, ``calcification_told``: the outline's
 real nodule's, :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`'s ``appearance_from_outline``), the source
-LIDC nodule and its ratings, centre, size, seed, background, model; the first nodule's when a case has more) and
+LIDC nodule and its ratings, centre, size, seed, background, model; the first nodule's when a case has more;
+``redraws`` and ``saturated``: the pipeline's redraws of a saturated nodule told "not calcified" over the case's
+nodules, and whether one was left saturated) and
 ``.lsdm-aug/`` (the request and one row file per finished case).
 
 Example:
@@ -319,7 +321,9 @@ def _row(request: SynthesisRequest, index: int, features: dict, placed: list[dic
            "centre_col": first["centre"][1], "changed_pixels": sum(p["changed_pixels"] for p in placed),
            "nodules": len(placed), "seed": first["seed"], "background": background,
            "guidance_scale": request.guidance_scale, "cfg_scale": request.cfg_scale,
-           "outline_distance": first.get("outline_distance", 0.0), "steps": request.steps}
+           "outline_distance": first.get("outline_distance", 0.0), "steps": request.steps,
+           "redraws": sum(p.get("redraws", 0) for p in placed),
+           "saturated": any(p.get("saturated", False) for p in placed)}
     return row
 
 

@@ -289,7 +289,9 @@ class NoduleSynthesizer:
               ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
         """Apply drawn parameters; returns the new image, the new label and what was done (the parameters,
         ``changed_pixels`` and, for a live insertion, ``told``: the features the U-Net was told besides the request,
-        as the pipeline records them; ``lung_mask``: as in :meth:`draw`)."""
+        as the pipeline records them; for a live insertion or replacement ``redraws``, the pipeline's redraws of a
+        saturated nodule told "not calcified" summed over the edited slices, and ``saturated`` when one was left so;
+        ``lung_mask``: as in :meth:`draw`)."""
         _check_lung_mask(lung_mask, np.shape(image))
         info = params.to_dict()
         if params.skipped:
@@ -332,6 +334,7 @@ class NoduleSynthesizer:
                                          spacing_mm=float(spacing_mm[0]))
             changed += self._write(result.image, result.footprint, region, params.mode,
                                    out if k is None else out[..., k], label_2d)
+            _note_redraws(info, result.record)
         info["changed_pixels"] = changed
         if changed == 0:
             info["skipped"] = ("the nodule's layers on the edited slices are empty" if params.mode == "insert"
@@ -413,9 +416,18 @@ class NoduleSynthesizer:
                 out = np.asarray(images[i]).copy()
                 label = None if labels[i] is None else np.asarray(labels[i]).copy()
                 changed = self._write(edit.image, edit.footprint, edit.nodule_mask > 0, "insert", out, label)
-                results[i] = (out, label, {**params[i].to_dict(), "changed_pixels": changed,
-                                           "told": edit.record.get("conditioning", {})})
+                results[i] = (out, label, _note_redraws({**params[i].to_dict(), "changed_pixels": changed,
+                                                         "told": edit.record.get("conditioning", {})}, edit.record))
         return results
+
+
+def _note_redraws(info: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """Add an edit record's ``redraws`` (summed) and ``saturated`` (any) to ``info``; returns ``info``."""
+    if "redraws" in record:
+        info["redraws"] = info.get("redraws", 0) + int(record["redraws"])
+    if "saturated" in record:
+        info["saturated"] = bool(info.get("saturated", False) or record["saturated"])
+    return info
 
 
 def _model_inputs(hu_2d: np.ndarray, label_2d: np.ndarray | None, spacing_mm: Sequence[float], lung: np.ndarray

@@ -160,7 +160,8 @@ def test_batch_transform_gives_each_sample_its_own_draw_and_the_single_sample_re
     assert len({r["seed"] for r in records}) == 3 and out["image"].shape == batch["image"].shape
     single = NoduleSynthesizer(malignancy=None, model=str(smoke_models), steps=2, label_value=2)
     for i, record in enumerate(records):
-        record.pop("changed_pixels"), record.pop("told")  # what was done, beside the drawn parameters
+        for done in ("changed_pixels", "told", "redraws", "saturated"):  # what was done, beside the drawn parameters
+            record.pop(done, None)
         params = NoduleParameters(**{**record, "centre": tuple(record["centre"]), "slices": tuple(record["slices"])})
         alone, alone_label, _ = single.apply(hu.astype(np.float32), np.zeros(hu.shape, np.float32), params,
                                              (spacing, spacing))
