@@ -169,9 +169,9 @@ class LSDMPipeline:
         self.calibrations = {f: c for f, c in (calibrations or {}).items() if f in self.classifiers}
         self.calibrated_targets = True
         self.factor = recipe.autoencoder.downsampling
-        if not isinstance(max_redraws, int) or max_redraws < 0:
+        if isinstance(max_redraws, bool) or not isinstance(max_redraws, (int, np.integer)) or max_redraws < 0:
             raise ValueError(f"max_redraws must be an int >= 0, got {max_redraws!r}")
-        self.max_redraws = max_redraws
+        self.max_redraws = int(max_redraws)
 
     # ---- loading -------------------------------------------------------------------------------------------
     @classmethod
@@ -462,11 +462,12 @@ class LSDMPipeline:
     def _draw(self, windows: list[EditWindow], features: list[dict[str, float]], seeds: list[int],
               told: list[dict[str, float]], steps: int, guidance_scale: float, sampler: str,
               cfg_scale: float) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
-        """Each window regenerated; one told "not calcified" whose nodule comes out saturated is drawn again with
-        :func:`~lsdm_aug.editing.redraw_seed` up to :attr:`max_redraws` times. Returns the images and, per window,
-        what the record says about it (``redraws``; ``saturated`` for a window that was checked)."""
+        """Each window regenerated; one whose U-Net was told "not calcified" (requested or in ``told``, under
+        classifier-free guidance: the only way the U-Net is told anything) whose nodule comes out saturated is drawn
+        again with :func:`~lsdm_aug.editing.redraw_seed` up to :attr:`max_redraws` times. Returns the images and,
+        per window, what the record says about it (``redraws``; ``saturated`` for a window that was checked)."""
         outs = self._draw_once(windows, features, seeds, told, steps, guidance_scale, sampler, cfg_scale)
-        checked = [told_not_calcified({**extra, **item}) for extra, item in zip(told, features)]
+        checked = [cfg_scale > 0 and told_not_calcified({**extra, **item}) for extra, item in zip(told, features)]
         redraws = [0] * len(windows)
         pending = [i for i, window in enumerate(windows) if checked[i] and is_saturated(outs[i], window.region)]
         for attempt in range(1, self.max_redraws + 1):
@@ -516,7 +517,8 @@ class LSDMPipeline:
 
         Every item must request the same feature names (values may differ). With DDIM each result equals
         what :meth:`insert` gives for that item and seed alone, to float rounding (about 1e-6: a batch runs other
-        convolution kernels); the batch only runs faster (GPU above all).
+        convolution kernels); the batch only runs faster (GPU above all). A nodule whose 90th percentile lies
+        within that rounding of the saturation threshold may be redrawn in one and not the other.
         """
         lengths = {len(images), len(semantic_maps), len(nodule_outlines), len(centres), len(features), len(seeds),
                    len(spacing_mm)}

@@ -418,8 +418,8 @@ def _saturated_first(count: int):
 
 
 @pytest.mark.parametrize(("saturated_draws", "redraws", "still"), [(1, 1, False), (2, 2, False), (5, 2, True)])
-def test_a_saturated_draw_told_not_calcified_is_drawn_again_with_the_next_seed(pipe, cases, monkeypatch,
-                                                                               saturated_draws, redraws, still):
+def test_a_saturated_draw_told_not_calcified_is_drawn_again_with_the_next_seed(
+        pipe, cases, monkeypatch, saturated_draws, redraws, still):
     from lsdm_aug import pipeline as module
     from lsdm_aug.editing import redraw_seed
 
@@ -460,20 +460,40 @@ def test_requests_not_told_not_calcified_are_never_redrawn(pipe, cases, monkeypa
     assert replaced.record["redraws"] == 2 and replaced.record["saturated"] is True
 
 
-def test_the_real_check_reads_the_inserted_nodule(pipe, cases):
+def test_the_check_reads_the_inserted_nodule_of_the_returned_image(pipe, cases, monkeypatch):
+    from lsdm_aug import pipeline as module
     from lsdm_aug.data.prepared import unit_to_hu
-    from lsdm_aug.editing import SATURATED_HU
+    from lsdm_aug.editing import SATURATED_HU, is_saturated
 
+    shown = []
+
+    def spy(image, region):
+        shown.append((image.copy(), np.asarray(region).copy()))
+        return is_saturated(image, region)
+    monkeypatch.setattr(module, "is_saturated", spy)
     case = cases["free"]
     result = pipe.insert(case["image"], case["semantic_map"], disk_outline(), centre=lung_site(case["semantic_map"]),
                          features={"malignancy": 4}, steps=STEPS, seed=0, spacing_mm=pipe.spacing_mm,
                          conditioning={"calcification": 6})
+    image, region = shown[-1]
+    assert np.array_equal(region, result.nodule_mask > 0) and np.array_equal(image, result.image)
     p90 = np.percentile(unit_to_hu(result.image[result.nodule_mask > 0]), 90)
     assert result.record["saturated"] is bool(p90 >= SATURATED_HU)
-    assert 0 <= result.record["redraws"] <= pipe.max_redraws
+    assert len(shown) == 1 + result.record["redraws"]
 
 
-@pytest.mark.parametrize("value", [-1, 1.5, "2"])
+def test_without_classifier_free_guidance_nothing_is_told_so_nothing_is_redrawn(pipe, cases, monkeypatch):
+    from lsdm_aug import pipeline as module
+
+    monkeypatch.setattr(module, "is_saturated", lambda image, region: True)
+    case = cases["free"]
+    result = pipe.insert(case["image"], case["semantic_map"], disk_outline(), centre=lung_site(case["semantic_map"]),
+                         features={"calcification": 6}, steps=STEPS, seed=0, spacing_mm=pipe.spacing_mm,
+                         guidance_scale=0.0, cfg_scale=0.0)  # an unguided request on purpose: the U-Net hears nothing
+    assert result.record["redraws"] == 0 and "saturated" not in result.record
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "2", True])
 def test_max_redraws_is_checked(pipe, value):
     with pytest.raises(ValueError, match=rf"max_redraws must be an int >= 0, got {re.escape(repr(value))}"):
         _twin(pipe, value)

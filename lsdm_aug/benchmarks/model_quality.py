@@ -130,7 +130,7 @@ class QualitySettings:
             raise ValueError(f"count must be >= 2 (an AUC needs both classes), got {self.count!r}")
         if not 1 <= self.steps <= 1000:
             raise ValueError(f"steps must be in 1..1000, got {self.steps!r}")
-        if not isinstance(self.max_redraws, int) or self.max_redraws < 0:
+        if isinstance(self.max_redraws, bool) or not isinstance(self.max_redraws, int) or self.max_redraws < 0:
             raise ValueError(f"max_redraws must be an int >= 0, got {self.max_redraws!r}")
         unknown = sorted(set(self.features) - set(FEATURES))
         if unknown:
@@ -479,10 +479,10 @@ def texture_fidelity(pipe: LSDMPipeline, backgrounds: list[Background], test: Pr
         levels[str(level)] = {"inserted": int(len(pairs)), "phantom_nodules": len(nodules),
                               **_paired_means(result, pairs)}
         saturated.extend((result.p90_hu >= SATURATED_HU).tolist())
-        first_draws.extend((result.redraws > 0).tolist())
+        first_draws.extend(((result.redraws > 0) | (result.p90_hu >= SATURATED_HU)).tolist())
     return {"levels": levels, "saturated_share": float(np.mean(saturated)) if saturated else None,
             "first_draw_saturated_share": float(np.mean(first_draws)) if first_draws else None,
-            "redraws": int(pipe.max_redraws), "paired": True}
+            "max_redraws": int(pipe.max_redraws), "paired": True}
 
 
 def _paired_means(result: Inserted | None, pairs: np.ndarray) -> dict[str, Any]:
@@ -787,8 +787,8 @@ def _saturation_figure(texture: dict[str, Any]) -> str:
     """The saturated share after the pipeline's redraws, with the first draws' share beside it when redrawn."""
     figure = _fmt(texture["saturated_share"], ".3f")
     first = texture.get("first_draw_saturated_share")
-    if texture.get("redraws") and first is not None:
-        figure += f" (first draws {first:.3f}, up to {texture['redraws']} redraws)"
+    if texture.get("max_redraws") and first is not None:
+        figure += f" (first draws {first:.3f}, up to {texture['max_redraws']} redraws)"
     return figure
 
 

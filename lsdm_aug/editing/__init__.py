@@ -5,5 +5,5 @@ contradicts "not calcified" is drawn again."""
 from lsdm_aug.editing.saturation import NOT_CALCIFIED, SATURATED_HU, is_saturated, redraw_seed, told_not_calcified
 from lsdm_aug.editing.window import EditWindow, ModelGrid, SpacingError, check_spacing, plan_window
 
-__all__ = ["EditWindow", "ModelGrid", "SpacingError", "check_spacing", "plan_window", "NOT_CALCIFIED", "SATURATED_HU", "is_saturated",
-           "redraw_seed", "told_not_calcified"]
+__all__ = ["EditWindow", "ModelGrid", "SpacingError", "check_spacing", "plan_window", "NOT_CALCIFIED", "SATURATED_HU",
+           "is_saturated", "redraw_seed", "told_not_calcified"]

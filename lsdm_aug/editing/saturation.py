@@ -6,6 +6,9 @@ nodules reaches it; calcium does). When the U-Net was told calcification 6 (LIDC
 contradicts the request, so the edit path draws that nodule again with the next seed of a fixed sequence,
 at most ``max_redraws`` times, and records how many redraws it took and whether the last one is still
 saturated. A request that does not say "not calcified" is never redrawn: calcium may be what it asked for.
+The U-Net hears "not calcified" only under classifier-free guidance (``cfg_scale`` > 0), so only then.
+A saturated draw that a redraw cannot mend is usually held by its site (a dense neighbour in the window),
+not by its seed.
 
 Example:
     >>> import numpy as np
@@ -54,4 +57,4 @@ def redraw_seed(seed: int, attempt: int) -> int:
         raise ValueError(f"attempt must be >= 0, got {attempt!r}")
     if attempt == 0:
         return int(seed)
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(attempt)]).generate_state(1)[0])
+    return int(np.random.SeedSequence([int(seed) % 2**64, int(attempt)]).generate_state(1)[0])

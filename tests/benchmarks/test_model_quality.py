@@ -35,7 +35,7 @@ def test_model_quality_writes_every_gate(tmp_path, smoke_models, phantom_dataset
     assert ("malignancy AUC >= 0.85 (best setting)", f"{best:.3f}", best >= 0.85) in gates(without_default)
     assert report["control"]["guidance_alone"][0]["frechet_vs_none"] == 1.0
     texture = report["texture"]  # saturation after the pipeline's redraws, and of the first draws
-    assert texture["redraws"] == 2 and 0 <= texture["saturated_share"] <= texture["first_draw_saturated_share"] <= 1
+    assert texture["max_redraws"] == 2 and 0 <= texture["saturated_share"] <= texture["first_draw_saturated_share"] <= 1
     saturation = next(g for g in gates(report) if g[0].startswith("<= 2 % saturated"))
     assert saturation[1] == (f"{texture['saturated_share']:.3f} (first draws "
                              f"{texture['first_draw_saturated_share']:.3f}, up to 2 redraws)")
@@ -215,7 +215,8 @@ def test_the_model_card_says_which_window_local_edits_run_on(tmp_path, smoke_mod
 
 @pytest.mark.parametrize(("field", "value", "named"), [("count", 1, r"count must be >= 2 \(an AUC needs both classes\), got 1"),
                                                       ("steps", 0, "steps must be in 1..1000, got 0"),
-                                                      ("max_redraws", -1, "max_redraws must be an int >= 0, got -1")])
+                                                      ("max_redraws", -1, "max_redraws must be an int >= 0, got -1"),
+                                                      ("max_redraws", True, "max_redraws must be an int >= 0, got True")])
 def test_bad_settings_are_named(field, value, named):
     with pytest.raises(ValueError, match=named):
         QualitySettings(data="x", **{field: value})
