@@ -231,7 +231,26 @@ def test_paired_difference_resolves_a_real_gain_and_not_a_tie():
         paired_difference({"runs": good}, {"runs": poor[:2]}, patients)
     cache: dict = {}
     first = paired_difference({"runs": good}, {"runs": poor}, patients, 300, 0, cache, ("good", "poor"))
-    assert set(cache) == {"resamples", "good", "poor"} and first["low"] == gain["low"]
+    assert set(cache) == {"resamples", "seed_draws", "good", "poor"} and first["low"] == gain["low"]
+
+
+def test_the_interval_carries_the_spread_between_seeds():
+    """Two arms that swap which seeds train well: the seed means differ (2 good seeds of 3 against 1), every
+    patient agrees, yet the runs say little: resampling the seeds leaves the difference unresolved, where
+    resampling the patients alone would call it resolved."""
+    import numpy as np
+
+    from lsdm_aug.benchmarks.detection.scoring import _resamples, bootstrap_cpm
+
+    patients = [f"p{k // 2}" for k in range(20)]
+    good, poor = [_case(True) for _ in range(20)], [_case(k % 3 == 0) for k in range(20)]
+    lucky, unlucky = {"runs": [good, poor, good]}, {"runs": [poor, good, poor]}
+    result = paired_difference(lucky, unlucky, patients, resamples=300, seed=0)
+    assert result["mean"] > 0.15 and result["resampled"] == "patients and seeds"
+    assert not result["resolved"] and result["low"] < 0 < result["high"]
+    draws = _resamples(patients, 300, seed=0)
+    patients_only = bootstrap_cpm(lucky, draws) - bootstrap_cpm(unlucky, draws)
+    assert np.percentile(patients_only, 2.5) > 0  # what the patient bootstrap alone would have said
 
 
 def _fake_report(tmp_path) -> dict:

@@ -177,8 +177,10 @@ def _comparison_lines(report: dict[str, Any]) -> list[str]:
     if not comparisons:
         return []
     resamples = comparisons[0].get("resamples", 0)
+    over = ("test patients and the seeds" if comparisons[0].get("resampled") == "patients and seeds"
+            else "test patients")
     lines = ["", f"Paired CPM differences (seed means; 95 % interval from {resamples} bootstrap resamples of the "
-                 f"{report.get('test_patients', '?')} test patients; resolved when the interval excludes 0):", "",
+                 f"{report.get('test_patients', '?')} {over}; resolved when the interval excludes 0):", "",
              "| arm | against | CPM difference | 95 % interval | resolved | per seed |", "| --- " * 6 + "|"]
     for c in comparisons:
         interval = f"[{c['low']:+.3f}, {c['high']:+.3f}]" if "low" in c else "-"

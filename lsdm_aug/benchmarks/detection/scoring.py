@@ -2,9 +2,12 @@
 seeds, and paired bootstrap intervals over test patients.
 
 A paired difference between two arms resamples the test *patients* (with replacement, all their slices
-together), recomputes each seed's CPM of both arms on the resampled set, and takes the difference of the seed
-means; its 2.5 and 97.5 percentiles are the 95 % interval. Seeds pair the arms too (same seed, same initial
-weights and batches). A difference is resolved when its interval excludes 0.
+together) and the *seeds* (with replacement, the same draw for both arms: same seed, same initial weights and
+batches), recomputes each drawn seed's CPM of both arms on the resampled patients, and takes the difference of
+the seed means; its 2.5 and 97.5 percentiles are the 95 % interval. Resampling the seeds carries the spread
+between training runs into the interval: nnU-Net on the CPU does not train the same network twice from one seed
+(a rerun of an arm on the same data moved its seeds' CPMs by up to 0.05), so patients alone would call
+differences of that size resolved. A difference is resolved when its interval excludes 0.
 
 Example:
     >>> from lsdm_aug.metrics.detection import Candidate, CaseDetections
@@ -120,25 +123,34 @@ def _resamples(patients: Sequence[str], count: int, seed: int) -> list[np.ndarra
     return [np.concatenate([slices_of[name] for name in rng.choice(names, len(names))]) for _ in range(count)]
 
 
-def bootstrap_cpm(arm: dict[str, Any], resamples: list[np.ndarray]) -> np.ndarray:
-    """Seed-mean CPM of one arm (``arm["runs"]``: each seed's per-slice detections) on each resample; a
-    resample without lesions is NaN."""
-    values = np.full(len(resamples), np.nan)
+def _seed_draws(seeds: int, count: int, seed: int) -> np.ndarray:
+    """``count`` bootstrap draws of ``seeds`` seed positions (with replacement), one row per resample."""
+    return np.random.default_rng([seed, 1]).integers(0, seeds, size=(count, seeds))
+
+
+def bootstrap_cpm(arm: dict[str, Any], resamples: list[np.ndarray], seed_draws: np.ndarray | None = None
+                  ) -> np.ndarray:
+    """Seed-mean CPM of one arm (``arm["runs"]``: each seed's per-slice detections) on each resample of the
+    patients, over the seeds ``seed_draws[k]`` drawn for resample ``k`` (None: every seed once); a resample
+    without lesions is NaN."""
+    per_seed = np.full((len(resamples), len(arm["runs"])), np.nan)
     for k, positions in enumerate(resamples):
-        seeds = []
-        for cases in arm["runs"]:
+        for s, cases in enumerate(arm["runs"]):
             chosen = [cases[p] for p in positions]
             if sum(len(c.lesions) for c in chosen):
-                seeds.append(froc(chosen).cpm)
-        if seeds:
-            values[k] = float(np.mean(seeds))
-    return values
+                per_seed[k, s] = froc(chosen).cpm
+    if seed_draws is not None:
+        per_seed = np.take_along_axis(per_seed, seed_draws, axis=1)
+    with np.errstate(all="ignore"):
+        empty = np.isnan(per_seed).all(axis=1)
+        return np.where(empty, np.nan, np.nanmean(np.where(empty[:, None], 0.0, per_seed), axis=1))
 
 
 def paired_difference(arm: dict[str, Any], baseline: dict[str, Any], patients: Sequence[str],
                       resamples: int = 1000, seed: int = 0, cache: dict | None = None,
                       names: tuple[str, str] | None = None) -> dict[str, Any]:
-    """CPM of ``arm`` minus ``baseline`` (seed means) with a paired patient bootstrap 95 % interval.
+    """CPM of ``arm`` minus ``baseline`` (seed means) with a paired bootstrap 95 % interval over the test
+    patients and the seeds.
 
     ``arm`` / ``baseline``: ``{"runs": [per-slice detections of each seed, same seeds in the same order]}``;
     ``patients``: each test slice's patient. With ``names`` (the two arms' names), ``cache`` keeps the resamples and
@@ -148,12 +160,13 @@ def paired_difference(arm: dict[str, Any], baseline: dict[str, Any], patients: S
     observed = (np.mean([froc(c).cpm for c in arm["runs"]]) - np.mean([froc(c).cpm for c in baseline["runs"]]))
     seed_differences = [froc(a).cpm - froc(b).cpm for a, b in zip(arm["runs"], baseline["runs"])]
     result = {"mean": float(observed), "seed_differences": [float(d) for d in seed_differences],
-              "resamples": int(resamples)}
+              "resamples": int(resamples), "resampled": "patients and seeds"}
     if resamples:
         cache = {} if cache is None or names is None else cache
         if "resamples" not in cache:
             cache["resamples"] = _resamples(patients, resamples, seed)
-        a, b = (cache[name] if name in cache else bootstrap_cpm(runs, cache["resamples"])
+            cache["seed_draws"] = _seed_draws(len(arm["runs"]), resamples, seed)
+        a, b = (cache[name] if name in cache else bootstrap_cpm(runs, cache["resamples"], cache["seed_draws"])
                 for name, runs in zip(names or ("", ""), (arm, baseline)))
         if names is not None:
             cache.update(zip(names, (a, b)))
