@@ -549,8 +549,7 @@ class LSDMPipeline:
             edited_map = semantic_map.copy()
             edited_map[region] = malignancy_label(item.get("malignancy", 3.0))
             windows.append(self._plan(image, edited_map, region, spacing, feather_px))
-        outs, notes = self._draw(windows, features, [int(seed) for seed in seeds], told, steps, guidance_scale, sampler,
-                                 cfg_scale)
+        outs, notes = self._draw(windows, features, list(seeds), told, steps, guidance_scale, sampler, cfg_scale)
         results = []
         for out, window, item, seed, spacing, extra, note in zip(outs, windows, features, seeds, spacings, told, notes):
             rows, cols = np.nonzero(window.region)

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -141,9 +142,9 @@ def bootstrap_cpm(arm: dict[str, Any], resamples: list[np.ndarray], seed_draws: 
                 per_seed[k, s] = froc(chosen).cpm
     if seed_draws is not None:
         per_seed = np.take_along_axis(per_seed, seed_draws, axis=1)
-    with np.errstate(all="ignore"):
-        empty = np.isnan(per_seed).all(axis=1)
-        return np.where(empty, np.nan, np.nanmean(np.where(empty[:, None], 0.0, per_seed), axis=1))
+    with warnings.catch_warnings():  # a resample without lesions: NaN, not numpy's "mean of empty slice"
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(per_seed, axis=1)
 
 
 def paired_difference(arm: dict[str, Any], baseline: dict[str, Any], patients: Sequence[str],
