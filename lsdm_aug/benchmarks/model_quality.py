@@ -12,7 +12,8 @@ and written to ``model_quality.md`` / ``model_quality.json``:
    on clean phantom crops only, never on generated ones): level 1 vs 5 requested (malignancy 1-2 vs 4-5), the
    outline chosen by the requested shape features, for each guidance setting (classifier guidance ``s``,
    classifier-free guidance ``w``); guidance alone (the same outlines requested benign and malignant) with the
-   nodule-crop Fréchet distance relative to no guidance;
+   nodule-crop Fréchet distance relative to no guidance; every AUC with its 95 % bootstrap interval over the
+   requests (:func:`~lsdm_aug.metrics.auc.auc_interval`);
 4. the insertion gates again at other pixel spacings (phantom backgrounds drawn at that spacing; the edit
    path resamples to the model's);
 5. **speed**: a local insertion against generating the whole slice, at the same steps;
@@ -41,7 +42,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.metrics import compute_roc_auc
 from scipy import ndimage
 
 from lsdm_aug.config import FEATURES, rating_level
@@ -50,6 +50,7 @@ from lsdm_aug.data.prepared import (PreparedDataset, atomic_write_figure, atomic
                                     hu_to_unit, unit_to_hu)
 from lsdm_aug.data.semantic import SemanticLabel, semantic_map_from_hu
 from lsdm_aug.editing import NOT_CALCIFIED, SATURATED_HU
+from lsdm_aug.metrics.auc import auc_interval, roc_auc
 from lsdm_aug.metrics.evaluator import NoduleEvaluator, nodule_crops
 from lsdm_aug.metrics.features import frechet_distance
 from lsdm_aug.models.checkpoint import module_digest, resolve_model_dir, weights_digest
@@ -62,6 +63,7 @@ from lsdm_aug.transforms.core import choose_outline, nodule_outline, usable_nodu
 
 __all__ = ["QualitySettings", "run_model_quality", "quality_markdown", "GuidanceSetting", "guidance_grid"]
 
+AUC_RESAMPLES = 1000  # bootstrap resamples of each control AUC's interval
 RIM_MM = 1.4  # a nodule's rim in the texture section: its outer 1.4 mm (2 px at 0.7 mm)
 
 
@@ -103,7 +105,8 @@ class QualitySettings:
         data: prepared phantom dataset (its test split is used; its train split trains the evaluators).
         model: "default", a shipped name or a model folder.
         out: report folder.
-        count: insertions per requested level and setting.
+        count: insertions per requested level and setting (48: a control AUC's 95 % interval spans about +-0.11;
+            at 16 about +-0.19).
         steps: DDIM steps.
         settings: the guidance settings compared (names, s, w).
         other_spacings: extra pixel spacings (mm) for the insertion gates, with the phantom slice size used.
@@ -115,7 +118,7 @@ class QualitySettings:
     data: str
     model: str = "default"
     out: str = "reports/model_quality"
-    count: int = 16
+    count: int = 48
     steps: int = 20
     settings: tuple[GuidanceSetting, ...] = DEFAULT_SETTINGS
     other_spacings: tuple[tuple[float, int], ...] = ((0.5, 512), (0.9, 512), (2.7, 128))
@@ -337,10 +340,9 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
                     np.array(answered, int), core_rim[:, 0], core_rim[:, 1], np.array(redraws, int))
 
 
-def _auc(high: np.ndarray, low: np.ndarray) -> float:
-    scores = np.concatenate([high, low])
-    labels = np.concatenate([np.ones(len(high)), np.zeros(len(low))])
-    return float(compute_roc_auc(torch.from_numpy(scores), torch.from_numpy(labels)))
+def _auc_with_interval(high: np.ndarray, low: np.ndarray, seed: int) -> tuple[float, list[float]]:
+    """The AUC of ``high`` against ``low`` and its 95 % bootstrap interval (each class resampled, 1000 times)."""
+    return roc_auc(high, low), list(auc_interval(high, low, resamples=AUC_RESAMPLES, seed=seed))
 
 
 def _frechet(evaluator: NoduleEvaluator, crops: np.ndarray, real: np.ndarray) -> float:
@@ -361,7 +363,7 @@ def control_setting(pipe: LSDMPipeline, evaluators: dict[str, NoduleEvaluator], 
     """One guidance setting: per feature the evaluator AUC of level 1 vs 5 requested (malignancy 1-2 vs 4-5), the
     outline chosen by the requested shape features; the saturated share; guidance alone on shared outlines."""
     crop_px = pipe.recipe.classifiers.crop_px
-    aucs, saturated = {}, []
+    aucs, intervals, saturated = {}, {}, []
     for feature in settings.features:
         results = {}
         for high in (False, True):
@@ -369,7 +371,7 @@ def control_setting(pipe: LSDMPipeline, evaluators: dict[str, NoduleEvaluator], 
             results[high] = insert_requests(pipe, backgrounds, requests, setting, settings.steps, settings.seed,
                                             crop_px, crop_spacing_mm)
         scores = {h: evaluators[feature].high_probability(r.crops) for h, r in results.items()}
-        aucs[feature] = _auc(scores[True], scores[False])
+        aucs[feature], intervals[feature] = _auc_with_interval(scores[True], scores[False], settings.seed)
         both = np.concatenate([results[False].p90_hu[results[False].non_calcified],
                                results[True].p90_hu[results[True].non_calcified]])
         saturated.extend((both >= SATURATED_HU).tolist())
@@ -379,20 +381,24 @@ def control_setting(pipe: LSDMPipeline, evaluators: dict[str, NoduleEvaluator], 
     benign = insert_requests(pipe, backgrounds, [{"malignancy": 1.0}] * settings.count, setting, settings.steps,
                              settings.seed + 1, crop_px, crop_spacing_mm, shared)
     judge = evaluators["malignancy"]
-    alone = {"setting": setting.name,
-             "auc": _auc(judge.high_probability(malignant.crops), judge.high_probability(benign.crops)),
+    auc, interval = _auc_with_interval(judge.high_probability(malignant.crops), judge.high_probability(benign.crops),
+                                       settings.seed)
+    alone = {"setting": setting.name, "auc": auc, "auc_interval": interval,
              "nodule_frechet": _frechet(judge, np.concatenate([malignant.crops, benign.crops]), real_crops),
              "seconds_per_insertion": malignant.seconds}
-    return {"per_feature": aucs, "saturated": float(np.mean(saturated)) if saturated else None, "guidance_alone": alone}
+    return {"per_feature": aucs, "per_feature_interval": intervals,
+            "saturated": float(np.mean(saturated)) if saturated else None, "guidance_alone": alone}
 
 
 def control_table(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """The settings' :func:`control_setting` results as one table (Fréchet relative to the first, no guidance)."""
-    table: dict[str, Any] = {"per_feature": {}, "guidance_alone": [], "saturated": {}}
+    table: dict[str, Any] = {"per_feature": {}, "per_feature_interval": {}, "guidance_alone": [], "saturated": {}}
     for part in parts:
         name = part["guidance_alone"]["setting"]
         for feature, auc in part["per_feature"].items():
             table["per_feature"].setdefault(feature, {})[name] = auc
+            interval = part.get("per_feature_interval", {}).get(feature)  # None in a section of an earlier version
+            table["per_feature_interval"].setdefault(feature, {})[name] = interval
         table["saturated"][name] = part["saturated"]
         table["guidance_alone"].append(dict(part["guidance_alone"]))
     base = table["guidance_alone"][0]["nodule_frechet"]
@@ -772,6 +778,11 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _interval(interval: list[float] | None, spec: str = ".3f") -> str:
+    """`` [low, high]`` of a 95 % interval, or nothing for a section of an earlier version that has none."""
+    return "" if interval is None else f" [{interval[0]:{spec}}, {interval[1]:{spec}}]"
+
+
 def _default_setting(report: dict[str, Any]) -> str | None:
     """The name of the compared setting that is the model's default (s = 1, w = its default cfg_scale, calibrated
     targets), if the run compared it."""
@@ -814,14 +825,16 @@ def gates(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             continue
         best_setting = max(aucs, key=aucs.get)
         value = aucs[default] if default else aucs[best_setting]
-        figure = _fmt(value) + (f" (best {aucs[best_setting]:.3f}, {best_setting})" if default else "")
+        interval = ctrl.get("per_feature_interval", {}).get(feature, {}).get(default or best_setting)
+        figure = _fmt(value) + _interval(interval) + (f" (best {aucs[best_setting]:.3f}, {best_setting})" if default else "")
         out.append((f"{feature} AUC >= {target} {where}", figure, value >= target))
     alone = {p["setting"]: p for p in ctrl["guidance_alone"]}
     chosen = alone.get(default or "classifier s=1")
     if chosen:
         none = alone.get("none")
         rising = f" (none: {none['auc']:.3f})" if none else ""
-        out.append((f"guidance alone AUC >= 0.70 {where if default else 'at s = 1'}", _fmt(chosen["auc"]) + rising,
+        out.append((f"guidance alone AUC >= 0.70 {where if default else 'at s = 1'}",
+                    _fmt(chosen["auc"]) + _interval(chosen.get("auc_interval")) + rising,
                     chosen["auc"] >= 0.70 and (none is None or chosen["auc"] > none["auc"])))
         out.append(("... with Fréchet <= 1.5 x none", _fmt(chosen["frechet_vs_none"], ".2f"),
                     chosen["frechet_vs_none"] <= 1.5))
@@ -843,13 +856,18 @@ def control_markdown(report: dict[str, Any], heading: str = "##") -> list[str]:
     ctrl = report["control"]
     names = [g["name"] for g in report["settings"]["settings"]]
     lines = [f"{heading} Control AUC per guidance setting (level 1 vs 5; malignancy 1-2 vs 4-5)", "",
+             f"{report['settings']['count']} insertions per requested level; in brackets the 95 % bootstrap interval "
+             f"over them (each class resampled, {AUC_RESAMPLES} times).", "",
              "| feature | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
     for feature, aucs in ctrl["per_feature"].items():
-        lines.append(f"| {feature} | " + " | ".join(_fmt(aucs.get(n)) for n in names) + " |")
+        intervals = ctrl.get("per_feature_interval", {}).get(feature, {})
+        lines.append(f"| {feature} | " + " | ".join(_fmt(aucs.get(n), ".2f") + _interval(intervals.get(n), ".2f")
+                                                    for n in names) + " |")
     lines.append("| saturated share | " + " | ".join(_fmt(ctrl["saturated"].get(n)) for n in names) + " |")
     lines += ["", "Guidance alone (the same outlines, requested malignancy 1 vs 5):", "",
               "| setting | AUC | nodule Fréchet | vs none | s per insertion |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {p['setting']} | {p['auc']:.3f} | {p['nodule_frechet']:.2f} | {p['frechet_vs_none']:.2f} | "
+    lines += [f"| {p['setting']} | {p['auc']:.3f}{_interval(p.get('auc_interval'))} | {p['nodule_frechet']:.2f} | "
+              f"{p['frechet_vs_none']:.2f} | "
               f"{p['seconds_per_insertion']:.2f} |" for p in ctrl["guidance_alone"]]
     lines += ["", "One outline at one site with one seed; rows: malignancy 1..5 requested; columns: the settings above "
               "(lung window -1000..400 HU):", "", "![guidance grid](guidance_grid.png)"]

@@ -93,7 +93,8 @@ def model_quality(
                                             "evaluators).")],
     model: Annotated[str, typer.Option(help="'default', a shipped model or a model folder.")] = "default",
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/model_quality"),
-    count: Annotated[int, typer.Option(help="Insertions per requested level and guidance setting (>= 2).")] = 16,
+    count: Annotated[int, typer.Option(help="Insertions per requested level and guidance setting (>= 2; at 48 a "
+                                            "control AUC's 95 % interval spans about +-0.11).")] = 48,
     steps: Annotated[int, typer.Option(help="DDIM steps.")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of backgrounds, sites and diffusion.")] = 0,
     evaluator_steps: Annotated[int, typer.Option(help="Training steps of each independent evaluator.")] = 600,

@@ -27,12 +27,22 @@ def test_model_quality_writes_every_gate(tmp_path, smoke_models, phantom_dataset
     # control gates at the model's default (s = 1, w = its default cfg_scale, 1 for the smoke U-Net)
     malignancy = next(g for g in gates(report) if g[0].startswith("malignancy AUC"))
     expected = report["control"]["per_feature"]["malignancy"]["both"]
-    assert malignancy[0] == "malignancy AUC >= 0.85 at the default (both)" and malignancy[1].startswith(f"{expected:.3f}")
+    low, high = report["control"]["per_feature_interval"]["malignancy"]["both"]  # its 95 % bootstrap interval
+    assert 0 <= low <= expected <= high <= 1
+    assert malignancy[0] == "malignancy AUC >= 0.85 at the default (both)"
+    assert malignancy[1].startswith(f"{expected:.3f} [{low:.3f}, {high:.3f}]")
+    alone = next(p for p in report["control"]["guidance_alone"] if p["setting"] == "both")
+    assert alone["auc_interval"][0] <= alone["auc"] <= alone["auc_interval"][1]
+    assert next(g for g in gates(report) if g[0].startswith("guidance alone"))[1].startswith(
+        f"{alone['auc']:.3f} [{alone['auc_interval'][0]:.3f}, {alone['auc_interval'][1]:.3f}]")
     assert set(report["control"]["per_feature"]["malignancy"]) == {"none", "classifier s=1", "cfg w=2", "both"}
     without_default = {**report, "settings": {**report["settings"], "settings": [
         s for s in report["settings"]["settings"] if s["name"] != "both"]}}
-    best = max(report["control"]["per_feature"]["malignancy"].values())
-    assert ("malignancy AUC >= 0.85 (best setting)", f"{best:.3f}", best >= 0.85) in gates(without_default)
+    aucs = report["control"]["per_feature"]["malignancy"]
+    best = max(aucs, key=aucs.get)
+    interval = report["control"]["per_feature_interval"]["malignancy"][best]
+    assert ("malignancy AUC >= 0.85 (best setting)", f"{aucs[best]:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]",
+            aucs[best] >= 0.85) in gates(without_default)
     assert report["control"]["guidance_alone"][0]["frechet_vs_none"] == 1.0
     texture = report["texture"]  # saturation after the pipeline's redraws, and of the first draws
     assert texture["max_redraws"] == 2 and 0 <= texture["saturated_share"] <= texture["first_draw_saturated_share"] <= 1
@@ -44,6 +54,7 @@ def test_model_quality_writes_every_gate(tmp_path, smoke_models, phantom_dataset
     assert all(v >= 0 for t in sensitivity["relative_change"].values() for v in t.values())
     markdown = (tmp_path / "q" / "model_quality.md").read_text()
     assert "| gate | measured | met |" in markdown and "lsdm-aug benchmark model-quality" in markdown
+    assert "in brackets the 95 % bootstrap interval over them" in markdown
     speed = report["speed"]  # where insertion's time goes, beside the ratio
     assert speed["unet_step_whole_seconds"] > speed["unet_step_window_seconds"] > 0 < speed["encode_window_seconds"]
     assert "where the ratio stops short of the" in markdown and "encodes the window's own image" in markdown
@@ -220,3 +231,15 @@ def test_the_model_card_says_which_window_local_edits_run_on(tmp_path, smoke_mod
 def test_bad_settings_are_named(field, value, named):
     with pytest.raises(ValueError, match=named):
         QualitySettings(data="x", **{field: value})
+
+
+def test_sections_written_before_the_intervals_still_make_the_table():
+    from lsdm_aug.benchmarks.model_quality import control_table
+
+    old = {"per_feature": {"texture": 0.9}, "saturated": 0.0,
+           "guidance_alone": {"setting": "none", "auc": 0.5, "nodule_frechet": 2.0}}
+    new = {"per_feature": {"texture": 0.95}, "per_feature_interval": {"texture": [0.9, 1.0]}, "saturated": 0.0,
+           "guidance_alone": {"setting": "both", "auc": 0.6, "auc_interval": [0.5, 0.7], "nodule_frechet": 1.0}}
+    table = control_table([old, new])
+    assert table["per_feature_interval"]["texture"] == {"none": None, "both": [0.9, 1.0]}
+    assert [p["frechet_vs_none"] for p in table["guidance_alone"]] == [1.0, 0.5]
