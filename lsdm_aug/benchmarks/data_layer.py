@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lsdm_aug.config import rating_level
 from lsdm_aug.data.lidc import load_nodule_table
 from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig, prepare_phantom, rating_histogram
 from lsdm_aug.data.semantic import lung_mask_from_hu
@@ -139,6 +140,8 @@ def markdown(report: dict) -> str:
               "![vessel close-ups](vessel_closeups.png)", ""]
     if "outline_signal" in report:
         lines += outline_signal_markdown(report["outline_signal"])
+    if "appearance_signal" in report:
+        lines += appearance_signal_markdown(report["appearance_signal"])
     return "\n".join(lines)
 
 
@@ -148,13 +151,112 @@ def outline_signal_markdown(signal: dict) -> list[str]:
              f"{signal['spacing_mm']:g} mm ({signal['nodules']} nodules): the ceiling of any judge that sees only the "
              "outline, as the phantom renders it (the 50 % consensus of the readers' contours smooths their lobes and "
              "spicules).", "",
-             "| rating | low / high | " + " | ".join(SHAPE_DESCRIPTORS) + " | all four (5-fold CV) |",
-             "| --- | --- |" + " --- |" * (len(SHAPE_DESCRIPTORS) + 1)]
+             "| rating | low / high | " + " | ".join(SHAPE_DESCRIPTORS) + " | all four (5-fold CV) | level 1 vs 5: "
+             "nodules, all four |", "| --- | --- |" + " --- |" * (len(SHAPE_DESCRIPTORS) + 2)]
     for rating in ("lobulation", "spiculation"):
         r = signal[rating]
+        extremes = r.get("extremes")
         lines.append(f"| {rating} | {r['low']} / {r['high']} | " + " | ".join(f"{r['single'][n]:.3f}" for n in
-                     SHAPE_DESCRIPTORS) + f" | {r['all_descriptors']:.3f} |")
-    return lines + [""]
+                     SHAPE_DESCRIPTORS) + f" | {r['all_descriptors']:.3f} | " + (
+                         f"{extremes['low']} / {extremes['high']}: {extremes['all_descriptors']:.3f} |" if extremes
+                         else "n/a |"))
+    return lines + ["", "Level 1 vs 5 is what the control gate requests: the same cross-validated scores on the "
+                        "nodules whose (median) rating rounds to 1 or 5.", ""]
+
+
+APPEARANCE_RATINGS = ("texture", "margin")  # what the phantom's renderer draws besides calcification (and the outline)
+SIZE_BINS_MM = (0.0, 6.0, 8.0, 10.0, 15.0, 20.0, np.inf)
+
+
+def appearance_signal(table: pd.DataFrame, seed: int = 0) -> dict:
+    """How much malignancy the appearance carries once the outline is fixed: the ceiling of guidance alone.
+
+    Guidance alone inserts one outline requested benign (malignancy 1) and malignant (5), the U-Net told the
+    outline's own calcification. The phantom draws a nodule from its outline, texture, calcification and margin
+    (:func:`~lsdm_aug.data.nodule_appearance.render_nodule`), so what may differ between the two requests is texture
+    and margin. A generator drawing them as LIDC's radiologists rated them at that size and calcification tells
+    the two requests apart only as well as texture and margin tell malignancy (<= 2 vs >= 4) within nodules of one
+    size and calcification. Measured on LIDC's ratings: a logistic regression on the texture and margin levels
+    (one-hot: the ties are not monotone) and the stratum (diameter bin x calcification level), its AUC over the
+    pairs of one malignant and one benign nodule in the same stratum, 5-fold cross-validated and, optimistic,
+    fitted and judged on all nodules; each rating alone (cross-validated); and, for scale, the plain AUCs of
+    diameter and of the two ratings over all nodules.
+
+    Example:
+        >>> from lsdm_aug.transforms.core import usable_nodule_table
+        >>> signal = appearance_signal(usable_nodule_table())
+        >>> 0.5 < signal["within_stratum"]["texture and margin"] < 0.7 < signal["overall"]["diameter"]
+        True
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    rated = table[(table.malignancy <= 2) | (table.malignancy >= 4)]
+    malignant = (rated.malignancy >= 4).to_numpy()
+    levels = {name: pd.get_dummies(rating_level(rated[name].to_numpy())).to_numpy(float) for name in APPEARANCE_RATINGS}
+    stratum = (np.digitize(rated.diameter_mm.to_numpy(), SIZE_BINS_MM[1:-1]) * 10
+               + rating_level(rated.calcification.to_numpy(), 6))
+    strata = pd.get_dummies(stratum).to_numpy(float)
+    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+
+    def judged(*ratings: np.ndarray, cross_validated: bool = True) -> float:
+        design, model = np.column_stack([*ratings, strata]), LogisticRegression(max_iter=5000)
+        score = (cross_val_predict(model, design, malignant, cv=folds, method="decision_function")
+                 if cross_validated else model.fit(design, malignant).decision_function(design))
+        return _within_stratum_auc(score, malignant, stratum)
+
+    both = np.column_stack(list(levels.values()))
+    plain = cross_val_predict(LogisticRegression(max_iter=5000), both, malignant, cv=folds, method="predict_proba")[:, 1]
+    return {"benign": int((~malignant).sum()), "malignant": int(malignant.sum()),
+            "strata": int(len(np.unique(stratum))), "pairs": _within_stratum_pairs(malignant, stratum),
+            "within_stratum": {"texture and margin": judged(both),
+                               "texture and margin, fitted on all": judged(both, cross_validated=False),
+                               **{name: judged(level) for name, level in levels.items()}},
+            "overall": {"diameter": float(roc_auc_score(malignant, rated.diameter_mm)),
+                        "texture and margin": float(roc_auc_score(malignant, plain))}}
+
+
+def _within_stratum_pairs(positive: np.ndarray, stratum: np.ndarray) -> int:
+    return int(sum(positive[stratum == k].sum() * (~positive[stratum == k]).sum() for k in np.unique(stratum)))
+
+
+def _within_stratum_auc(score: np.ndarray, positive: np.ndarray, stratum: np.ndarray) -> float:
+    """The chance that a positive scores above a negative of its own stratum (ties half), over all such pairs.
+
+    Example:
+        >>> _within_stratum_auc(np.array([2.0, 1.0, 0.0, 5.0]), np.array([True, False, True, False]),
+        ...                     np.array([0, 0, 1, 1]))
+        0.5
+    """
+    above = pairs = 0.0
+    for k in np.unique(stratum):
+        here = stratum == k
+        difference = score[here & positive][:, None] - score[here & ~positive][None, :]
+        above += float((difference > 0).sum() + 0.5 * (difference == 0).sum())
+        pairs += difference.size
+    return above / pairs if pairs else float("nan")
+
+
+def appearance_signal_markdown(signal: dict) -> list[str]:
+    w, o = signal["within_stratum"], signal["overall"]
+    return ["## How much malignancy the appearance carries once the outline is fixed", "",
+            "Guidance alone requests one outline benign and malignant (the U-Net told the outline's calcification); the "
+            "phantom draws a nodule from its outline, texture, calcification and margin, so texture and margin are "
+            "what can differ. On LIDC's ratings (malignancy <= 2 vs >= 4, "
+            f"{signal['benign']} / {signal['malignant']} nodules), within {signal['strata']} strata of diameter "
+            f"(bins at {', '.join(f'{b:g}' for b in SIZE_BINS_MM[1:-1])} mm) x calcification level "
+            f"({signal['pairs']} malignant-benign pairs):", "",
+            "| judged on | AUC |", "| --- | --- |",
+            f"| texture and margin levels, within strata (logistic, 5-fold CV) | {w['texture and margin']:.3f} |",
+            f"| the same fitted and judged on all nodules (optimistic) | {w['texture and margin, fitted on all']:.3f} |",
+            f"| texture alone, within strata (5-fold CV) | {w['texture']:.3f} |",
+            f"| margin alone, within strata (5-fold CV) | {w['margin']:.3f} |",
+            f"| for scale: diameter, all nodules | {o['diameter']:.3f} |",
+            f"| for scale: texture and margin, all nodules | {o['texture and margin']:.3f} |", "",
+            "A generator that draws texture and margin as the radiologists rated them at a given size and calcification "
+            "separates the two requests about as well as the first row; guidance alone can pass it only by "
+            "drawing an appearance the data does not tie to malignancy.", ""]
 
 
 def vessel_statistics(count: int, seed: int) -> dict:
@@ -247,8 +349,12 @@ def outline_signal(table: pd.DataFrame, spacing_mm: float = 0.7, seed: int = 0) 
         model = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced"))
         predicted = cross_val_predict(model, chosen[list(SHAPE_DESCRIPTORS)].to_numpy(), high, method="predict_proba",
                                       cv=StratifiedKFold(5, shuffle=True, random_state=seed))[:, 1]
+        levels = rating_level(chosen[rating].to_numpy())
+        extremes = (levels == 1) | (levels == 5)  # the levels the control gate requests
         out[rating] = {"low": int((~high).sum()), "high": int(high.sum()), "single": single,
-                       "all_descriptors": float(roc_auc_score(high, predicted))}
+                       "all_descriptors": float(roc_auc_score(high, predicted)),
+                       "extremes": {"low": int((levels == 1).sum()), "high": int((levels == 5).sum()),
+                                    "all_descriptors": float(roc_auc_score(high[extremes], predicted[extremes]))}}
     return out
 
 
@@ -260,7 +366,8 @@ def run_data_layer(out: str | Path, seed: int = 0) -> dict:
               "speed": speed(1000, seed),
               "ratings": rating_distributions(3000, seed),
               "vessels": vessel_statistics(50, seed),
-              "outline_signal": outline_signal(usable_nodule_table(), seed=seed)}
+              "outline_signal": outline_signal(usable_nodule_table(), seed=seed),
+              "appearance_signal": appearance_signal(usable_nodule_table(), seed=seed)}
     nodule_gallery(out / "nodule_gallery.png", seed)
     vessel_closeups(out / "vessel_closeups.png", seed)
     (out / "data_layer.json").write_text(json.dumps(report, indent=1))
