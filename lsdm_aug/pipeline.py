@@ -26,8 +26,8 @@ import torch
 
 from lsdm_aug.config import CONDITIONING_FEATURES, FEATURES, RATING_LEVELS, Recipe, recipe_from_dict
 from lsdm_aug.data.semantic import SemanticLabel, malignancy_label
-from lsdm_aug.editing import (EditWindow, ModelGrid, SpacingError, check_spacing, is_saturated, plan_window,
-                               redraw_seed, told_not_calcified)
+from lsdm_aug.editing import (DEFAULT_MAX_REDRAWS, EditWindow, ModelGrid, SpacingError, check_spacing,
+                              checked_max_redraws, is_saturated, plan_window, redraw_seed, told_not_calcified)
 from lsdm_aug.editing.window import SAME_SPACING_TOLERANCE
 from lsdm_aug.models.autoencoder import build_autoencoder, encode_mean
 from lsdm_aug.models.checkpoint import CheckpointError, load_weights, read_config, resolve_model_dir, weights_digest
@@ -154,7 +154,7 @@ class LSDMPipeline:
                  classifiers: Mapping[str, torch.nn.Module], scale_factor: float, device: str | None = None,
                  model_id: str = "custom", default_cfg_scale: float = 1.0, spacing_mm: float | None = None,
                  serves_spacing_mm: tuple[float, float] | None = None, window_px: int | None = None,
-                 calibrations: Mapping[str, TargetCalibration] | None = None, max_redraws: int = 2) -> None:
+                 calibrations: Mapping[str, TargetCalibration] | None = None, max_redraws: int = DEFAULT_MAX_REDRAWS) -> None:
         if spacing_mm is None:
             raise ValueError(f"model {model_id}: give the pixel spacing (mm) its U-Net was trained at")
         self.recipe, self.scale_factor, self.model_id = recipe, float(scale_factor), model_id
@@ -169,14 +169,12 @@ class LSDMPipeline:
         self.calibrations = {f: c for f, c in (calibrations or {}).items() if f in self.classifiers}
         self.calibrated_targets = True
         self.factor = recipe.autoencoder.downsampling
-        if isinstance(max_redraws, bool) or not isinstance(max_redraws, (int, np.integer)) or max_redraws < 0:
-            raise ValueError(f"max_redraws must be an int >= 0, got {max_redraws!r}")
-        self.max_redraws = int(max_redraws)
+        self.max_redraws = checked_max_redraws(max_redraws)
 
     # ---- loading -------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "default", device: str | None = None,
-                        max_redraws: int = 2) -> LSDMPipeline:
+                        max_redraws: int = DEFAULT_MAX_REDRAWS) -> LSDMPipeline:
         """Load ``"default"`` (shipped in the package) or a model folder written by ``lsdm-aug train``
         (``max_redraws``: see the class).
 

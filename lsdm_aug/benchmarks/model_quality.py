@@ -49,7 +49,7 @@ from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig, free_site
 from lsdm_aug.data.prepared import (PreparedDataset, atomic_write_figure, atomic_write_npz, atomic_write_text,
                                     hu_to_unit, unit_to_hu)
 from lsdm_aug.data.semantic import SemanticLabel, semantic_map_from_hu
-from lsdm_aug.editing import NOT_CALCIFIED, SATURATED_HU
+from lsdm_aug.editing import DEFAULT_MAX_REDRAWS, NOT_CALCIFIED, SATURATED_HU, checked_max_redraws
 from lsdm_aug.metrics.auc import auc_interval, roc_auc
 from lsdm_aug.metrics.evaluator import NoduleEvaluator, nodule_crops
 from lsdm_aug.metrics.features import frechet_distance
@@ -126,15 +126,14 @@ class QualitySettings:
     seed: int = 0
     generated_slices: int = 8
     features: tuple[str, ...] = FEATURES
-    max_redraws: int = 2
+    max_redraws: int = DEFAULT_MAX_REDRAWS
 
     def __post_init__(self) -> None:
         if self.count < 2:
             raise ValueError(f"count must be >= 2 (an AUC needs both classes), got {self.count!r}")
         if not 1 <= self.steps <= 1000:
             raise ValueError(f"steps must be in 1..1000, got {self.steps!r}")
-        if isinstance(self.max_redraws, bool) or not isinstance(self.max_redraws, int) or self.max_redraws < 0:
-            raise ValueError(f"max_redraws must be an int >= 0, got {self.max_redraws!r}")
+        self.max_redraws = checked_max_redraws(self.max_redraws)
         unknown = sorted(set(self.features) - set(FEATURES))
         if unknown:
             raise ValueError(f"features must be among {FEATURES}, got {unknown}")

@@ -30,10 +30,25 @@ import numpy as np
 
 from lsdm_aug.data.prepared import unit_to_hu
 
-__all__ = ["SATURATED_HU", "NOT_CALCIFIED", "is_saturated", "told_not_calcified", "redraw_seed"]
+__all__ = ["SATURATED_HU", "NOT_CALCIFIED", "DEFAULT_MAX_REDRAWS", "is_saturated", "told_not_calcified", "redraw_seed",
+           "checked_max_redraws"]
 
 SATURATED_HU = 400.0
 NOT_CALCIFIED = 6  # LIDC calcification 6 = absent
+
+DEFAULT_MAX_REDRAWS = 2
+
+
+def checked_max_redraws(value: int) -> int:
+    """``value`` as the number of redraws allowed (an int >= 0, NumPy's too), or an error naming it.
+
+    Example:
+        >>> checked_max_redraws(np.int64(3)), checked_max_redraws(0)
+        (3, 0)
+    """
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise ValueError(f"max_redraws must be an int >= 0, got {value!r}")
+    return int(value)
 
 
 def is_saturated(image_unit: np.ndarray, region: np.ndarray) -> bool:

@@ -33,6 +33,7 @@ from lsdm_aug.data.lidc import NoduleMaskBank, load_nodule_table, resample_mask
 from lsdm_aug.data.phantom import free_site
 from lsdm_aug.data.prepared import hu_to_unit, unit_to_hu
 from lsdm_aug.data.semantic import SemanticLabel, lung_mask_from_hu, semantic_map_from_hu
+from lsdm_aug.editing.saturation import DEFAULT_MAX_REDRAWS, checked_max_redraws
 
 __all__ = ["NoduleSynthesizer", "NoduleParameters", "parse_feature", "MODES", "load_pipeline", "usable_nodule_table",
            "usable_nodule", "choose_outline", "nodule_outline", "SHAPE_FEATURES", "slice_lung"]
@@ -61,11 +62,11 @@ def parse_feature(name: str, value: Any) -> int | tuple[int, int] | str | None:
 
 
 @functools.cache
-def load_pipeline(model: str, device: str | None):
-    """One pipeline per (model, device) and process (DataLoader workers each load their own)."""
+def load_pipeline(model: str, device: str | None, max_redraws: int = DEFAULT_MAX_REDRAWS):
+    """One pipeline per (model, device, redraws) and process (DataLoader workers each load their own)."""
     from lsdm_aug.pipeline import LSDMPipeline
 
-    return LSDMPipeline.from_pretrained(model, device=device)
+    return LSDMPipeline.from_pretrained(model, device=device, max_redraws=max_redraws)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,8 @@ class NoduleSynthesizer:
             no classifier steers them; the default, True: an outline and its appearance come from one real nodule);
             False leaves them out, and the U-Net draws its average nodule (the detection benchmark's LSDM cases:
             median -220 HU off, -165 on, real nodules -93).
+        max_redraws: how often a nodule told "not calcified" that comes out saturated is drawn again
+            (:class:`~lsdm_aug.pipeline.LSDMPipeline`'s ``max_redraws``; 0 keeps first draws; live diffusion only).
     """
 
     def __init__(self, mode: str = "insert", malignancy: Any = "balanced", lobulation: Any = None,
@@ -141,7 +144,7 @@ class NoduleSynthesizer:
                  label_value: int = 1, intensity: str = "hu", hu_mean: float = 0.0, hu_std: float = 1.0,
                  device: str | None = None, model: str = "default", bank: str | None = None,
                  cfg_scale: float | None = None, calcification: Any = None,
-                 appearance_from_outline: bool = True) -> None:
+                 appearance_from_outline: bool = True, max_redraws: int = DEFAULT_MAX_REDRAWS) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if intensity not in INTENSITIES:
@@ -164,6 +167,7 @@ class NoduleSynthesizer:
         self.guidance_scale, self.steps, self.label_value = float(guidance_scale), int(steps), int(label_value)
         self.cfg_scale = None if cfg_scale is None else float(cfg_scale)
         self.appearance_from_outline = bool(appearance_from_outline)
+        self.max_redraws = checked_max_redraws(max_redraws)
         self.intensity, self.hu_mean, self.hu_std = intensity, float(hu_mean), float(hu_std)
         self.device, self.model = device, str(model)
         self.bank = None if bank is None else str(bank)
@@ -298,7 +302,7 @@ class NoduleSynthesizer:
             return image, label, info
         if params.bank_entry >= 0:
             return self._apply_bank(image, label, params, spacing_mm)
-        pipe = load_pipeline(self.model, self.device)
+        pipe = load_pipeline(self.model, self.device, self.max_redraws)
         image = np.asarray(image)
         out = image.copy()
         new_label = None if label is None else np.asarray(label).copy()
@@ -403,7 +407,7 @@ class NoduleSynthesizer:
                 hu_2d = self.to_hu(images[i])
                 inputs.append(_model_inputs(hu_2d, label, spacings_mm[i],
                                             _lung_of(hu_2d, lung_masks[i], None, float(spacings_mm[i][0]))))
-            pipe = load_pipeline(self.model, self.device)
+            pipe = load_pipeline(self.model, self.device, self.max_redraws)
             edits = pipe.insert_batch([u for u, _ in inputs], [m for _, m in inputs],
                                       [nodule_outline(params[i].nodule_id, spacings_mm[i], 2, params[i].size_mm)[:, :, 0]
                                        for i in batch],

@@ -53,7 +53,7 @@ class NoduleSynth(RandomizableTransform):
         All other arguments: see :class:`~lsdm_aug.transforms.core.NoduleSynthesizer` (``mode``,
         ``malignancy``, ``lobulation``, ``spiculation``, ``texture``, ``calcification``, ``size_mm``, ``location``,
         ``guidance_scale``, ``cfg_scale``, ``steps``, ``label_value``, ``intensity``, ``hu_mean``, ``hu_std``,
-        ``device``, ``model``, ``bank``, ``appearance_from_outline``).
+        ``device``, ``model``, ``bank``, ``appearance_from_outline``, ``max_redraws``).
 
     The image is channel-first, (1, H, W) or (1, H, W, D) with axial slices last. Called with a
     label, returns ``(image, label)``; else the image. Images without lung tissue come back unchanged,

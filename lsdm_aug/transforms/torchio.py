@@ -22,12 +22,13 @@ import torch
 import torchio as tio
 from torchio.transforms.augmentation import RandomTransform
 
+from lsdm_aug.editing.saturation import DEFAULT_MAX_REDRAWS
 from lsdm_aug.transforms.core import NoduleParameters, NoduleSynthesizer
 
 __all__ = ["RandomNoduleSynth", "NoduleSynthesis"]
 
 _SYNTHESIZER_ARGS = ("guidance_scale", "steps", "label_value", "intensity", "hu_mean", "hu_std", "device", "model",
-                     "bank", "cfg_scale")
+                     "bank", "cfg_scale", "max_redraws")
 _PARAMETER_ARGS = ("mode", "features", "nodule_id", "centre", "slices", "seed", "size_mm", "skipped", "bank_entry",
                    "outline_distance", "centre_slice", "outline_appearance")
 
@@ -68,8 +69,8 @@ class NoduleSynthesis(tio.Transform):
             lacks is an error). TorchIO's ``include`` / ``exclude`` choose whether the image is edited.
         mode, features, nodule_id, centre, slices, seed, size_mm, skipped, bank_entry, outline_distance,
             centre_slice, outline_appearance: the drawn :class:`~lsdm_aug.transforms.core.NoduleParameters`.
-        guidance_scale, steps, label_value, intensity, hu_mean, hu_std, device, model, bank, cfg_scale: as
-            :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`.
+        guidance_scale, steps, label_value, intensity, hu_mean, hu_std, device, model, bank, cfg_scale,
+            max_redraws: as :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`.
 
     Example:
         >>> NoduleSynthesis(mode="insert", features={"malignancy": 5.0}, nodule_id="LIDC-IDRI-0078-s1-n00",
@@ -83,7 +84,8 @@ class NoduleSynthesis(tio.Transform):
                  intensity: str = "hu", hu_mean: float = 0.0, hu_std: float = 1.0, device: str | None = None,
                  model: str = "default", bank: str | None = None, outline_distance: float = 0.0,
                  centre_slice: int = 0, cfg_scale: float | None = None,
-                 outline_appearance: dict[str, float] | None = None, **kwargs: Any) -> None:
+                 outline_appearance: dict[str, float] | None = None, max_redraws: int = DEFAULT_MAX_REDRAWS,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.image_name, self.label_name = image_name, label_name
         self.mode, self.features, self.nodule_id = mode, dict(features or {}), nodule_id
@@ -93,6 +95,7 @@ class NoduleSynthesis(tio.Transform):
         self.guidance_scale, self.steps, self.label_value = guidance_scale, steps, label_value
         self.intensity, self.hu_mean, self.hu_std, self.device, self.model = intensity, hu_mean, hu_std, device, model
         self.outline_distance, self.centre_slice, self.cfg_scale = float(outline_distance), int(centre_slice), cfg_scale
+        self.max_redraws = max_redraws
         self.synthesizer = NoduleSynthesizer(mode=mode, malignancy=None, **{k: getattr(self, k) for k in _SYNTHESIZER_ARGS})
         self.args_names = ["image_name", "label_name", *_PARAMETER_ARGS, *_SYNTHESIZER_ARGS]
 
@@ -118,7 +121,7 @@ class RandomNoduleSynth(RandomTransform):
             lacks is an error). TorchIO's ``include`` / ``exclude`` choose whether the image is edited.
         mode, malignancy, lobulation, spiculation, texture, size_mm, location, guidance_scale, steps,
             label_value, intensity, hu_mean, hu_std, device, model, bank, cfg_scale, calcification,
-            appearance_from_outline: as :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`.
+            appearance_from_outline, max_redraws: as :class:`~lsdm_aug.transforms.core.NoduleSynthesizer`.
         **kwargs: TorchIO's ``Transform`` arguments (``p``, ``copy``, ...).
 
     Example:
@@ -131,13 +134,13 @@ class RandomNoduleSynth(RandomTransform):
                  steps: int = 25, label_value: int = 1, intensity: str = "hu", hu_mean: float = 0.0,
                  hu_std: float = 1.0, device: str | None = None, model: str = "default", bank: str | None = None,
                  cfg_scale: float | None = None, calcification: Any = None, appearance_from_outline: bool = True,
-                 **kwargs: Any) -> None:
+                 max_redraws: int = DEFAULT_MAX_REDRAWS, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.image_name, self.label_name = image_name, label_name
         self.synthesizer = NoduleSynthesizer(mode, malignancy, lobulation, spiculation, texture, size_mm, location,
                                              guidance_scale, steps, label_value, intensity, hu_mean, hu_std, device, model,
                                              bank, cfg_scale=cfg_scale, calcification=calcification,
-                                             appearance_from_outline=appearance_from_outline)
+                                             appearance_from_outline=appearance_from_outline, max_redraws=max_redraws)
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         selected = _arrays(subject, self.image_name, self.label_name, self)
