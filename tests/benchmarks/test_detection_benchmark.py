@@ -419,9 +419,12 @@ def test_the_recipe_hands_the_augmentation_and_plot_settings_to_the_trainer(tmp_
     recipe = DetectionRecipe(p_scaling=0.5, scaling=(0.6, 1.6), progress_plot_every=1).validate()
     settings = trainer_settings(recipe, "real+copy-paste", 0, tmp_path)
     assert (settings["p_scaling"], settings["scaling"], settings["progress_plot_every"]) == (0.5, [0.6, 1.6], 1)
+    assert "random_crop" not in settings  # nnU-Net's centred foreground patches unless the recipe says otherwise
+    assert trainer_settings(DetectionRecipe(random_crop=True).validate(), "real", 0, tmp_path)["random_crop"] is True
     for bad, message in (({"scaling": (1.4, 0.7)}, "scaling must be \\[low, high\\]"),
                          ({"p_scaling": -0.1}, "p_scaling must be in \\[0, 1\\]"),
-                         ({"progress_plot_every": 0}, "progress_plot_every must be >= 1")):
+                         ({"progress_plot_every": 0}, "progress_plot_every must be >= 1"),
+                         ({"random_crop": "yes"}, "random_crop must be true or false \\(nnU-Net's: false\\), got 'yes'")):
         with pytest.raises(ValueError, match=message):
             DetectionRecipe(**bad).validate()
 
@@ -436,6 +439,9 @@ def test_the_report_names_the_optimizer_sampling_and_scaling_it_trained_with(tmp
                          "scaling": [0.6, 1.6]}
     assert ("nnU-Net's AdamW from learning rate 0.003, 50% of patches centred on a nodule, scaling augmentation "
             "0.6-1.6x on 50% of patches") in detection_markdown(report)
+    report["recipe"] |= {"random_crop": True}
+    assert ("50% of patches holding a nodule anywhere within a third of the patch from its centre"
+            in detection_markdown(report))
 
 
 def test_the_report_says_when_the_detector_is_2_5d(tmp_path):

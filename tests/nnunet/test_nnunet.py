@@ -182,7 +182,7 @@ def test_trainer_prepends_nodule_synth_with_the_plans_statistics(nnunet_dirs, sm
     monkeypatch.setenv("LSDM_AUG_NNUNET", json.dumps({"prob": 0.5, "model": str(smoke_models), "steps": 2,
                                                       "num_epochs": 3, "oversample_foreground_percent": 0.75,
                                                       "optimizer": "adamw", "initial_lr": 0.001,
-                                                      "p_scaling": 0.5, "scaling": [0.6, 1.6],
+                                                      "p_scaling": 0.5, "scaling": [0.6, 1.6], "random_crop": True,
                                                       "progress_plot_every": 3}))
     from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 
@@ -204,6 +204,9 @@ def test_trainer_prepends_nodule_synth_with_the_plans_statistics(nnunet_dirs, sm
     spatial = [t for t in transforms.transforms if isinstance(t, SpatialTransform)]
     assert len(spatial) == 1 and spatial[0].p_scaling == 0.5 and spatial[0].scaling == (0.6, 1.6)
     assert spatial[0].p_rotation == 0.2  # the rest stays nnU-Net's
+    # the final patch anywhere in the loaded one, at least half a patch from its border (nnU-Net: its centre)
+    assert spatial[0].random_crop is True and list(spatial[0].patch_center_dist_from_border) == [32.0, 32.0]
+    assert "random_crop" not in trainer.nodule_synth_settings
     assert "scaling" not in first.synthesizer.__dict__ and "progress_plot_every" not in trainer.nodule_synth_settings
     stats = plans["foreground_intensity_properties_per_channel"]["0"]
     assert first.synthesizer.hu_mean == stats["mean"] and first.synthesizer.hu_std == stats["std"]
@@ -212,6 +215,7 @@ def test_trainer_prepends_nodule_synth_with_the_plans_statistics(nnunet_dirs, sm
                          ({"optimizer": "lion"}, "optimizer in LSDM_AUG_NNUNET must be one of \\('sgd', 'adamw'\\)"),
                          ({"scaling": [1.4, 0.7]}, "scaling in LSDM_AUG_NNUNET must be \\[low, high\\] with 0 < low"),
                          ({"p_scaling": 2}, "p_scaling in LSDM_AUG_NNUNET must be in \\[0, 1\\], got 2"),
+                         ({"random_crop": "yes"}, "random_crop in LSDM_AUG_NNUNET must be true or false, got 'yes'"),
                          ({"progress_plot_every": 0}, "progress_plot_every in LSDM_AUG_NNUNET must be >= 1, got 0")):
         monkeypatch.setenv("LSDM_AUG_NNUNET", json.dumps(bad))
         with pytest.raises(ValueError, match=message):
@@ -338,3 +342,35 @@ def test_a_training_patch_inside_the_lung_gets_a_site(smoke_models):
     np.random.seed(0)
     outside = transform.get_parameters(image=air, segmentation=torch.zeros(1, 96, 96, dtype=torch.int16))["nodule"]
     assert outside.skipped == "no lung tissue"  # a patch of the air around the patient is not lung
+
+
+def _foreground_offsets(spatial, draws: int = 30) -> np.ndarray:
+    """Where a 4 px foreground square at the centre of a loaded 104 px patch lands in the final 64 px patch."""
+    offsets = []
+    for seed in range(draws):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        segmentation = torch.zeros((1, 104, 104))
+        segmentation[0, 50:54, 50:54] = 1
+        out = spatial(image=torch.rand(1, 104, 104), segmentation=segmentation)["segmentation"][0].numpy()
+        assert (out > 0).any()  # the patch still holds its foreground
+        offsets.append(np.abs(np.argwhere(out > 0).mean(0) - 31.5))
+    return np.array(offsets)
+
+
+def test_nnunets_foreground_patches_hold_the_nodule_at_their_centre_and_crop_anywhere_moves_it():
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+
+    from lsdm_aug.nnunet.trainers.nnUNetTrainerNoduleSynth import crop_anywhere
+
+    def nnunets_own():  # as nnUNetTrainer.get_training_transforms builds it
+        return SpatialTransform((64, 64), patch_center_dist_from_border=0, random_crop=False, p_elastic_deform=0,
+                                p_rotation=0.2, rotation=(-np.pi, np.pi), p_scaling=0.2, scaling=(0.7, 1.4),
+                                p_synchronize_scaling_across_axes=1, bg_style_seg_sampling=False,
+                                border_mode_seg="constant", padding_value_seg=-1)
+
+    assert _foreground_offsets(nnunets_own()).max() == 0  # every positive patch: the nodule at the centre
+    anywhere = nnunets_own()
+    crop_anywhere(anywhere)
+    offsets = _foreground_offsets(anywhere)
+    assert offsets.max() <= 20 + 2 and offsets.mean() > 5  # up to (104 - 64) / 2 px off, in the patch

@@ -34,7 +34,9 @@ class DetectionRecipe:
     ``features_per_stage`` reduce nnU-Net's 2d plan; ``oversample_foreground`` is the share of training patches
     nnU-Net centres on foreground; ``optimizer`` / ``initial_lr``: nnU-Net's SGD or its AdamW variant;
     ``p_scaling`` / ``scaling``: the spatial augmentation's scaling (each None: nnU-Net's own,
-    :data:`NNUNET_DEFAULTS`); ``progress_plot_every``: epochs between nnU-Net's progress plots (1: nnU-Net's
+    :data:`NNUNET_DEFAULTS`); ``random_crop``: a patch forced to hold a nodule has it anywhere within about a third
+    of the patch from its centre instead of at the centre (nnU-Net's own: False; see
+    :mod:`lsdm_aug.nnunet.trainers.nnUNetTrainerNoduleSynth`); ``progress_plot_every``: epochs between nnU-Net's progress plots (1: nnU-Net's
     every epoch); ``workers`` (arm, seed) runs share the CPU cores.
     ``curve_train_patients``: more real training-set sizes, each trained with ``curve_arms``.
     ``appearance_from_outline``: the LSDM cases and the on-the-fly arm (live or its bank) tell the U-Net the
@@ -81,6 +83,7 @@ class DetectionRecipe:
     initial_lr: float | None = None
     p_scaling: float | None = None
     scaling: tuple[float, float] | None = None
+    random_crop: bool = False
     progress_plot_every: int = 10
     dataset_id: int = 900
     threshold: float = 0.5
@@ -142,6 +145,8 @@ class DetectionRecipe:
         return self
 
     def _validate_augmentation(self) -> None:
+        if not isinstance(self.random_crop, bool):
+            raise ValueError(f"random_crop must be true or false (nnU-Net's: false), got {self.random_crop!r}")
         if self.p_scaling is not None and not 0 <= self.p_scaling <= 1:
             raise ValueError(f"p_scaling must be in [0, 1] or null (nnU-Net's {NNUNET_DEFAULTS['p_scaling']}), got "
                              f"{self.p_scaling!r}")

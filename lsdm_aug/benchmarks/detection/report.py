@@ -98,7 +98,9 @@ def _training_words(r: dict[str, Any]) -> str:
     optimizer = "AdamW" if r.get("optimizer") == "adamw" else "SGD"
     rate, share, p_scaling, (low, high) = (NNUNET_DEFAULTS[key] if r.get(key) is None else r[key]
                                            for key in ("initial_lr", "oversample_foreground", "p_scaling", "scaling"))
-    return (f"nnU-Net's {optimizer} from learning rate {rate:g}, {share:.0%} of patches centred on a nodule, "
+    placed = ("holding a nodule anywhere within a third of the patch from its centre" if r.get("random_crop")
+              else "centred on a nodule")
+    return (f"nnU-Net's {optimizer} from learning rate {rate:g}, {share:.0%} of patches {placed}, "
             f"scaling augmentation {low:g}-{high:g}x on {p_scaling:.0%} of patches")
 
 

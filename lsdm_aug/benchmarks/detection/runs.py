@@ -110,6 +110,8 @@ def trainer_settings(recipe: DetectionRecipe, arm: str, seed: int, work: Path) -
         settings["p_scaling"] = recipe.p_scaling
     if recipe.scaling is not None:
         settings["scaling"] = list(recipe.scaling)
+    if recipe.random_crop:
+        settings["random_crop"] = True
     if arm == "real+on-the-fly":
         on_the_fly = {k: v for k, v in recipe.on_the_fly.items() if k != "bank_count"}
         if on_the_fly.get("bank") == "build":  # the bank that ensure_bank builds in the work folder

@@ -6,7 +6,16 @@ attributes from ``LSDM_AUG_NNUNET``: the epoch budget (``num_epochs``, ``num_ite
 ``num_val_iterations_per_epoch``), the share of patches forced to hold foreground
 (``oversample_foreground_percent``, nnU-Net's 0.33, as its ``nnUNetTrainer_probabilisticOversampling_*``
 variants change it), the optimizer (``optimizer``: ``"sgd"``, nnU-Net's default, or ``"adamw"``, its
-``nnUNetTrainerAdam`` variant; ``initial_lr``) and the seed.
+``nnUNetTrainerAdam`` variant; ``initial_lr``), the spatial augmentation's scaling (``p_scaling``, ``scaling``),
+where a patch forced to hold foreground puts it (``random_crop``, below) and the seed.
+
+``random_crop``: nnU-Net centres each patch forced to hold foreground on a foreground voxel (its loader cuts the
+larger, pre-rotation patch around the voxel and the spatial transform takes the final patch from that one's
+centre). A lesion smaller than the patch then sits at the centre of nearly every positive patch, and a network
+learns that: at prediction, where a lesion falls between the sliding window's tile centres, it is not found.
+With ``random_crop`` true the spatial transform takes the final patch at a random place inside the larger one
+(batchgenerators' own ``random_crop``, its centre at least half a patch from the border), so the voxel lands up
+to (larger - final) / 2 px off the centre, about a third of the patch for nnU-Net's 2D rotation range.
 
 A seed makes a run repeatable: it seeds the initial weights and, through seeds handed to nnU-Net's
 background augmenters (which nnU-Net starts unseeded, so their patch sampling and augmentation differ
@@ -35,7 +44,7 @@ from lsdm_aug.transforms.nnunet import NoduleSynthTransform
 _BUDGET_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch")
 _FRACTION_KEYS = ("oversample_foreground_percent",)
 _OPTIMIZER_KEYS = ("optimizer", "initial_lr")
-_AUGMENTATION_KEYS = ("p_scaling", "scaling")
+_AUGMENTATION_KEYS = ("p_scaling", "scaling", "random_crop")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -108,6 +117,21 @@ def axial_axis(transpose_forward: Sequence[int], patch_dims: int) -> int:
     return axis
 
 
+def crop_anywhere(spatial: SpatialTransform) -> None:
+    """Make nnU-Net's spatial transform take its final patch at a random place inside the loaded, larger one
+    (batchgenerators' ``random_crop``; the patch centre at least half a patch from the border) instead of at its
+    centre, where nnU-Net's loader put the foreground voxel of a patch forced to hold foreground.
+
+    Example:
+        >>> transform = SpatialTransform((64, 64), patch_center_dist_from_border=0, random_crop=False)
+        >>> crop_anywhere(transform)
+        >>> transform.random_crop, transform.patch_center_dist_from_border
+        (True, [32.0, 32.0])
+    """
+    spatial.random_crop = True
+    spatial.patch_center_dist_from_border = [size / 2 for size in spatial.patch_size]
+
+
 class nnUNetTrainerNoduleSynth(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming
     """nnU-Net trainer that inserts synthetic nodules with controlled features into training patches."""
 
@@ -142,6 +166,9 @@ class nnUNetTrainerNoduleSynth(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming
             raise ValueError(f"progress_plot_every in LSDM_AUG_NNUNET must be >= 1, got "
                              f"{settings['progress_plot_every']!r}")
         self.spatial_scaling = spatial_scaling(settings)
+        self.random_crop = settings.get("random_crop", False)
+        if not isinstance(self.random_crop, bool):
+            raise ValueError(f"random_crop in LSDM_AUG_NNUNET must be true or false, got {self.random_crop!r}")
         trainer_keys = _BUDGET_KEYS + _FRACTION_KEYS + _OPTIMIZER_KEYS + _AUGMENTATION_KEYS + ("progress_plot_every",)
         self.nodule_synth_settings = {k: v for k, v in settings.items() if k not in trainer_keys}
 
@@ -167,6 +194,8 @@ class nnUNetTrainerNoduleSynth(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming
             if isinstance(transform, SpatialTransform):
                 for key, value in self.spatial_scaling.items():
                     setattr(transform, key, value)
+                if self.random_crop:
+                    crop_anywhere(transform)
         return ComposeTransforms([synth, *base.transforms])
 
     def on_epoch_end(self):
