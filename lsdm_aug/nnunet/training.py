@@ -18,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 __all__ = ["train", "trainer_class", "profile_iterations"]
@@ -139,9 +140,19 @@ def profile_iterations(dataset: str | int, configuration: str, iterations: int =
 
 
 def predict_folder(trainer, images: str | Path, output: str | Path, mirroring: bool = True,
-                   tile_step_size: float = 0.5) -> None:
-    """Predict every image of ``images`` with a trained nnU-Net trainer's network (probabilities saved)."""
+                   tile_step_size: float = 0.5, tile_size: int | None = None) -> None:
+    """Predict every image of ``images`` with a trained nnU-Net trainer's network (probabilities saved).
+
+    ``tile_size``: the sliding window's square tile in px (None: the training patch, nnU-Net's own). The network
+    is fully convolutional; a tile larger than its patch gives each prediction more context and keeps a lesion
+    farther from the tile borders. It must be a multiple of the network's total downsampling and at least the
+    patch."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    configuration = trainer.configuration_manager
+    if tile_size is not None:
+        configuration = copy.deepcopy(configuration)
+        configuration.configuration["patch_size"] = checked_tile(tile_size, configuration)
 
     predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=mirroring,
                                 perform_everything_on_device=True, device=trainer.device, verbose=False,
@@ -149,7 +160,7 @@ def predict_folder(trainer, images: str | Path, output: str | Path, mirroring: b
     trainer.set_deep_supervision_enabled(False)  # one output, as nnU-Net's own validation does
     network = getattr(trainer.network, "_orig_mod", trainer.network)  # torch.compile wraps it
     network.eval()
-    predictor.manual_initialization(network, trainer.plans_manager, trainer.configuration_manager,
+    predictor.manual_initialization(network, trainer.plans_manager, configuration,
                                     [copy.deepcopy(network.state_dict())],
                                     trainer.dataset_json, trainer.__class__.__name__,
                                     trainer.inference_allowed_mirroring_axes)
@@ -158,10 +169,29 @@ def predict_folder(trainer, images: str | Path, output: str | Path, mirroring: b
                                  num_processes_preprocessing=1, num_processes_segmentation_export=1)
 
 
+def checked_tile(tile_size: int, configuration) -> list[int]:
+    """The square tile ``[tile_size] * dims`` for a configuration, or an error naming what is allowed.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> plan = SimpleNamespace(patch_size=[96, 96], network_arch_init_kwargs={"strides": [[1, 1]] + [[2, 2]] * 4})
+        >>> checked_tile(192, plan)
+        [192, 192]
+    """
+    patch = list(configuration.patch_size)
+    step = int(np.prod([max(s) if isinstance(s, (list, tuple)) else s
+                        for s in configuration.network_arch_init_kwargs["strides"]]))
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < max(patch) or tile_size % step:
+        raise ValueError(f"tile_size must be an int >= the patch ({max(patch)} px) and a multiple of the network's "
+                         f"downsampling ({step} px), got {tile_size!r}")
+    return [tile_size] * len(patch)
+
+
 def _main(job_json: str) -> None:
     """``python -m lsdm_aug.nnunet.training '{"dataset": ..., "configuration": ..., "test": ..., "predictions": ...}'``:
     train on fold "all" without validation and predict a folder (what ``lsdm-aug benchmark detection`` runs),
-    writing the minutes of each into ``timing.json`` there. With ``"profile": {"iterations": N, "out": path}``:
+    writing the minutes of each into ``timing.json`` there; ``"train": false`` predicts with the trained run's
+    final checkpoint; ``"tile_size"``: see :func:`predict_folder`. With ``"profile": {"iterations": N, "out": path}``:
     write :func:`profile_iterations` to ``path`` instead."""
     job = json.loads(job_json)
     if "profile" in job:
@@ -170,13 +200,17 @@ def _main(job_json: str) -> None:
         Path(job["profile"]["out"]).write_text(json.dumps(figures, indent=1))
         return
     started = time.perf_counter()
+    train = job.get("train", True)  # False: the run's network is trained; predict with its final checkpoint
     nnunet_trainer = build_trainer(job["dataset"], job["configuration"], "all",
-                                   job.get("trainer", "nnUNetTrainerNoduleSynth"), device=job.get("device", "cpu"))
-    nnunet_trainer.run_training()
+                                   job.get("trainer", "nnUNetTrainerNoduleSynth"), device=job.get("device", "cpu"),
+                                   continue_training=not train)
+    if train:
+        nnunet_trainer.run_training()
     trained = time.perf_counter()
     predict_folder(nnunet_trainer, job["test"], job["predictions"], mirroring=job.get("mirroring", True),
-                   tile_step_size=job.get("tile_step_size", 0.5))
-    timing = {"train_minutes": (trained - started) / 60, "predict_minutes": (time.perf_counter() - trained) / 60}
+                   tile_step_size=job.get("tile_step_size", 0.5), tile_size=job.get("tile_size"))
+    timing = {"train_minutes": (trained - started) / 60 if train else None,
+              "predict_minutes": (time.perf_counter() - trained) / 60}
     (Path(job["predictions"]) / "timing.json").write_text(json.dumps(timing))
 
 

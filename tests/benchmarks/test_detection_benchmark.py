@@ -371,6 +371,14 @@ def test_every_arm_trains_predicts_and_is_scored_then_a_rerun_skips_them(tmp_pat
     stamps = [p.stat().st_mtime_ns for p in done]
     again = run_detection(recipe, work, tmp_path / "report")  # finished arms are not retrained
     assert [p.stat().st_mtime_ns for p in done] == stamps and again["arms"] == report["arms"]
+    # other prediction settings: the trained network predicts again, it is not trained again
+    checkpoint = next((work / "results" / "real" / "seed0").rglob("checkpoint_final.pth"))
+    trained_at, first = checkpoint.stat().st_mtime_ns, json.loads((predictions / "real" / "seed0" / "done.json").read_text())
+    run_detection(replace(recipe, arms=("real",), test_time_mirroring=False, curve_train_patients=()), work,
+                  tmp_path / "report-unmirrored")
+    redone = json.loads((predictions / "real" / "seed0" / "done.json").read_text())
+    assert checkpoint.stat().st_mtime_ns == trained_at and redone["train"] is False and redone["mirroring"] is False
+    assert redone["train_minutes"] == first["train_minutes"] and redone["predict_minutes"] > 0
     markdown = (tmp_path / "report" / "detection.md").read_text()
     assert "| real+copy-paste |" in markdown and "16 highest local maxima" in markdown
     assert "| chance (random candidates) |" in markdown and "Paired CPM differences" in markdown
@@ -420,11 +428,14 @@ def test_the_recipe_hands_the_augmentation_and_plot_settings_to_the_trainer(tmp_
     settings = trainer_settings(recipe, "real+copy-paste", 0, tmp_path)
     assert (settings["p_scaling"], settings["scaling"], settings["progress_plot_every"]) == (0.5, [0.6, 1.6], 1)
     assert "random_crop" not in settings  # nnU-Net's centred foreground patches unless the recipe says otherwise
+    assert DetectionRecipe(patch_size=(96, 96), tile_size=192).validate().tile_size == 192
     assert trainer_settings(DetectionRecipe(random_crop=True).validate(), "real", 0, tmp_path)["random_crop"] is True
     for bad, message in (({"scaling": (1.4, 0.7)}, "scaling must be \\[low, high\\]"),
                          ({"p_scaling": -0.1}, "p_scaling must be in \\[0, 1\\]"),
                          ({"progress_plot_every": 0}, "progress_plot_every must be >= 1"),
-                         ({"random_crop": "yes"}, "random_crop must be true or false \\(nnU-Net's: false\\), got 'yes'")):
+                         ({"random_crop": "yes"}, "random_crop must be true or false \\(nnU-Net's: false\\), got 'yes'"),
+                         ({"patch_size": (96, 96), "tile_size": 64},
+                          "tile_size must be null \\(the patch\\) or an int >= the patch size \\[96, 96\\], got 64")):
         with pytest.raises(ValueError, match=message):
             DetectionRecipe(**bad).validate()
 

@@ -38,6 +38,9 @@ class DetectionRecipe:
     of the patch from its centre instead of at the centre (nnU-Net's own: False; see
     :mod:`lsdm_aug.nnunet.trainers.nnUNetTrainerNoduleSynth`); ``progress_plot_every``: epochs between nnU-Net's progress plots (1: nnU-Net's
     every epoch); ``workers`` (arm, seed) runs share the CPU cores.
+    ``tile_size``: nnU-Net's sliding window at prediction, in px (None: the training patch, nnU-Net's own); larger
+    tiles give each prediction more context and keep lesions off the tile borders
+    (:func:`lsdm_aug.nnunet.training.predict_folder`).
     ``curve_train_patients``: more real training-set sizes, each trained with ``curve_arms``.
     ``appearance_from_outline``: the LSDM cases and the on-the-fly arm (live or its bank) tell the U-Net the
     texture and calcification of each outline's real nodule (:class:`~lsdm_aug.transforms.core.NoduleSynthesizer`;
@@ -91,6 +94,7 @@ class DetectionRecipe:
     operating_fps: float = 2.0
     test_time_mirroring: bool = True
     tile_step_size: float = 0.5
+    tile_size: int | None = None
     device: str = "cpu"
     workers: int = 1
     bootstrap: int = 1000
@@ -145,6 +149,10 @@ class DetectionRecipe:
         return self
 
     def _validate_augmentation(self) -> None:
+        if self.tile_size is not None and (isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int)
+                                           or self.tile_size < max(self.patch_size or (0,))):
+            raise ValueError(f"tile_size must be null (the patch) or an int >= the patch size "
+                             f"{list(self.patch_size or ())}, got {self.tile_size!r}")
         if not isinstance(self.random_crop, bool):
             raise ValueError(f"random_crop must be true or false (nnU-Net's: false), got {self.random_crop!r}")
         if self.p_scaling is not None and not 0 <= self.p_scaling <= 1:

@@ -127,18 +127,26 @@ def predictions_folder(work: Path, arm: str, seed: int) -> Path:
     return work / "predictions" / arm.replace("+", "_") / f"seed{seed}"
 
 
+PREDICTION_KEYS = ("mirroring", "tile_step_size", "tile_size")  # a change re-predicts a trained run
+
+
 def _train_and_predict(recipe: DetectionRecipe, work: Path, arm: str, seed: int, threads: int) -> Path:
-    """Train one (arm, seed) in its own process and predict the test set; skipped when already done."""
+    """Train one (arm, seed) in its own process and predict the test set; skipped when done with the recipe's
+    prediction settings. A run whose network is trained (its final checkpoint there) is only predicted: after
+    an interruption between the two, or when the prediction settings changed."""
     predictions = predictions_folder(work, arm, seed)
     done = predictions / "done.json"
-    if done.is_file():
-        return predictions
-    env = environment(work, seed, threads) | {
-        "LSDM_AUG_NNUNET": json.dumps(trainer_settings(recipe, arm, seed, work)),
-        "nnUNet_results": str(work / "results" / arm.replace("+", "_") / f"seed{seed}")}
     job = {"dataset": dataset_name(recipe, arm), "configuration": CONFIGURATION, "device": recipe.device,
            "test": str(work / "test" / "imagesTr"), "predictions": str(predictions),
-           "mirroring": recipe.test_time_mirroring, "tile_step_size": recipe.tile_step_size}
+           "mirroring": recipe.test_time_mirroring, "tile_step_size": recipe.tile_step_size,
+           "tile_size": recipe.tile_size}
+    before = json.loads(done.read_text()) if done.is_file() else {}
+    if before and all(before.get(key) == job[key] for key in PREDICTION_KEYS):
+        return predictions
+    results = work / "results" / arm.replace("+", "_") / f"seed{seed}"
+    job["train"] = not any(results.glob(f"{job['dataset']}/*/fold_all/checkpoint_final.pth"))
+    env = environment(work, seed, threads) | {
+        "LSDM_AUG_NNUNET": json.dumps(trainer_settings(recipe, arm, seed, work)), "nnUNet_results": str(results)}
     log = work / "logs" / f"{arm.replace('+', '_')}-seed{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -149,8 +157,11 @@ def _train_and_predict(recipe: DetectionRecipe, work: Path, arm: str, seed: int,
         raise RuntimeError(f"nnU-Net run {arm} seed {seed} failed (exit {result.returncode}); its log: "
                            f"{log}\n{log.read_text()[-3000:]}")
     timing = json.loads((predictions / "timing.json").read_text())
-    atomic_write_text(done, json.dumps(job | timing | {"minutes": (time.perf_counter() - started) / 60,
-                                                       "threads": threads}))
+    minutes = (time.perf_counter() - started) / 60
+    if not job["train"]:  # the training's minutes as its first run recorded them (None if never recorded)
+        timing["train_minutes"] = before.get("train_minutes")
+        minutes = None if timing["train_minutes"] is None else timing["train_minutes"] + timing["predict_minutes"]
+    atomic_write_text(done, json.dumps(job | timing | {"minutes": minutes, "threads": threads}))
     return predictions
 
 
