@@ -450,6 +450,9 @@ def test_the_report_names_the_optimizer_sampling_and_scaling_it_trained_with(tmp
                          "scaling": [0.6, 1.6]}
     assert ("nnU-Net's AdamW from learning rate 0.003, 50% of patches centred on a nodule, scaling augmentation "
             "0.6-1.6x on 50% of patches") in detection_markdown(report)
+    assert "(tiles of the training patch, step" in detection_markdown(report)
+    report["recipe"] |= {"tile_size": 192}
+    assert "(192 px tiles, step" in detection_markdown(report)
     report["recipe"] |= {"random_crop": True}
     assert ("50% of patches holding a nodule anywhere within a third of the patch from its centre"
             in detection_markdown(report))

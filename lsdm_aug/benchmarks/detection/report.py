@@ -88,9 +88,15 @@ def _setup_lines(report: dict[str, Any]) -> list[str]:
             f"`{CONFIGURATION}` = nnU-Net's 2d plan reduced to {patch} (stages as nnU-Net's planner gives that patch), "
             f"features per stage {r['features_per_stage'] or 'as planned'} and batch size {batch} in every arm; CT "
             f"clipped to {_window_words(r.get('ct_window'))}; {_training_words(r)}; {r['num_epochs']} epochs x "
-            f"{r['iterations_per_epoch']} iterations; seeds {list(r['seeds'])}; nnU-Net's sliding-window predictor on whole test slices (step "
-            f"{r.get('tile_step_size', 0.5)}, mirroring {'on' if r['test_time_mirroring'] else 'off'}). Mean ± std "
+            f"{r['iterations_per_epoch']} iterations; seeds {list(r['seeds'])}; nnU-Net's sliding-window predictor on whole test slices ("
+            f"{_tile_words(r)}step {r.get('tile_step_size', 0.5)}, mirroring {'on' if r['test_time_mirroring'] else 'off'}). "
+            "Mean ± std "
             "over seeds.", "", _candidates_sentence(r)]
+
+
+def _tile_words(r: dict[str, Any]) -> str:
+    """The prediction tile when the recipe sets one larger than the training patch."""
+    return f"{r['tile_size']} px tiles, " if r.get("tile_size") else "tiles of the training patch, "
 
 
 def _training_words(r: dict[str, Any]) -> str:
