@@ -36,7 +36,7 @@ import pandas as pd
 from scipy import ndimage
 from scipy.signal import fftconvolve
 
-from lsdm_aug.config import rating_level
+from lsdm_aug.config import RATING_LEVELS, rating_level
 from lsdm_aug.data.lidc import RATING_NAMES, NoduleMaskBank, load_nodule_table
 from lsdm_aug.data.nodule_appearance import render_nodule
 from lsdm_aug.data.prepared import PreparedCase, PreparedDataset, PreparedDatasetWriter, hu_to_unit
@@ -574,9 +574,16 @@ def _paint(hu: np.ndarray, cover: np.ndarray, value) -> None:
 
 
 def rating_histogram(nodules: Sequence[dict] | pd.DataFrame, rating: str) -> pd.Series:
-    """Share of nodules at each rounded level of ``rating`` (for comparing phantom and database)."""
+    """Share of nodules at each rounded level of ``rating`` on its own scale (calcification 1..6, the rest 1..5), for
+    comparing phantom and database.
+
+    Example:
+        >>> rating_histogram(pd.DataFrame({"calcification": [6.0, 6.0, 3.0, 5.6]}), "calcification").to_dict()
+        {3: 0.25, 6: 0.75}
+    """
     values = pd.DataFrame(nodules)[rating] if not isinstance(nodules, pd.DataFrame) else nodules[rating]
-    return pd.Series(rating_level(values.to_numpy()), index=values.index).value_counts(normalize=True).sort_index()
+    levels = rating_level(values.to_numpy(), RATING_LEVELS.get(rating, 5))
+    return pd.Series(levels, index=values.index).value_counts(normalize=True).sort_index()
 
 
 def phantom_case(phantom: ChestPhantom, index: int, seed: int) -> PreparedCase:

@@ -346,3 +346,11 @@ def test_prepare_phantom_rejects_a_bad_count(tmp_path):
     with pytest.raises(ValueError, match="0"):
         prepare_phantom(tmp_path / "none", count=0, config=PHANTOM)
     assert not (tmp_path / "none").exists()
+
+
+def test_rating_histograms_keep_each_ratings_own_scale():
+    import pandas as pd
+
+    table = pd.DataFrame({"calcification": [6.0, 6.0, 3.0, 5.6], "texture": [5.0, 4.6, 1.0, 6.0]})
+    assert rating_histogram(table, "calcification").to_dict() == {3: 0.25, 6: 0.75}  # "absent" is a level of its own
+    assert rating_histogram(table, "texture").to_dict() == {1: 0.25, 5: 0.75}
