@@ -854,9 +854,11 @@ def control_markdown(report: dict[str, Any], heading: str = "##") -> list[str]:
     Fréchet relative to no guidance, seconds per insertion) and the guidance grid."""
     ctrl = report["control"]
     names = [g["name"] for g in report["settings"]["settings"]]
+    with_intervals = any(v for f in ctrl.get("per_feature_interval", {}).values() for v in f.values())
     lines = [f"{heading} Control AUC per guidance setting (level 1 vs 5; malignancy 1-2 vs 4-5)", "",
-             f"{report['settings']['count']} insertions per requested level; in brackets the 95 % bootstrap interval "
-             f"over them (each class resampled, {AUC_RESAMPLES} times).", "",
+             f"{report['settings']['count']} insertions per requested level" + (
+                 f"; in brackets the 95 % bootstrap interval over them (each class resampled, {AUC_RESAMPLES} times)."
+                 if with_intervals else "."), "",
              "| feature | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
     for feature, aucs in ctrl["per_feature"].items():
         intervals = ctrl.get("per_feature_interval", {}).get(feature, {})
