@@ -21,6 +21,7 @@ from lsdm_aug.config import rating_level
 from lsdm_aug.data.lidc import load_nodule_table
 from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig, prepare_phantom, rating_histogram
 from lsdm_aug.data.semantic import lung_mask_from_hu
+from lsdm_aug.metrics.auc import roc_auc
 from lsdm_aug.transforms.core import nodule_outline, usable_nodule_table
 
 RATINGS = ("malignancy", "texture", "calcification", "spiculation", "lobulation", "margin")
@@ -217,25 +218,30 @@ def appearance_signal(table: pd.DataFrame, seed: int = 0) -> dict:
                         "texture and margin": float(roc_auc_score(malignant, plain))}}
 
 
+def _stratum_groups(score: np.ndarray, positive: np.ndarray, stratum: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(positives' scores, negatives' scores) of every stratum that holds both."""
+    groups = [(score[(stratum == k) & positive], score[(stratum == k) & ~positive]) for k in np.unique(stratum)]
+    return [(high, low) for high, low in groups if len(high) and len(low)]
+
+
 def _within_stratum_pairs(positive: np.ndarray, stratum: np.ndarray) -> int:
-    return int(sum(positive[stratum == k].sum() * (~positive[stratum == k]).sum() for k in np.unique(stratum)))
+    return sum(len(high) * len(low) for high, low in _stratum_groups(positive.astype(float), positive, stratum))
 
 
 def _within_stratum_auc(score: np.ndarray, positive: np.ndarray, stratum: np.ndarray) -> float:
-    """The chance that a positive scores above a negative of its own stratum (ties half), over all such pairs.
+    """The chance that a positive scores above a negative of its own stratum (ties half), over all such pairs:
+    each stratum's AUC weighted by its pairs.
 
     Example:
         >>> _within_stratum_auc(np.array([2.0, 1.0, 0.0, 5.0]), np.array([True, False, True, False]),
         ...                     np.array([0, 0, 1, 1]))
         0.5
     """
-    above = pairs = 0.0
-    for k in np.unique(stratum):
-        here = stratum == k
-        difference = score[here & positive][:, None] - score[here & ~positive][None, :]
-        above += float((difference > 0).sum() + 0.5 * (difference == 0).sum())
-        pairs += difference.size
-    return above / pairs if pairs else float("nan")
+    groups = _stratum_groups(score, positive, stratum)
+    pairs = sum(len(high) * len(low) for high, low in groups)
+    if not pairs:
+        return float("nan")
+    return sum(roc_auc(high, low) * len(high) * len(low) for high, low in groups) / pairs
 
 
 def appearance_signal_markdown(signal: dict) -> list[str]:

@@ -340,7 +340,8 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
 
 
 def _auc_with_interval(high: np.ndarray, low: np.ndarray, seed: int) -> tuple[float, list[float]]:
-    """The AUC of ``high`` against ``low`` and its 95 % bootstrap interval (each class resampled, 1000 times)."""
+    """The AUC of ``high`` against ``low`` and its 95 % bootstrap interval (each class resampled
+    :data:`AUC_RESAMPLES` times)."""
     return roc_auc(high, low), list(auc_interval(high, low, resamples=AUC_RESAMPLES, seed=seed))
 
 
