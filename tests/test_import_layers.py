@@ -8,7 +8,7 @@ from pathlib import Path
 import lsdm_aug
 
 PACKAGE = Path(lsdm_aug.__file__).parent
-LAYERS = ("config", "progress", "data", "models", "sampling", "training", "editing", "pipeline", "metrics", "bank",
+LAYERS = ("config", "progress", "lifetime", "data", "models", "sampling", "training", "editing", "pipeline", "metrics", "bank",
           "transforms", "synthesis", "nnunet", "benchmarks", "cli")
 
 

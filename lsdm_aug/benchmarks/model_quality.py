@@ -50,6 +50,7 @@ from lsdm_aug.data.prepared import (PreparedDataset, atomic_write_figure, atomic
                                     hu_to_unit, unit_to_hu)
 from lsdm_aug.data.semantic import SemanticLabel, semantic_map_from_hu
 from lsdm_aug.editing import DEFAULT_MAX_REDRAWS, NOT_CALCIFIED, SATURATED_HU, checked_max_redraws
+from lsdm_aug.lifetime import exit_with_parent
 from lsdm_aug.metrics.auc import auc_interval, roc_auc
 from lsdm_aug.metrics.evaluator import NoduleEvaluator, nodule_crops
 from lsdm_aug.metrics.features import frechet_distance
@@ -712,7 +713,9 @@ def _work_through(context: _Context, sections: list[tuple[str, Callable[[], Any]
 
 def _helper(settings: QualitySettings) -> None:
     """A second process of :func:`run_model_quality` (``workers`` = 2): the sections the main process reaches last,
-    from the end (the other spacings, then the guidance settings backwards, once the evaluators exist)."""
+    from the end (the other spacings, then the guidance settings backwards, once the evaluators exist). It ends with
+    the main process, also when that one is killed by a signal."""
+    exit_with_parent()
     torch.set_num_threads(1)
     context = _Context.build(settings)
     _work_through(context, context.spacing_sections()[::-1])

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lsdm_aug.lifetime import exit_with_parent
+
 __all__ = ["train", "trainer_class", "profile_iterations"]
 
 
@@ -193,6 +195,7 @@ def _main(job_json: str) -> None:
     writing the minutes of each into ``timing.json`` there; ``"train": false`` predicts with the trained run's
     final checkpoint; ``"tile_size"``: see :func:`predict_folder`. With ``"profile": {"iterations": N, "out": path}``:
     write :func:`profile_iterations` to ``path`` instead."""
+    exit_with_parent()  # a benchmark killed by a signal takes its nnU-Net runs with it
     job = json.loads(job_json)
     if "profile" in job:
         figures = profile_iterations(job["dataset"], job["configuration"], int(job["profile"]["iterations"]),
