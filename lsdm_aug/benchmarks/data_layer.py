@@ -21,7 +21,7 @@ from lsdm_aug.config import rating_level
 from lsdm_aug.data.lidc import load_nodule_table
 from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig, prepare_phantom, rating_histogram
 from lsdm_aug.data.semantic import lung_mask_from_hu
-from lsdm_aug.metrics.auc import roc_auc
+from lsdm_aug.metrics.auc import labelled_auc, roc_auc
 from lsdm_aug.transforms.core import nodule_outline, usable_nodule_table
 
 RATINGS = ("malignancy", "texture", "calcification", "spiculation", "lobulation", "margin")
@@ -190,7 +190,6 @@ def appearance_signal(table: pd.DataFrame, seed: int = 0) -> dict:
         True
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     rated = table[(table.malignancy <= 2) | (table.malignancy >= 4)]
@@ -214,8 +213,8 @@ def appearance_signal(table: pd.DataFrame, seed: int = 0) -> dict:
             "within_stratum": {"texture and margin": judged(both),
                                "texture and margin, fitted on all": judged(both, cross_validated=False),
                                **{name: judged(level) for name, level in levels.items()}},
-            "overall": {"diameter": float(roc_auc_score(malignant, rated.diameter_mm)),
-                        "texture and margin": float(roc_auc_score(malignant, plain))}}
+            "overall": {"diameter": float(labelled_auc(malignant, rated.diameter_mm)),
+                        "texture and margin": float(labelled_auc(malignant, plain))}}
 
 
 def _stratum_groups(score: np.ndarray, positive: np.ndarray, stratum: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -331,7 +330,6 @@ def outline_signal(table: pd.DataFrame, spacing_mm: float = 0.7, seed: int = 0) 
     only the outline: per rating, the ROC AUC (<= 2 vs >= 4) of each :data:`SHAPE_DESCRIPTORS` alone and of a
     logistic regression on all of them (5-fold cross-validated), on each nodule's centre layer at ``spacing_mm``."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -350,7 +348,7 @@ def outline_signal(table: pd.DataFrame, spacing_mm: float = 0.7, seed: int = 0) 
         high = (chosen[rating] >= 4).to_numpy()
         single = {}
         for name in SHAPE_DESCRIPTORS:
-            auc = roc_auc_score(high, chosen[name])
+            auc = labelled_auc(high, chosen[name])
             single[name] = float(max(auc, 1 - auc))
         model = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced"))
         predicted = cross_val_predict(model, chosen[list(SHAPE_DESCRIPTORS)].to_numpy(), high, method="predict_proba",
@@ -358,9 +356,9 @@ def outline_signal(table: pd.DataFrame, spacing_mm: float = 0.7, seed: int = 0) 
         levels = rating_level(chosen[rating].to_numpy())
         extremes = (levels == 1) | (levels == 5)  # the levels the control gate requests
         out[rating] = {"low": int((~high).sum()), "high": int(high.sum()), "single": single,
-                       "all_descriptors": float(roc_auc_score(high, predicted)),
+                       "all_descriptors": float(labelled_auc(high, predicted)),
                        "extremes": {"low": int((levels == 1).sum()), "high": int((levels == 5).sum()),
-                                    "all_descriptors": float(roc_auc_score(high[extremes], predicted[extremes]))}}
+                                    "all_descriptors": float(labelled_auc(high[extremes], predicted[extremes]))}}
     return out
 
 

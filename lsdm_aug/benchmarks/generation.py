@@ -32,11 +32,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.metrics import MultiScaleSSIMMetric, SSIMMetric, compute_roc_auc
+from monai.metrics import MultiScaleSSIMMetric, SSIMMetric
 
 from lsdm_aug.benchmarks.recipes import load_benchmark_recipe
 from lsdm_aug.config import FEATURES, load_recipe, rating_level
 from lsdm_aug.data.prepared import PreparedDataset, atomic_write_text
+from lsdm_aug.metrics.auc import labelled_auc
 from lsdm_aug.metrics.evaluator import NoduleEvaluator, nodule_crops
 from lsdm_aug.metrics.features import SliceFeatures, frechet_distance, train_slice_features
 from lsdm_aug.models.perceptual import PerceptualDistance
@@ -246,7 +247,7 @@ def control(pipe: LSDMPipeline, data: HeldOut, evaluators: dict[str, NoduleEvalu
         scores = np.concatenate([evaluator.high_probability(nodule_crops(images, data.centres, evaluator.crop_px))
                                  for images in (high, low)])
         labels = np.concatenate([np.ones(len(high)), np.zeros(len(low))])
-        return float(compute_roc_auc(torch.from_numpy(scores), torch.from_numpy(labels)))
+        return labelled_auc(labels, scores)
 
     result = {"per_feature": {f: auc(f, recipe.guidance_scale) for f in evaluators if f in pipe.classifiers}}
     if "malignancy" in pipe.classifiers:

@@ -12,6 +12,8 @@ Example:
     >>> high, low = np.array([0.9, 0.8, 0.7, 0.4]), np.array([0.5, 0.3, 0.2, 0.1])
     >>> roc_auc(high, low)
     0.9375
+    >>> labelled_auc([1, 1, 1, 1, 0, 0, 0, 0], np.r_[high, low])  # the same, from labels and scores
+    0.9375
     >>> lower, upper = auc_interval(high, low, resamples=200, seed=0)
     >>> bool(lower <= 0.9375 <= upper <= 1.0)
     True
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["roc_auc", "auc_interval"]
+__all__ = ["roc_auc", "labelled_auc", "auc_interval"]
 
 
 def _scores(values: np.ndarray, name: str) -> np.ndarray:
@@ -38,6 +40,20 @@ def roc_auc(high: np.ndarray, low: np.ndarray) -> float:
     ``high`` scores above one of ``low`` (ties count half)."""
     high, low = _scores(high, "high"), _scores(low, "low")
     return float(_auc(high, low))
+
+
+def labelled_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """:func:`roc_auc` of ``scores`` whose ``labels`` (0 / 1 or bool, one per score) are 1 for the positive class:
+    scikit-learn's ``roc_auc_score(labels, scores)``."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    if labels.shape != scores.shape or labels.ndim != 1 or not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"labels must be one 0 / 1 label per score, got labels of shape {labels.shape} with values "
+                         f"{sorted(set(np.unique(labels).tolist()))[:5]} for scores of shape {scores.shape}")
+    positive = labels.astype(bool)
+    if positive.all() or not positive.any():
+        raise ValueError(f"labels must hold both a positive (1) and a negative (0) score, got {len(labels)} labels "
+                         f"all {int(positive[0]) if len(labels) else 'absent'}")
+    return roc_auc(scores[positive], scores[~positive])
 
 
 def _auc(high: np.ndarray, low: np.ndarray, axis: int = -1) -> np.ndarray:

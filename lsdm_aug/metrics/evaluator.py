@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from monai.networks.nets import Classifier
 
 from lsdm_aug.data.prepared import PreparedDataset
+from lsdm_aug.metrics.auc import labelled_auc
 
 __all__ = ["NoduleEvaluator", "nodule_crops"]
 
@@ -69,8 +70,6 @@ class NoduleEvaluator:
     def train(cls, data_dir: str | Path, crop_px: int = 32, steps: int = 600, batch_size: int = 64,
               seed: int = 0, feature: str = "malignancy") -> tuple[NoduleEvaluator, dict[str, float]]:
         """Train on the train split (class-balanced batches, flips as augmentation); report validation AUC."""
-        from monai.metrics import compute_roc_auc
-
         from lsdm_aug.config import FEATURES
 
         if feature not in FEATURES:
@@ -100,7 +99,7 @@ class NoduleEvaluator:
         scores = evaluator.high_probability(val_crops)
         auc = float("nan")  # a validation split without both classes has no AUC
         if len(np.unique(val_labels)) == 2:
-            auc = float(compute_roc_auc(torch.from_numpy(scores), torch.from_numpy(val_labels)))
+            auc = labelled_auc(val_labels, scores)
         return evaluator, {"feature": feature, "validation_auc": auc, "train_nodules": int(len(labels)),
                            "validation_nodules": int(len(val_labels))}
 

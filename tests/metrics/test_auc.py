@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from lsdm_aug.metrics.auc import auc_interval, roc_auc
+from lsdm_aug.metrics.auc import auc_interval, labelled_auc, roc_auc
 
 
 def test_the_auc_is_scikit_learns_with_ties_counting_half():
@@ -15,6 +15,22 @@ def test_the_auc_is_scikit_learns_with_ties_counting_half():
     expected = roc_auc_score(np.r_[np.ones(9), np.zeros(7)], np.r_[high, low])
     assert roc_auc(high, low) == pytest.approx(expected)
     assert roc_auc(np.array([1.0]), np.array([1.0])) == 0.5
+
+
+@pytest.mark.parametrize("label_type", [bool, int, float])
+def test_the_auc_from_labels_is_scikit_learns_in_any_order(label_type):
+    rng = np.random.default_rng(2)
+    labels, scores = rng.integers(0, 2, 40), rng.integers(0, 6, 40).astype(float)
+    assert labelled_auc(labels.astype(label_type), scores) == pytest.approx(roc_auc_score(labels, scores))
+    order = rng.permutation(40)
+    assert labelled_auc(labels[order], scores[order]) == labelled_auc(labels, scores)
+
+
+@pytest.mark.parametrize("labels, named", [([0, 1, 2], "values \\[0, 1, 2\\]"), ([0, 1], "shape \\(2,\\)"),
+                                           ([1, 1, 1], "a positive \\(1\\) and a negative \\(0\\)")])
+def test_labels_that_cannot_make_an_auc_are_named(labels, named):
+    with pytest.raises(ValueError, match=named):
+        labelled_auc(np.array(labels), np.array([0.1, 0.2, 0.3]))
 
 
 def test_the_interval_holds_the_auc_narrows_with_more_requests_and_repeats_with_its_seed():

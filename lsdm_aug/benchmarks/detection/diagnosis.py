@@ -27,6 +27,7 @@ import pandas as pd
 from scipy import ndimage
 
 from lsdm_aug.data.nnunet_format import read_case
+from lsdm_aug.metrics.auc import labelled_auc
 
 __all__ = ["APPEARANCE_FEATURES", "nodule_measurements", "background_of", "added_label", "dataset_nodules",
            "appearance_auc", "diagnose"]
@@ -159,7 +160,6 @@ def appearance_auc(real: pd.DataFrame, other: pd.DataFrame, seed: int = 0, folds
     set drawn like the real one still scatters by about ±0.15 around 0.5 (hence copy-paste as the control).
     ``None`` when either side has fewer nodules than folds."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -170,7 +170,7 @@ def appearance_auc(real: pd.DataFrame, other: pd.DataFrame, seed: int = 0, folds
                                              other[list(APPEARANCE_FEATURES)].to_numpy(float)]))
     target = np.r_[np.zeros(len(real)), np.ones(len(other))]
     model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
-    aucs = [roc_auc_score(target, cross_val_predict(model, features, target, method="predict_proba",
+    aucs = [labelled_auc(target, cross_val_predict(model, features, target, method="predict_proba",
                                                     cv=StratifiedKFold(folds, shuffle=True,
                                                                        random_state=seed + r))[:, 1])
             for r in range(repeats)]
