@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["write_case", "read_case", "write_dataset_json", "case_paths", "LABELS", "SLICE_THICKNESS_2D"]
+__all__ = ["write_case", "read_case", "read_label", "write_dataset_json", "case_paths", "LABELS", "SLICE_THICKNESS_2D"]
 
 LABELS = {"background": 0, "nodule": 1}
 SLICE_THICKNESS_2D = 999.0
@@ -67,13 +67,18 @@ def write_case(root: str | Path, case_id: str, image_hu: np.ndarray, label: np.n
 def read_case(root: str | Path, case_id: str) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     """(image, label, spacing (row, col[, slice]) in mm) of a case, 2D when it has one slice; an image of several
     channels has them on a leading axis."""
-    image_path, label_path = case_paths(root, case_id)
-    label = _read(label_path)[0]
+    image_path, _ = case_paths(root, case_id)
+    label, _ = read_label(root, case_id)
     images = [_read(image_path)]
     while (path := case_paths(root, case_id, len(images))[0]).is_file():
         images.append(_read(path))
     image = images[0][0] if len(images) == 1 else np.stack([array for array, _ in images])
     return image, label, images[0][1]
+
+
+def read_label(root: str | Path, case_id: str) -> tuple[np.ndarray, tuple[float, ...]]:
+    """(label, spacing in mm) of a case without reading its image (what scoring a prediction needs)."""
+    return _read(case_paths(root, case_id)[1])
 
 
 def _read(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:

@@ -104,10 +104,9 @@ def detect_case(probability: np.ndarray, reference: np.ndarray, threshold: float
         raise ValueError(f"peaks must be >= 0 and peak_distance >= 1, got {peaks} and {peak_distance}")
     components, n_components = ndimage.label(_local_maxima(probability, peaks, peak_distance) if peaks
                                              else probability >= threshold)
-    scores = ndimage.maximum(probability, components, range(1, n_components + 1)) if n_components else []
-    centres = np.atleast_2d(ndimage.center_of_mass(np.ones_like(probability), components, range(1, n_components + 1)))
-    lesion_centres = np.atleast_2d(ndimage.center_of_mass(np.ones_like(probability), lesions, lesion_ids))
-    areas = ndimage.sum(np.ones_like(probability), lesions, lesion_ids) if n_lesions else np.zeros(0)
+    scores = _label_maxima(probability, components, n_components)
+    centres, _ = _label_centres(components, range(1, n_components + 1))
+    lesion_centres, areas = _label_centres(lesions, lesion_ids)
     radii = np.maximum(np.sqrt(np.asarray(areas) / np.pi) if probability.ndim == 2
                        else np.cbrt(np.asarray(areas) * 3 / (4 * np.pi)), MIN_RADIUS_PX)
     found, claimed = [], set()
@@ -129,10 +128,31 @@ def _local_maxima(probability: np.ndarray, count: int, distance: int) -> np.ndar
     peak = (probability == ndimage.maximum_filter(probability, size=2 * distance + 1)) & (probability > 0)
     plateaus, n = ndimage.label(peak)
     if n > count:
-        heights = ndimage.maximum(probability, plateaus, range(1, n + 1))
-        keep = np.argsort(-np.asarray(heights), kind="stable")[:count] + 1
+        heights = _label_maxima(probability, plateaus, n)
+        keep = np.argsort(-heights, kind="stable")[:count] + 1
         peak = np.isin(plateaus, keep)
     return peak
+
+
+def _label_maxima(values: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
+    """The largest of ``values`` under each label 1..``count`` of ``labels`` (what ``ndimage.maximum`` gives, over
+    the labelled pixels only: ndimage sorts the whole image once per call)."""
+    inside = labels > 0
+    maxima = np.full(count + 1, -np.inf)
+    np.maximum.at(maxima, labels[inside], values[inside])
+    return maxima[1:]
+
+
+def _label_centres(labels: np.ndarray, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean pixel coordinates (one row per id) and pixel counts of the labels ``ids`` of an integer ``labels``
+    array (``ndimage.center_of_mass`` of ones and ``ndimage.sum``, over the labelled pixels only)."""
+    ids = np.asarray(ids, dtype=np.intp)
+    coordinates = np.nonzero(labels)
+    index = labels[coordinates].astype(np.intp)
+    length = max(int(index.max(initial=0)), int(ids.max(initial=0))) + 1
+    counts = np.bincount(index, minlength=length)
+    sums = np.stack([np.bincount(index, weights=axis, minlength=length) for axis in coordinates], axis=-1)
+    return sums[ids] / np.maximum(counts[ids], 1)[:, None], counts[ids].astype(float)
 
 
 @dataclass(frozen=True)

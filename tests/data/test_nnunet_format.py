@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from lsdm_aug.data.nnunet_format import case_paths, read_case, write_case, write_dataset_json
+from lsdm_aug.data.nnunet_format import case_paths, read_case, read_label, write_case, write_dataset_json
 
 
 def test_a_slice_with_its_neighbours_round_trips_as_one_file_per_channel(tmp_path):
@@ -16,10 +16,13 @@ def test_a_slice_with_its_neighbours_round_trips_as_one_file_per_channel(tmp_pat
     label = (rng.random((16, 20)) > 0.8).astype(np.uint8)
     write_case(tmp_path, "case_0", slab, label, (0.7, 0.8))
     assert [case_paths(tmp_path, "case_0", c)[0].is_file() for c in range(4)] == [True, True, True, False]
-    image, read_label, spacing = read_case(tmp_path, "case_0")
+    image, labels, spacing = read_case(tmp_path, "case_0")
     np.testing.assert_array_equal(image, slab)
-    np.testing.assert_array_equal(read_label, label)
+    np.testing.assert_array_equal(labels, label)
     assert spacing == pytest.approx((0.7, 0.8))
+    labels_only, spacing_only = read_label(tmp_path, "case_0")  # what scoring reads: no image channels
+    np.testing.assert_array_equal(labels_only, label)
+    assert spacing_only == spacing
 
 
 def test_a_single_channel_slice_reads_back_without_a_channel_axis(tmp_path):

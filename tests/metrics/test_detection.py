@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from monai.metrics import compute_froc_curve_data
+from scipy import ndimage
 
 from lsdm_aug.metrics.detection import (LUNA16_FP_RATES, Candidate, CaseDetections, detect_case, dice, froc,
                                         score_at_rate, sensitivity_by_group)
@@ -133,3 +134,24 @@ def test_froc_single_pass_matches_the_threshold_by_threshold_definition():
         expected = min((t for t in {c.score for case in cases for c in case.candidates}
                         if sum(case.false_positives(t) for case in cases) / len(cases) <= rate), default=float("inf"))
         assert score_at_rate(cases, rate) == expected
+
+
+@pytest.mark.parametrize("shape", [(40, 50), (3, 20, 30)])
+def test_per_label_maxima_centres_and_sizes_are_ndimages(shape):
+    """The per-label figures detect_case ranks and matches by, over labelled pixels only, equal scipy's."""
+    from lsdm_aug.metrics.detection import _label_centres, _label_maxima
+
+    rng = np.random.default_rng(3)
+    values = rng.random(shape)
+    labels, count = ndimage.label(rng.random(shape) > 0.7)
+    ids = range(1, count + 1)
+    np.testing.assert_array_equal(_label_maxima(values, labels, count), ndimage.maximum(values, labels, ids))
+    centres, sizes = _label_centres(labels, ids)
+    np.testing.assert_allclose(centres, ndimage.center_of_mass(np.ones(shape), labels, ids), rtol=1e-12)
+    np.testing.assert_array_equal(sizes, ndimage.sum(np.ones(shape), labels, ids))
+    instance_ids = [2, 5]  # an instance map's own ids, not 1..n
+    instances = np.where(labels == 1, 5, np.where(labels == 2, 2, 0))
+    centres, sizes = _label_centres(instances, instance_ids)
+    np.testing.assert_allclose(centres, ndimage.center_of_mass(np.ones(shape), instances, instance_ids), rtol=1e-12)
+    empty = np.zeros(shape, int)  # nothing above the threshold, no lesion
+    assert _label_maxima(values, empty, 0).shape == (0,) and _label_centres(empty, [])[0].shape == (0, len(shape))

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from lsdm_aug.config import rating_level
-from lsdm_aug.data.nnunet_format import read_case
+from lsdm_aug.data.nnunet_format import read_label
 from lsdm_aug.metrics.detection import CaseDetections, detect_case, dice, froc, score_at_rate, sensitivity_by_group
 
 __all__ = ["evaluate", "summary", "paired_difference", "bootstrap_cpm", "size_group"]
@@ -57,7 +57,7 @@ def evaluate(test: Path, predictions: Path | int, threshold: float, peaks: int =
     cases, groups, sizes, fps, predicted, reference = [], [], [], [], [], []
     noise = np.random.default_rng(predictions) if isinstance(predictions, int) else None
     for case_id in sorted(lesions.case_id.unique()):
-        _, instances, spacing = read_case(test, case_id)
+        instances, spacing = read_label(test, case_id)
         foreground = _foreground(predictions, case_id, instances.shape, noise)
         case = detect_case(foreground, instances, threshold, instances=True, peaks=peaks)
         cases.append(case)
