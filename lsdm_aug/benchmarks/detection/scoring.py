@@ -5,9 +5,9 @@ A paired difference between two arms resamples the test *patients* (with replace
 together) and the *seeds* (with replacement, the same draw for both arms: same seed, same initial weights and
 batches), recomputes each drawn seed's CPM of both arms on the resampled patients, and takes the difference of
 the seed means; its 2.5 and 97.5 percentiles are the 95 % interval. Resampling the seeds carries the spread
-between training runs into the interval: nnU-Net on the CPU does not train the same network twice from one seed
-(a rerun of an arm on the same data moved its seeds' CPMs by up to 0.05), so patients alone would call
-differences of that size resolved. A difference is resolved when its interval excludes 0.
+between training runs into the interval: one seed on the same data trains the same network, but the smallest change
+of the data (one pixel of 48 synthetic cases) moved an arm's seeds' CPMs by up to 0.05, so patients alone would
+call differences of that size resolved. A difference is resolved when its interval excludes 0.
 
 Example:
     >>> from lsdm_aug.metrics.detection import Candidate, CaseDetections
