@@ -288,6 +288,23 @@ def test_the_report_has_its_tables_and_plots(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_curve_gives_each_sizes_paired_difference_against_real_only(tmp_path):
+    from lsdm_aug.benchmarks.detection.benchmark import _curve_comparisons
+    from lsdm_aug.metrics.detection import Candidate, CaseDetections
+
+    hit, miss = CaseDetections([Candidate(0.9, 1)], [1]), CaseDetections([Candidate(0.9, 0)], [1])
+    by_size = {8: {"real": {"detections": [[miss, miss, hit], [miss, hit, miss]]},
+                   "real+on-the-fly": {"detections": [[hit, hit, hit], [hit, hit, miss]]}},
+               48: {"real+on-the-fly": {"detections": [[hit, hit, hit]] * 2}}}  # no real only: nothing to pair
+    recipe = DetectionRecipe(seeds=(0, 1), bootstrap=200)
+    compared = _curve_comparisons(recipe, by_size, ["p1", "p2", "p3"])
+    assert [(c["train_patients"], c["arm"], c["baseline"]) for c in compared] == [(8, "real+on-the-fly", "real")]
+    assert compared[0]["mean"] > 0 and compared[0]["low"] <= compared[0]["mean"] <= compared[0]["high"]
+    report = _fake_report(tmp_path) | {"curve_comparisons": [{**compared[0], "mean": 0.25, "low": 0.1, "high": 0.4,
+                                                              "resolved": True, "seed_differences": [0.3, 0.2]}]}
+    assert "| 8 | real+on-the-fly | +0.250 | [+0.100, +0.400] | yes | +0.30, +0.20 |" in detection_markdown(report)
+
+
 def test_the_report_says_whether_the_real_only_baseline_learns_and_which_model_made_the_lsdm_arms(tmp_path):
     report = _fake_report(tmp_path) | {"lsdm_model": "phantom-512@1500/4000#71ddc4cc"}
     markdown = detection_markdown(report)  # real only at CPM 0.5 with sensitivity 0.4: met

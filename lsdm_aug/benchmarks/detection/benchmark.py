@@ -111,9 +111,11 @@ def _chance(recipe: DetectionRecipe, test: Path) -> dict[str, Any]:
     return {"runs": chance, "summary": scoring.summary(chance)}
 
 
-def _curve(recipe: DetectionRecipe, work: Path, main: dict[str, Any]) -> list[dict[str, Any]]:
-    """CPM per real training-set size and curve arm (the main size from the main runs)."""
-    points = []
+def _curve(recipe: DetectionRecipe, work: Path, main: dict[str, Any], patients: list[str]
+           ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """CPM per real training-set size and curve arm (the main size from the main runs), and at each size every
+    other curve arm's paired CPM difference against real only (:func:`_curve_comparisons`)."""
+    points, by_size = [], {}
     for size in sorted({recipe.train_patients, *recipe.curve_train_patients}):
         if size == recipe.train_patients:
             arms = {arm: main[arm] for arm in recipe.curve_arms if arm in main}
@@ -122,11 +124,27 @@ def _curve(recipe: DetectionRecipe, work: Path, main: dict[str, Any]) -> list[di
                 arms |= train_arms(recipe, work, missing)
         else:
             arms = train_arms(replace(recipe, train_patients=size), work / f"train{size}", recipe.curve_arms)
+        by_size[size] = arms
         for arm, result in arms.items():
             points.append({"train_patients": size, "arm": arm, "cpm": result["summary"]["cpm"],
                            "sensitivity": result["summary"]["sensitivity"],
                            "minutes": sum(r["minutes"] or 0 for r in result["runs"])})
-    return points
+    return points, _curve_comparisons(recipe, by_size, patients)
+
+
+def _curve_comparisons(recipe: DetectionRecipe, by_size: dict[int, dict[str, Any]], patients: list[str]
+                       ) -> list[dict[str, Any]]:
+    """At each training-set size of ``by_size`` (size -> arm -> result with ``detections``), each arm's paired CPM
+    difference against real only: how much it helps when real data is scarce, with its bootstrap interval."""
+    out = []
+    for size, arms in sorted(by_size.items()):
+        for arm in arms:
+            if arm != "real" and "real" in arms:
+                difference = scoring.paired_difference({"runs": arms[arm]["detections"]},
+                                                       {"runs": arms["real"]["detections"]}, patients,
+                                                       recipe.bootstrap, recipe.data_seed)
+                out.append({"train_patients": size, "arm": arm, "baseline": "real", **difference})
+    return out
 
 
 def run_detection(recipe: DetectionRecipe, work_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
@@ -151,7 +169,7 @@ def run_detection(recipe: DetectionRecipe, work_dir: str | Path, out_dir: str | 
         "test_patients": len(set(patients))}
     report["diagnosis"] = _diagnosis(recipe, work)
     if recipe.curve_train_patients:
-        report["curve"] = _curve(recipe, work, arms)
+        report["curve"], report["curve_comparisons"] = _curve(recipe, work, arms, patients)
     report |= {"data_minutes": data_minutes, "wall_minutes": (time.perf_counter() - started) / 60}
     out.mkdir(parents=True, exist_ok=True)
     save_froc_png(report, out / "froc.png")

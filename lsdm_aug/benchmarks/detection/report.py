@@ -210,6 +210,16 @@ def _curve_lines(report: dict[str, Any]) -> list[str]:
     for arm in arms:
         lines.append(f"| {arm} | " + " | ".join(_spread(by[(arm, n)]["cpm"]) if (arm, n) in by else "-"
                                                 for n in sizes) + " |")
+    if report.get("curve_comparisons"):
+        lines += ["", "Paired CPM differences against real only at each size (95 % interval over test patients and "
+                      "seeds):", "", "| real patients | arm | difference | 95 % interval | resolved | per seed |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for c in report["curve_comparisons"]:
+            interval = f"[{c['low']:+.3f}, {c['high']:+.3f}]" if "low" in c else "-"
+            resolved = ("yes" if c["resolved"] else "no") if "resolved" in c else "-"
+            seeds = ", ".join(f"{d:+.2f}" for d in c["seed_differences"])
+            lines.append(f"| {c['train_patients']} | {c['arm']} | {c['mean']:+.3f} | {interval} | {resolved} | "
+                         f"{seeds} |")
     return lines
 
 
