@@ -86,7 +86,7 @@ def _setup_lines(report: dict[str, Any]) -> list[str]:
             f"{' = ' + report['lsdm_model'] if report.get('lsdm_model') else ''}, "
             f"malignancy balanced, on the real training slices as backgrounds). {_slab_words(r)}nnU-Net 2D, configuration "
             f"`{CONFIGURATION}` = nnU-Net's 2d plan reduced to {patch} (stages as nnU-Net's planner gives that patch), "
-            f"features per stage {r['features_per_stage'] or 'as planned'} and batch size {batch} in every arm; CT "
+            f"features per stage {list(r['features_per_stage'] or ()) or 'as planned'} and batch size {batch} in every arm; CT "
             f"clipped to {_window_words(r.get('ct_window'))}; {_training_words(r)}; {r['num_epochs']} epochs x "
             f"{r['iterations_per_epoch']} iterations; seeds {list(r['seeds'])}; nnU-Net's sliding-window predictor on whole test slices ("
             f"{_tile_words(r)}step {r.get('tile_step_size', 0.5)}, mirroring {'on' if r['test_time_mirroring'] else 'off'}). "
@@ -190,12 +190,16 @@ def _comparison_lines(report: dict[str, Any]) -> list[str]:
     lines = ["", f"Paired CPM differences (seed means; 95 % interval from {resamples} bootstrap resamples of the "
                  f"{report.get('test_patients', '?')} {over}; resolved when the interval excludes 0):", "",
              "| arm | against | CPM difference | 95 % interval | resolved | per seed |", "| --- " * 6 + "|"]
-    for c in comparisons:
-        interval = f"[{c['low']:+.3f}, {c['high']:+.3f}]" if "low" in c else "-"
-        resolved = ("yes" if c["resolved"] else "no") if "resolved" in c else "-"
-        seeds = ", ".join(f"{d:+.2f}" for d in c["seed_differences"])
-        lines.append(f"| {c['arm']} | {c['baseline']} | {c['mean']:+.3f} | {interval} | {resolved} | {seeds} |")
+    lines += [f"| {c['arm']} | {c['baseline']} | {_difference_cells(c)} |" for c in comparisons]
     return lines
+
+
+def _difference_cells(c: dict[str, Any]) -> str:
+    """A paired difference's table cells: mean, 95 % interval, resolved, and the per-seed differences."""
+    interval = f"[{c['low']:+.3f}, {c['high']:+.3f}]" if "low" in c else "-"
+    resolved = ("yes" if c["resolved"] else "no") if "resolved" in c else "-"
+    seeds = ", ".join(f"{d:+.2f}" for d in c["seed_differences"])
+    return f"{c['mean']:+.3f} | {interval} | {resolved} | {seeds}"
 
 
 def _curve_lines(report: dict[str, Any]) -> list[str]:
@@ -214,12 +218,8 @@ def _curve_lines(report: dict[str, Any]) -> list[str]:
         lines += ["", "Paired CPM differences against real only at each size (95 % interval over test patients and "
                       "seeds):", "", "| real patients | arm | difference | 95 % interval | resolved | per seed |",
                   "| --- | --- | --- | --- | --- | --- |"]
-        for c in report["curve_comparisons"]:
-            interval = f"[{c['low']:+.3f}, {c['high']:+.3f}]" if "low" in c else "-"
-            resolved = ("yes" if c["resolved"] else "no") if "resolved" in c else "-"
-            seeds = ", ".join(f"{d:+.2f}" for d in c["seed_differences"])
-            lines.append(f"| {c['train_patients']} | {c['arm']} | {c['mean']:+.3f} | {interval} | {resolved} | "
-                         f"{seeds} |")
+        lines += [f"| {c['train_patients']} | {c['arm']} | {_difference_cells(c)} |"
+                  for c in report["curve_comparisons"]]
     return lines
 
 
