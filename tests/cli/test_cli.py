@@ -91,3 +91,18 @@ def test_prepare_lidc_bad_roots(tmp_path):
 def test_preview_of_a_folder_that_is_not_a_dataset(tmp_path):
     result = invoke("preview", tmp_path, "--out", tmp_path / "grid.png")
     assert result.exit_code == 2 and "is not a prepared dataset" in result.output
+
+
+@pytest.mark.parametrize("command", [["synthesize"], ["bank", "build"]])
+@pytest.mark.parametrize(("args", "message"), [
+    (["--count", "0"], "--count must be > 0, got 0"),
+    (["--guidance-scale", "-1"], "--guidance-scale must be >= 0, got -1.0"),
+    (["--cfg-scale", "-0.5"], "--cfg-scale must be >= 0, got -0.5"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+])
+def test_generating_commands_refuse_the_same_options_alike(tmp_path, command, args, message):
+    out = tmp_path / "out"
+    result = invoke(*command, "--out", out, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
