@@ -198,9 +198,7 @@ class DiffusionTraining:
     ``feature_dropout`` drop the feature vector of a feature-conditioned U-Net (all four / each alone) for
     classifier-free guidance; ``feature_lr_scale`` multiplies the learning rate of the feature embedding alone
     (it starts at zero and, at the U-Net's rate, hardly moves in a few thousand CPU steps).
-    ``nodule_balance`` names a conditioned feature whose levels the nodule windows are balanced over (each
-    level present drawn equally often, then a nodule of it; '' draws a slice, then one of its nodules), so that
-    a rare level is learned from as many windows as a common one. ``nodule_loss_weight`` weighs the noise error on the nodules' latent footprint (dilated by one latent pixel)
+    ``nodule_loss_weight`` weighs the noise error on the nodules' latent footprint (dilated by one latent pixel)
     that many times the rest (1: the thesis's plain MSE): a nodule covers about 1 % of a 32 x 32 window, so with
     plain MSE the U-Net learns the nodule and its feature vector from a sliver of the gradient. ``init_from`` starts
     from another model folder's U-Net (keys that the other
@@ -216,7 +214,6 @@ class DiffusionTraining:
     validate_every: int = 1000
     crop_px: int = 0
     nodule_share: float = 0.5
-    nodule_balance: str = ""
     feature_dropout_all: float = 0.15
     feature_dropout: float = 0.15
     feature_lr_scale: float = 1.0
@@ -224,10 +221,7 @@ class DiffusionTraining:
     init_from: str | None = None
     max_train_slices: int = 0
 
-    def validate(self, downsampling: int, features: tuple[str, ...] = FEATURES) -> None:
-        if self.nodule_balance and self.nodule_balance not in features:
-            raise RecipeError(f"train_diffusion.nodule_balance must be '' or one of the U-Net's conditioned features "
-                              f"{list(features)}, got {self.nodule_balance!r}")
+    def validate(self, downsampling: int) -> None:
         if self.max_train_slices < 0:
             raise RecipeError(f"train_diffusion.max_train_slices must be >= 0 (0: all), got {self.max_train_slices}")
         if self.crop_px < 0 or self.crop_px % downsampling:
@@ -305,7 +299,7 @@ class Recipe:
                               f"{self.autoencoder.downsampling}")
         for part in (self.autoencoder, self.diffusion, self.classifiers, self.train_classifiers):
             part.validate()
-        self.train_diffusion.validate(self.autoencoder.downsampling, tuple(self.diffusion.conditioned_features))
+        self.train_diffusion.validate(self.autoencoder.downsampling)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -107,12 +107,7 @@ class LatentCrops:
             :func:`~lsdm_aug.models.unet.feature_levels`), F the same for every slice.
         crop_latent_px: window side in latent pixels (whole slices when it is not smaller than the latent).
         factor: the autoencoder's downsampling.
-        nodule_share: share of windows placed around a nodule (on slices that have one; with
-            ``balance_column``, of all windows).
-        balance_column: a column of the feature rows whose levels the nodule windows are balanced over: a
-            window around a nodule first draws a level (uniformly among the levels present, 0 "not rated"
-            left out), then a nodule of that level, so a rare level (LIDC's part-solid texture 3) is seen as
-            often as a common one. ``None``: a random slice, then one of its nodules.
+        nodule_share: share of windows placed around a nodule (on slices that have one).
 
     Example:
         >>> crops = LatentCrops(data, masks, levels, crop_latent_px=32, factor=4)  # doctest: +SKIP
@@ -120,8 +115,7 @@ class LatentCrops:
     """
 
     def __init__(self, data: LatentData, nodule_masks: torch.Tensor, nodule_levels: list[torch.Tensor],
-                 crop_latent_px: int, factor: int, nodule_share: float = 0.5, balance_column: int | None = None
-                 ) -> None:
+                 crop_latent_px: int, factor: int, nodule_share: float = 0.5) -> None:
         if not 0.0 <= nodule_share <= 1.0:
             raise ValueError(f"nodule_share must be in [0, 1], got {nodule_share!r}")
         if len(nodule_masks) != len(data) or len(nodule_levels) != len(data):
@@ -135,26 +129,6 @@ class LatentCrops:
         self.size = min(crop_latent_px, *data.latents.shape[-2:])
         self.factor, self.nodule_share = factor, nodule_share
         self.centres = [self._centres(mask, len(levels)) for mask, levels in zip(nodule_masks, nodule_levels)]
-        if balance_column is not None and not 0 <= balance_column < max(self.width, 1):
-            raise ValueError(f"balance_column must index the {self.width} feature columns, got {balance_column!r}")
-        self.balance_column = balance_column
-        self.pools = self._pools(balance_column) if balance_column is not None else {}
-
-    def _pools(self, column: int) -> dict[int, list[tuple[int, tuple[float, float]]]]:
-        """Per level of ``column`` (0 left out), the nodules of that level as (slice index, centre)."""
-        pools: dict[int, list[tuple[int, tuple[float, float]]]] = {}
-        for index, (centres, levels) in enumerate(zip(self.centres, self.levels)):
-            for k, centre in self._present(index, centres, levels):
-                level = int(levels[k, column])
-                if level:
-                    pools.setdefault(level, []).append((index, centre))
-        return dict(sorted(pools.items()))
-
-    def _present(self, index: int, centres: list[tuple[float, float]], levels: torch.Tensor
-                 ) -> list[tuple[int, tuple[float, float]]]:
-        """(nodule row, centre) of the nodules present in slice ``index``'s mask."""
-        present = [k for k in range(len(levels)) if bool((self.masks[index] == k + 1).any())]
-        return list(zip(present, centres))
 
     @staticmethod
     def _centres(mask: torch.Tensor, count: int) -> list[tuple[float, float]]:
@@ -174,34 +148,13 @@ class LatentCrops:
             return 0, 0
         centres = self.centres[index]
         if centres and torch.rand((), generator=generator) < self.nodule_share:
-            return self._around(centres[int(torch.randint(len(centres), (), generator=generator))], generator)
-        return self._anywhere(generator)
-
-    def _anywhere(self, generator: torch.Generator) -> tuple[int, int]:
-        """A uniformly placed window."""
-        height, width = self.data.latents.shape[-2:]
-        if self.size >= min(height, width):
-            return 0, 0
-        return (int(torch.randint(height - self.size + 1, (), generator=generator)),
-                int(torch.randint(width - self.size + 1, (), generator=generator)))
-
-    def _around(self, centre: tuple[float, float], generator: torch.Generator) -> tuple[int, int]:
-        """A window holding the nodule at ``centre`` (image pixels), shifted by up to a quarter of its side."""
-        height, width = self.data.latents.shape[-2:]
-        if self.size >= min(height, width):
-            return 0, 0
-        jitter = torch.randint(-(self.size // 4), self.size // 4 + 1, (2,), generator=generator)
-        top = int(centre[0] / self.factor - self.size / 2 + jitter[0])
-        left = int(centre[1] / self.factor - self.size / 2 + jitter[1])
+            row, col = centres[int(torch.randint(len(centres), (), generator=generator))]
+            jitter = torch.randint(-(self.size // 4), self.size // 4 + 1, (2,), generator=generator)
+            top, left = int(row / self.factor - self.size / 2 + jitter[0]), int(col / self.factor - self.size / 2 + jitter[1])
+        else:
+            top = int(torch.randint(height - self.size + 1, (), generator=generator))
+            left = int(torch.randint(width - self.size + 1, (), generator=generator))
         return min(max(top, 0), height - self.size), min(max(left, 0), width - self.size)
-
-    def _placed(self, generator: torch.Generator) -> tuple[int, int, int]:
-        """(slice index, top, left) of one training window."""
-        if self.pools and torch.rand((), generator=generator) < self.nodule_share:
-            pool = list(self.pools.values())[int(torch.randint(len(self.pools), (), generator=generator))]
-            index, centre = pool[int(torch.randint(len(pool), (), generator=generator))]
-            return index, *self._around(centre, generator)
-        return int(torch.randint(len(self.data), (), generator=generator)), *self._anywhere(generator)
 
     def _shown_levels(self, index: int, rows: slice, cols: slice) -> torch.Tensor:
         """The levels of the nodule with the most pixels in the window (zeros: none there)."""
@@ -216,12 +169,8 @@ class LatentCrops:
         """``count`` windows (latent, condition with feature levels), drawn with ``generator``."""
         device = device or self.data.latents.device
         latents, semantic_latents, maps, levels = [], [], [], []
-        if self.balance_column is None:  # the original draw order, so unbalanced training reproduces
-            placed = [(index, *self._window(index, generator))
-                      for index in torch.randint(len(self.data), (count,), generator=generator).tolist()]
-        else:
-            placed = [self._placed(generator) for _ in range(count)]
-        for index, top, left in placed:
+        for index in torch.randint(len(self.data), (count,), generator=generator).tolist():
+            top, left = self._window(index, generator)
             rows, cols = slice(top, top + self.size), slice(left, left + self.size)
             image_rows = slice(top * self.factor, (top + self.size) * self.factor)
             image_cols = slice(left * self.factor, (left + self.size) * self.factor)
@@ -274,11 +223,10 @@ def nodule_weighted_mse(prediction: torch.Tensor, noise: torch.Tensor, onehot: t
 def load_latent_crops(data_dir: str | Path, split: str, autoencoder: torch.nn.Module, scale: float,
                       crop_latent_px: int, factor: int, nodule_share: float, limit: int | None = None,
                       features: tuple[str, ...] = FEATURES, cache: Path | None = None,
-                      write_cache: bool = True, balance: str = "") -> LatentCrops:
+                      write_cache: bool = True) -> LatentCrops:
     """Encode one split of a prepared dataset and wrap it as :class:`LatentCrops`, with the nodules' levels of
     ``features`` (columns of its ``features.csv``); with ``cache`` (see :func:`latent_cache_path`) the encoding
-    is read from there when present and written there (atomically) when made and ``write_cache``; nodule
-    windows balanced over the levels of feature ``balance`` when given."""
+    is read from there when present and written there (atomically) when made and ``write_cache``."""
     arrays = load_split_arrays(data_dir, split, ("image", "semantic_map", "nodule_mask"), limit=limit)
     dataset = PreparedDataset(data_dir, split=split)
     case_ids = dataset.case_ids()[:len(arrays["image"])]
@@ -292,8 +240,7 @@ def load_latent_crops(data_dir: str | Path, split: str, autoencoder: torch.nn.Mo
             levels.append(torch.cat([feature_levels({f: float(r[f]) for f in features}, names=features)
                                      for _, r in rows.iterrows()]))
     data = _encoded(arrays, autoencoder, scale, split, cache, write_cache)
-    return LatentCrops(data, torch.from_numpy(arrays["nodule_mask"]), levels, crop_latent_px, factor, nodule_share,
-                       balance_column=features.index(balance) if balance else None)
+    return LatentCrops(data, torch.from_numpy(arrays["nodule_mask"]), levels, crop_latent_px, factor, nodule_share)
 
 
 def latent_cache_path(model_dir: str | Path, data_dir: str | Path, split: str, limit: int | None) -> Path:
@@ -392,8 +339,7 @@ def train_diffusion(recipe: Recipe, data_dir: str | Path, model_dir: str | Path,
     train, validation = (load_latent_crops(data_dir, split, autoencoder, scale, crop_latent, factor,
                                            settings.nodule_share, limit=limit, features=features,
                                            cache=latent_cache_path(model_dir, data_dir, split, limit),
-                                           write_cache=context.is_main,
-                                           balance=settings.nodule_balance if split == "train" else "")
+                                           write_cache=context.is_main)
                          for split, limit in limits.items())
     torch.manual_seed(seed)
     unet = build_unet(recipe.diffusion, recipe.autoencoder.latent_channels).to(context.device)

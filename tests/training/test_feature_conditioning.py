@@ -192,45 +192,6 @@ def test_windows_without_the_nodule_share_are_uniform():
     assert shows < 0.25  # a 10 px nodule is in few uniform 32 px windows of a 128 px slice
 
 
-def _textured_crops(balance_column: int | None) -> LatentCrops:
-    """Nine slices with a texture-5 nodule each and one with a texture-3 nodule (texture is column 3)."""
-    count = 10
-    masks = torch.zeros(count, 128, 128, dtype=torch.uint8)
-    maps = torch.zeros(count, 1, 128, 128, dtype=torch.uint8)
-    masks[:, 60:70, 60:70] = 1
-    maps[:, 0][masks == 1] = 5
-    levels = [feature_levels({"malignancy": 2, "lobulation": 1, "spiculation": 1, "texture": 3 if i == 0 else 5})
-              for i in range(count)]
-    data = LatentData(torch.randn(count, 3, 32, 32), torch.randn(count, 3, 32, 32), maps)
-    return LatentCrops(data, masks, levels, crop_latent_px=8, factor=4, nodule_share=1.0,
-                       balance_column=balance_column)
-
-
-def test_nodule_windows_can_be_balanced_over_a_features_levels():
-    generator = torch.Generator().manual_seed(0)
-    _, plain = _textured_crops(None).draw(400, generator)
-    _, balanced = _textured_crops(3).draw(400, torch.Generator().manual_seed(0))
-    for condition in (plain, balanced):
-        assert (condition.onehot[:, 5].flatten(1).any(1)).all()  # nodule_share 1: every window shows its nodule
-    rare = [float((condition.features[:, 3] == 3).float().mean()) for condition in (plain, balanced)]
-    assert rare[0] < 0.2 and 0.4 < rare[1] < 0.6  # one slice in ten, or one level in two
-
-
-def test_a_balanced_nodule_share_keeps_the_rest_of_the_windows_anywhere():
-    crops = _textured_crops(3)
-    crops.nodule_share = 0.0
-    _, condition = crops.draw(200, torch.Generator().manual_seed(2))
-    assert condition.onehot[:, 5].flatten(1).any(1).float().mean() < 0.25
-
-
-def test_balancing_needs_a_feature_column():
-    with pytest.raises(ValueError, match="balance_column must index the 4 feature columns, got 4"):
-        _textured_crops(4)
-    with pytest.raises(RecipeError, match="train_diffusion.nodule_balance must be '' or one of"):
-        recipe_from_dict({"train_diffusion": {"nodule_balance": "margin"}})
-    assert recipe_from_dict({"train_diffusion": {"nodule_balance": "texture"}}).train_diffusion.nodule_balance == "texture"
-
-
 def test_a_crop_trained_feature_conditioned_unet_records_its_window_and_spacing(smoke_models, smoke_recipe):
     unet = build_unet(smoke_recipe.diffusion, smoke_recipe.autoencoder.latent_channels)
     config = load_weights(smoke_models / UNET_FILE, unet)
