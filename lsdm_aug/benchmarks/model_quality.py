@@ -84,7 +84,8 @@ DEFAULT_SETTINGS = (GuidanceSetting("none", 0.0, 0.0), GuidanceSetting("classifi
                     GuidanceSetting("cfg w=1", 0.0, 1.0), GuidanceSetting("cfg w=2", 0.0, 2.0),
                     GuidanceSetting("cfg w=4", 0.0, 4.0), GuidanceSetting("both s=1 w=2", 1.0, 2.0),
                     GuidanceSetting("both s=1 w=1", 1.0, 1.0),  # appended: earlier settings keep their section
-                    GuidanceSetting("both s=1 w=1, raw targets", 1.0, 1.0, raw_targets=True))
+                    GuidanceSetting("both s=1 w=1, raw targets", 1.0, 1.0, raw_targets=True),
+                    GuidanceSetting("cfg w=1.5", 0.0, 1.5), GuidanceSetting("both s=1 w=1.5", 1.0, 1.5))
 
 
 @contextlib.contextmanager
