@@ -305,6 +305,28 @@ def test_the_curve_gives_each_sizes_paired_difference_against_real_only(tmp_path
     assert "| 8 | real+on-the-fly | +0.250 | [+0.100, +0.400] | yes | +0.30, +0.20 |" in detection_markdown(report)
 
 
+def test_curve_comparisons_at_the_main_size_reuse_the_main_comparisons_bootstrap_and_agree_with_it():
+    from lsdm_aug.benchmarks.detection.benchmark import _comparisons, _curve_comparisons
+    from lsdm_aug.metrics.detection import Candidate, CaseDetections
+
+    hit, miss = CaseDetections([Candidate(0.9, 1)], [1]), CaseDetections([Candidate(0.9, 0)], [1])
+    main = {"real": {"detections": [[miss, miss, hit], [miss, hit, miss]]},
+            "real+on-the-fly": {"detections": [[hit, hit, hit], [hit, hit, miss]]}}
+    small = {"real": {"detections": [[miss, miss, miss], [miss, hit, miss]]},
+             "real+on-the-fly": {"detections": [[hit, miss, hit], [hit, hit, hit]]}}
+    recipe = DetectionRecipe(seeds=(0, 1), bootstrap=200, train_patients=24)
+    patients = ["p1", "p2", "p3"]
+    cache: dict = {}
+    main_comparisons = _comparisons(recipe, main, patients, cache)
+    assert set(cache) == {"resamples", "seed_draws", "real", "real+on-the-fly"}
+    shared = _curve_comparisons(recipe, {8: small, 24: main}, patients, cache)
+    assert set(cache) - {"resamples", "seed_draws", "real", "real+on-the-fly"} == {(8, "real"), (8, "real+on-the-fly")}
+    alone = _curve_comparisons(recipe, {8: small, 24: main}, patients)  # a fresh cache: the same figures
+    assert shared == alone
+    at_main = next(c for c in shared if c["train_patients"] == 24)
+    assert {k: v for k, v in at_main.items() if k != "train_patients"} == main_comparisons[0]
+
+
 def test_the_report_says_whether_the_real_only_baseline_learns_and_which_model_made_the_lsdm_arms(tmp_path):
     report = _fake_report(tmp_path) | {"lsdm_model": "phantom-512@1500/4000#71ddc4cc"}
     markdown = detection_markdown(report)  # real only at CPM 0.5 with sensitivity 0.4: met

@@ -83,18 +83,27 @@ def _train_and_score(recipe: DetectionRecipe, work: Path, arms: tuple[str, ...])
     return out
 
 
-def _comparisons(recipe: DetectionRecipe, arms: dict[str, Any], patients: list[str]) -> list[dict[str, Any]]:
+def _comparisons(recipe: DetectionRecipe, arms: dict[str, Any], patients: list[str], cache: dict
+                 ) -> list[dict[str, Any]]:
     """Each arm's paired CPM difference against real only and against copy-paste (when run), and guided LSDM cases
     against unguided ones (the value of control)."""
-    cache: dict = {}
     pairs = [(arm, baseline) for baseline in BASELINES if baseline in arms for arm in arms
              if arm != baseline and not (baseline == "real+copy-paste" and arm == "real")]
     if {"real+synthetic", "real+synthetic-unguided"} <= set(arms):
         pairs.append(("real+synthetic", "real+synthetic-unguided"))
+    return _paired_differences(recipe, arms, pairs, patients, cache)
+
+
+def _paired_differences(recipe: DetectionRecipe, arms: dict[str, Any], pairs: list[tuple[str, str]],
+                        patients: list[str], cache: dict, size: int | None = None) -> list[dict[str, Any]]:
+    """Each (arm, baseline) pair's paired CPM difference (:func:`scoring.paired_difference`). ``cache`` serves every
+    comparison on the test patients, so an arm's bootstrap CPMs are computed once; arms of another training-set
+    size than the main recipe's are kept in it under (``size``, arm)."""
     out = []
     for arm, baseline in pairs:
+        names = (arm, baseline) if size is None else ((size, arm), (size, baseline))
         difference = scoring.paired_difference({"runs": arms[arm]["detections"]}, {"runs": arms[baseline]["detections"]},
-                                               patients, recipe.bootstrap, recipe.data_seed, cache, (arm, baseline))
+                                               patients, recipe.bootstrap, recipe.data_seed, cache, names)
         out.append({"arm": arm, "baseline": baseline, **difference})
     return out
 
@@ -111,7 +120,7 @@ def _chance(recipe: DetectionRecipe, test: Path) -> dict[str, Any]:
     return {"runs": chance, "summary": scoring.summary(chance)}
 
 
-def _curve(recipe: DetectionRecipe, work: Path, main: dict[str, Any], patients: list[str]
+def _curve(recipe: DetectionRecipe, work: Path, main: dict[str, Any], patients: list[str], cache: dict
            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """CPM per real training-set size and curve arm (the main size from the main runs), and at each size every
     other curve arm's paired CPM difference against real only (:func:`_curve_comparisons`)."""
@@ -129,21 +138,20 @@ def _curve(recipe: DetectionRecipe, work: Path, main: dict[str, Any], patients: 
             points.append({"train_patients": size, "arm": arm, "cpm": result["summary"]["cpm"],
                            "sensitivity": result["summary"]["sensitivity"],
                            "minutes": sum(r["minutes"] or 0 for r in result["runs"])})
-    return points, _curve_comparisons(recipe, by_size, patients)
+    return points, _curve_comparisons(recipe, by_size, patients, cache)
 
 
-def _curve_comparisons(recipe: DetectionRecipe, by_size: dict[int, dict[str, Any]], patients: list[str]
-                       ) -> list[dict[str, Any]]:
+def _curve_comparisons(recipe: DetectionRecipe, by_size: dict[int, dict[str, Any]], patients: list[str],
+                       cache: dict | None = None) -> list[dict[str, Any]]:
     """At each training-set size of ``by_size`` (size -> arm -> result with ``detections``), each arm's paired CPM
-    difference against real only: how much it helps when real data is scarce, with its bootstrap interval."""
+    difference against real only: how much it helps when real data is scarce, with its bootstrap interval. At the
+    main recipe's size the arms are the main runs, whose bootstrap CPMs ``cache`` may already hold."""
+    cache = {} if cache is None else cache
     out = []
     for size, arms in sorted(by_size.items()):
-        for arm in arms:
-            if arm != "real" and "real" in arms:
-                difference = scoring.paired_difference({"runs": arms[arm]["detections"]},
-                                                       {"runs": arms["real"]["detections"]}, patients,
-                                                       recipe.bootstrap, recipe.data_seed)
-                out.append({"train_patients": size, "arm": arm, "baseline": "real", **difference})
+        pairs = [(arm, "real") for arm in arms if arm != "real" and "real" in arms]
+        key = None if size == recipe.train_patients else size
+        out += [{"train_patients": size, **c} for c in _paired_differences(recipe, arms, pairs, patients, cache, key)]
     return out
 
 
@@ -160,16 +168,17 @@ def run_detection(recipe: DetectionRecipe, work_dir: str | Path, out_dir: str | 
     arms = _train_and_score(recipe, work, recipe.arms)
     lesions = pd.read_csv(work / "test" / "lesions.csv")
     patients = lesions.drop_duplicates("case_id").sort_values("case_id").patient_id.astype(str).tolist()
+    bootstrap_cache: dict = {}  # the test patients' resamples and each arm's bootstrap CPMs, for every comparison
     report: dict[str, Any] = {
         "recipe": asdict(recipe), "cpu_count": os.cpu_count(), "profile": profile,
         **{k: v for k, v in json.loads((work / "planned.json").read_text()).items()
            if k in ("planned_batch_size", "lsdm_model")},
         "arms": {arm: {k: v for k, v in result.items() if k != "detections"} for arm, result in arms.items()},
-        "comparisons": _comparisons(recipe, arms, patients), "chance": _chance(recipe, work / "test"),
+        "comparisons": _comparisons(recipe, arms, patients, bootstrap_cache), "chance": _chance(recipe, work / "test"),
         "test_patients": len(set(patients))}
     report["diagnosis"] = _diagnosis(recipe, work)
     if recipe.curve_train_patients:
-        report["curve"], report["curve_comparisons"] = _curve(recipe, work, arms, patients)
+        report["curve"], report["curve_comparisons"] = _curve(recipe, work, arms, patients, bootstrap_cache)
     report |= {"data_minutes": data_minutes, "wall_minutes": (time.perf_counter() - started) / 60}
     out.mkdir(parents=True, exist_ok=True)
     save_froc_png(report, out / "froc.png")
