@@ -8,13 +8,14 @@ from typing import Annotated
 import typer
 
 from lsdm_aug.cli.errors import fail, user_errors
+from lsdm_aug.cli.options import ModelName
 
 app = typer.Typer(help="Benchmarks that write reports/.", no_args_is_help=True)
 
 
 @app.command("speed")
 def speed(
-    model: Annotated[str, typer.Option(help="'default' or a model folder.")] = "default",
+    model: ModelName = "default",
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/speed"),
     repeats: Annotated[int, typer.Option(help="Samples per timing (after a warm-up).")] = 4,
     steps: Annotated[str, typer.Option(help="DDIM step counts to compare, comma-separated.")] = "10,25,50",

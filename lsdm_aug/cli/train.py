@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from lsdm_aug.cli.errors import fail, user_errors
+from lsdm_aug.cli.options import Device
 
 app = typer.Typer(help="Train one LSDM stage from a recipe on a prepared dataset (resumes from --out).",
                   no_args_is_help=True)
@@ -18,7 +19,6 @@ app = typer.Typer(help="Train one LSDM stage from a recipe on a prepared dataset
 Recipe = Annotated[str, typer.Option(help="Recipe name (phantom-smoke, phantom-128, lidc-512) or YAML path.")]
 Data = Annotated[Path, typer.Option(help="Prepared dataset folder (lsdm-aug prepare ...).")]
 Out = Annotated[Path, typer.Option(help="Model folder: weights, configs and resumable state.")]
-Device = Annotated[str, typer.Option(help="Device, e.g. cpu or cuda:0 (default: CUDA when present).")]
 Seed = Annotated[int, typer.Option(help="Seed of initialisation and sampling.")]
 
 
