@@ -50,6 +50,7 @@ def _calibration_summary(calibration: dict | None) -> str:
 def model_card(model_dir: str | Path, data_command: str, train_commands: list[str],
                quality: dict[str, Any] | None = None, notes: list[str] | None = None) -> str:
     """The card's Markdown text."""
+    from lsdm_aug.benchmarks.edge_profile import edge_profile_markdown
     from lsdm_aug.benchmarks.model_quality import control_markdown, gates
 
     folder = Path(model_dir)
@@ -98,6 +99,8 @@ def model_card(model_dir: str | Path, data_command: str, train_commands: list[st
         lines += [f"| {name} | {figure} | {'n/a' if ok is None else 'yes' if ok else 'no'} |"
                   for name, figure, ok in gates(quality)]
         lines += ["", *control_markdown(quality, "##"), ""]
+        if quality.get("edge_profile"):
+            lines += [*edge_profile_markdown(quality["edge_profile"], "##"), ""]
     else:
         lines += ["## Gates on held-out slices", "", "Not measured yet: run `lsdm-aug benchmark model-quality` and "
                   "rewrite this card with `lsdm-aug benchmark model-card --quality ...`.", ""]

@@ -14,6 +14,8 @@ and written to ``model_quality.md`` / ``model_quality.json``:
    classifier-free guidance ``w``); guidance alone (the same outlines requested benign and malignant) with the
    nodule-crop Fréchet distance relative to no guidance; every AUC with its 95 % bootstrap interval over the
    requests (:func:`~lsdm_aug.metrics.auc.auc_interval`);
+   and, for the same nodules inserted in place, their HU by depth below the outline against the phantom's and the
+   autoencoder's alone (:mod:`lsdm_aug.benchmarks.edge_profile`): where an inserted nodule's HU is lost;
 4. the insertion gates again at other pixel spacings (phantom backgrounds drawn at that spacing; the edit
    path resamples to the model's);
 5. **speed**: a local insertion against generating the whole slice, at the same steps;
@@ -50,6 +52,7 @@ from lsdm_aug.data.prepared import (PreparedDataset, atomic_write_figure, atomic
                                     hu_to_unit, unit_to_hu)
 from lsdm_aug.data.semantic import SemanticLabel, semantic_map_from_hu
 from lsdm_aug.editing import DEFAULT_MAX_REDRAWS, NOT_CALCIFIED, SATURATED_HU, checked_max_redraws
+from lsdm_aug.benchmarks.edge_profile import edge_profile, edge_profile_markdown
 from lsdm_aug.lifetime import exit_with_parent
 from lsdm_aug.metrics.auc import auc_interval, roc_auc
 from lsdm_aug.metrics.evaluator import NoduleEvaluator, nodule_crops
@@ -755,6 +758,8 @@ def run_model_quality(settings: QualitySettings, progress: bool = True, workers:
         pipe, context.test, settings.generated_slices, settings.steps, settings.seed))
     report["texture"] = parts.get("texture", lambda: texture_fidelity(
         pipe, context.backgrounds, context.test, settings.count, settings.steps, settings.seed, context.crop_spacing))
+    report["edge_profile"] = parts.get("edge_profile", lambda: edge_profile(
+        pipe, context.test, settings.count, settings.steps, settings.seed))
     report["feature_sensitivity"] = parts.get("feature_sensitivity", lambda: feature_sensitivity(
         pipe, context.test, seed=settings.seed))
     controls, spacings = context.control_sections(evaluators, real_crops), context.spacing_sections()
@@ -919,6 +924,8 @@ def quality_markdown(report: dict[str, Any]) -> str:
                      for who in ("inserted", "phantom")]
             lines.append(f"| {where} | {level} | {_fmt(v['inserted_mean_hu'], '.0f')} | {_fmt(v['phantom_mean_hu'], '.0f')} "
                          f"| {parts[0]} | {parts[1]} | {v['inserted']} |")
+    if report.get("edge_profile"):  # absent from a report of an earlier version
+        lines += ["", *edge_profile_markdown(report["edge_profile"], "##")]
     sp = report["speed"]
     lines += ["", f"## Speed ({sp.get('torch_threads', '?')} torch threads, median of {sp.get('repeats', 1)} timings "
               "each, in the same run)", "",

@@ -54,6 +54,8 @@ def test_model_quality_writes_every_gate(tmp_path, smoke_models, phantom_dataset
     assert all(v >= 0 for t in sensitivity["relative_change"].values() for v in t.values())
     markdown = (tmp_path / "q" / "model_quality.md").read_text()
     assert "| gate | measured | met |" in markdown and "lsdm-aug benchmark model-quality" in markdown
+    assert report["edge_profile"]["depth_edges_mm"][:4] == [0.0, 1.0, 2.0, 3.0]  # where an insertion loses its HU
+    assert "## Nodule edge (in place, default guidance)" in markdown
     assert "in brackets the 95 % bootstrap interval over them" in markdown
     speed = report["speed"]  # where insertion's time goes, beside the ratio
     assert speed["unet_step_whole_seconds"] > speed["unet_step_window_seconds"] > 0 < speed["encode_window_seconds"]
@@ -66,6 +68,7 @@ def test_model_quality_writes_every_gate(tmp_path, smoke_models, phantom_dataset
                             tmp_path / "q" / "model_quality.json")
     assert "| feature | none | classifier s=1 | cfg w=2 | both |" in card and "![guidance grid](guidance_grid.png)" in card
     assert "feature vector (CFG: malignancy, lobulation, spiculation, texture, calcification)" in card
+    assert "## Nodule edge (in place, default guidance)" in card
     texture_row = next(line for line in card.splitlines() if line.startswith("| classifier: texture"))
     assert "guidance targets (its mean on real nodules per level, t = 0): " in texture_row
     assert (model / "guidance_grid.png").read_bytes() == grid.read_bytes()  # the card's picture beside it
