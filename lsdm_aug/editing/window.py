@@ -6,7 +6,8 @@ large enough for the model's training window and the region with its feather; th
 the model's grid (``scale = model spacing / s`` image pixels per model pixel), the image is resampled
 onto it (linear, anti-aliased when shrinking), the semantic map by nearest neighbour and the region
 by thresholded linear interpolation (so a coarse outline comes out smooth). The model regenerates
-the window there; the decoded window is resampled back onto the image's own pixels and blended with
+the window there; the decoded window is resampled back onto the image's own pixels (anti-aliased when they
+are larger) and blended with
 a feathered mask computed at the image's resolution, so pixels outside the footprint stay
 bit-identical. Within 2 % of the model's spacing nothing is resampled at all.
 
@@ -104,14 +105,20 @@ class ModelGrid:
         return ndimage.map_coordinates(source, self._model_coordinates(), order=order, mode="nearest")
 
     def to_image(self, window: np.ndarray, shape: tuple[int, int]) -> tuple[tuple[slice, slice], np.ndarray]:
-        """A model-grid ``window`` resampled (linear) onto the image pixels it covers: (their slices, values)."""
+        """A model-grid ``window`` resampled (linear, anti-aliased when the image's pixels are larger) onto the
+        image pixels it covers: (their slices, values). A coarse image pixel takes the mean of the model pixels it
+        covers, as a CT detector integrates over its pixel, not the value at its centre (which keeps a nodule's
+        bright core at full strength in a pixel it only partly fills)."""
         rows, cols = self.image_slices(shape)
         if self.identity:
             return (rows, cols), window
+        window = np.asarray(window, np.float32)
+        if self.scale < 1.0:
+            window = ndimage.gaussian_filter(window, sigma=0.5 * math.sqrt(self.scale**-2 - 1.0))
         image_rows = (np.arange(rows.start, rows.stop) - self.top + 0.5) / self.scale - 0.5
         image_cols = (np.arange(cols.start, cols.stop) - self.left + 0.5) / self.scale - 0.5
         coordinates = np.stack(np.meshgrid(image_rows, image_cols, indexing="ij"))
-        return (rows, cols), ndimage.map_coordinates(np.asarray(window, np.float32), coordinates, order=1, mode="nearest")
+        return (rows, cols), ndimage.map_coordinates(window, coordinates, order=1, mode="nearest")
 
 
 @dataclass

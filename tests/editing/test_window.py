@@ -66,6 +66,19 @@ def test_resampling_there_and_back_keeps_a_smooth_image():
     assert np.abs(back[inner] - image[r, c][inner]).max() < 0.05
 
 
+@pytest.mark.parametrize("offset", [0, 1, 2])
+def test_coarse_image_pixels_take_the_mean_of_the_model_pixels_they_cover(offset):
+    """A bright dot of 2 x 2 model pixels fills a quarter of one 4 x 4 image pixel: the image keeps its mass
+    (as a CT pixel integrates), wherever it sits, rather than its full value at one pixel centre."""
+    window = np.zeros((64, 64), np.float32)
+    window[30 + offset:32 + offset, 30 + offset:32 + offset] = 1.0
+    grid = ModelGrid(top=0.0, left=0.0, size_model_px=64, scale=0.25)
+    (rows, cols), values = grid.to_image(window, (16, 16))
+    assert (rows, cols) == (slice(0, 16), slice(0, 16))
+    assert values.sum() * 16 == pytest.approx(window.sum(), rel=0.1)
+    assert values.max() < 0.3
+
+
 def test_spacing_outside_the_served_range_is_named():
     assert check_spacing(3.0, (0.4, 3.0), "m") == 3.0
     for bad in (0.3, 3.5, float("nan"), "wide"):
