@@ -51,7 +51,7 @@ from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig, free_site
 from lsdm_aug.data.prepared import (PreparedDataset, atomic_write_figure, atomic_write_npz, atomic_write_text,
                                     hu_to_unit, unit_to_hu)
 from lsdm_aug.data.semantic import SemanticLabel, semantic_map_from_hu
-from lsdm_aug.editing import DEFAULT_MAX_REDRAWS, NOT_CALCIFIED, SATURATED_HU, checked_max_redraws
+from lsdm_aug.editing import DEFAULT_MAX_REDRAWS, NOT_CALCIFIED, SATURATED_HU, ModelGrid, checked_max_redraws
 from lsdm_aug.benchmarks.edge_profile import edge_profile, edge_profile_markdown
 from lsdm_aug.lifetime import exit_with_parent
 from lsdm_aug.metrics.auc import auc_interval, roc_auc
@@ -265,6 +265,7 @@ class Inserted:
     core_hu: np.ndarray | None = None  # mean HU deeper than RIM_MM inside each nodule (nan: a nodule all rim)
     rim_hu: np.ndarray | None = None  # mean HU of each nodule's outer RIM_MM
     redraws: np.ndarray | None = None  # how often the pipeline drew each nodule again (saturated, not calcified)
+    spacing_mm: np.ndarray | None = None  # the pixel spacing of the background each nodule went into
 
 
 def core_and_rim_hu(hu: np.ndarray, mask: np.ndarray, spacing_mm: float, rim_mm: float = RIM_MM
@@ -304,7 +305,7 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
     if non_calcified_only:
         table = table[rating_level(table.calcification.to_numpy(), 6) == NOT_CALCIFIED]
     rng = np.random.RandomState(seed)
-    crops, mean_hu, p90_hu, non_calcified, answered, core_rim, redraws = [], [], [], [], [], [], []
+    crops, mean_hu, p90_hu, non_calcified, answered, core_rim, redraws, spacings = [], [], [], [], [], [], [], []
     started = time.perf_counter()
     for i, request in enumerate(requests):
         if nodule_ids is None:
@@ -333,6 +334,7 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
         core_rim.append(core_and_rim_hu(hu, mask, background.spacing_mm))
         non_calcified.append(source_level == NOT_CALCIFIED)
         redraws.append(int(result.record.get("redraws", 0)))
+        spacings.append(background.spacing_mm)
         answered.append(i)
         rows, cols = np.nonzero(mask)
         zoom = background.spacing_mm / crop_spacing_mm
@@ -341,7 +343,8 @@ def insert_requests(pipe: LSDMPipeline, backgrounds: list[Background], requests:
     seconds = (time.perf_counter() - started) / max(len(requests), 1)
     core_rim = np.array(core_rim, float).reshape(-1, 2)
     return Inserted(np.stack(crops), np.array(mean_hu), np.array(p90_hu), np.array(non_calcified, bool), seconds,
-                    np.array(answered, int), core_rim[:, 0], core_rim[:, 1], np.array(redraws, int))
+                    np.array(answered, int), core_rim[:, 0], core_rim[:, 1], np.array(redraws, int),
+                    np.array(spacings, float))
 
 
 def _auc_with_interval(high: np.ndarray, low: np.ndarray, seed: int) -> tuple[float, list[float]]:
@@ -462,38 +465,78 @@ def texture_fidelity(pipe: LSDMPipeline, backgrounds: list[Background], test: Pr
     of the same nodules, and the share of saturated ones.
 
     Paired: each request of level L inserts the outline of one of the phantom's non-calcified test nodules of
-    level L (in turn), and its mean HU is compared with that very nodule's in the phantom. A nodule's mean HU
-    falls with its size (a thin rim of partial volume weighs more in a small one), and LIDC's ground-glass
-    nodules are larger than its solid ones, so random outlines would compare other sizes than the phantom's."""
-    phantom: dict[int, list[tuple[str, float, float, float]]] = {}  # level -> (nodule id, mean, core, rim HU)
+    level L (in turn), and its mean HU is compared with that very nodule's in the phantom, imaged at the pixel
+    spacing it was inserted at (:func:`imaged_at`; its own slice's figures, ``phantom_native_mean_hu``, beside). A
+    nodule's mean HU falls with its size (a thin rim of partial volume weighs more in a small one), and LIDC's
+    ground-glass nodules are larger than its solid ones, so random outlines would compare other sizes than the
+    phantom's; for the same reason a nodule imaged with 2.7 mm pixels reads darker than with 0.7 mm ones."""
+    phantom: dict[int, list[tuple[str, str, int]]] = {}  # level -> (nodule id, case id, nodule index)
     for row in test.features.itertuples():
         if rating_level(getattr(row, "calcification", NOT_CALCIFIED), 6) != NOT_CALCIFIED:
             continue
-        case = test[row.case_id]
-        mask = case["nodule_mask"] == row.nodule_index
-        if mask.any():
-            hu = unit_to_hu(case["image"])
+        if (test[row.case_id]["nodule_mask"] == row.nodule_index).any():
             phantom.setdefault(rating_level(row.texture), []).append(
-                (str(row.nodule_id), float(hu[mask].mean()), *core_and_rim_hu(hu, mask, float(case["spacing_mm"]))))
+                (str(row.nodule_id), str(row.case_id), int(row.nodule_index)))
+    figures = functools.lru_cache(maxsize=None)(lambda case_id, index, spacing: _phantom_figures(
+        test, case_id, index, spacing))
     setting = GuidanceSetting("default", 1.0, pipe.default_cfg_scale)
     levels, saturated, first_draws = {}, [], []
     for level in range(1, 6):
         nodules = phantom.get(level, [])
         if not nodules:
-            levels[str(level)] = {"inserted": 0, "phantom_nodules": 0, **_paired_means(None, np.empty((0, 3)))}
+            levels[str(level)] = {"inserted": 0, "phantom_nodules": 0, **_paired_means(None, np.empty((0, 3))),
+                                  "phantom_native_mean_hu": None}
             continue
         chosen = [nodules[i % len(nodules)] for i in range(count)]
         result = insert_requests(pipe, backgrounds, [{"texture": float(level)}] * count, setting, steps, seed + level,
                                  pipe.recipe.classifiers.crop_px, crop_spacing_mm, non_calcified_only=True,
                                  nodule_ids=[nodule_id for nodule_id, *_ in chosen])
-        pairs = np.array([chosen[i][1:] for i in result.request_index], float).reshape(-1, 3)
+        pairs = np.array([figures(*chosen[i][1:], float(spacing))
+                          for i, spacing in zip(result.request_index, result.spacing_mm)], float).reshape(-1, 3)
+        native = [figures(*chosen[i][1:], None)[0] for i in result.request_index]
         levels[str(level)] = {"inserted": int(len(pairs)), "phantom_nodules": len(nodules),
-                              **_paired_means(result, pairs)}
+                              **_paired_means(result, pairs),
+                              "phantom_native_mean_hu": float(np.mean(native)) if native else None}
         saturated.extend((result.p90_hu >= SATURATED_HU).tolist())
         first_draws.extend(((result.redraws > 0) | (result.p90_hu >= SATURATED_HU)).tolist())
     return {"levels": levels, "saturated_share": float(np.mean(saturated)) if saturated else None,
             "first_draw_saturated_share": float(np.mean(first_draws)) if first_draws else None,
-            "max_redraws": int(pipe.max_redraws), "paired": True}
+            "max_redraws": int(pipe.max_redraws), "paired": True, "phantom_imaged_at_insertion_spacing": True}
+
+
+def _phantom_figures(test: PreparedDataset, case_id: str, index: int, spacing_mm: float | None
+                     ) -> tuple[float, float, float]:
+    """Mean, core and rim HU of test nodule ``index`` of ``case_id``, imaged at ``spacing_mm`` (None: its own)."""
+    case = test[case_id]
+    hu, mask, own = unit_to_hu(case["image"]), case["nodule_mask"] == index, float(case["spacing_mm"])
+    if spacing_mm is not None:
+        hu, mask = imaged_at(hu, mask, own, spacing_mm)
+    return float(hu[mask].mean()), *core_and_rim_hu(hu, mask, own if spacing_mm is None else spacing_mm)
+
+
+def imaged_at(hu: np.ndarray, mask: np.ndarray, spacing_mm: float, target_mm: float
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """A square slice (HU) and a nodule's mask as a scanner with ``target_mm`` pixels would image them: the edit
+    path's own resampling (:class:`~lsdm_aug.editing.ModelGrid`, linear, each larger pixel integrating the ones it
+    covers), the mask the pixels whose centre lies in the nodule, as an outline is drawn at that spacing (its most
+    covered pixel when none does). Within
+    2 % of the slice's own spacing, the slice itself.
+
+    Example:
+        >>> hu = np.full((64, 64), -800.0); mask = np.zeros((64, 64), bool); mask[28:32, 28:32] = True; hu[mask] = 0.0
+        >>> coarse, small = imaged_at(hu, mask, 0.7, 2.8)  # 4 x 4 pixels of 0.7 mm: one pixel of 2.8 mm
+        >>> coarse.shape, int(small.sum()), round(float(coarse[small].mean()))  # the lung around blurs in
+        ((16, 16), 1, -422)
+    """
+    scale = target_mm / spacing_mm
+    if abs(scale - 1.0) <= 0.02:
+        return hu, mask
+    grid = ModelGrid(0.0, 0.0, int(min(hu.shape) / scale), scale)
+    inside = grid.to_model(mask, order=0)  # the pixels whose centre lies in the nodule, as an outline is drawn
+    if not inside.any():
+        cover = grid.to_model(mask.astype(np.float32), order=1)
+        inside = cover == cover.max()
+    return grid.to_model(hu, order=1), inside
 
 
 def _paired_means(result: Inserted | None, pairs: np.ndarray) -> dict[str, Any]:
@@ -914,15 +957,20 @@ def quality_markdown(report: dict[str, Any]) -> str:
               "Paired: each phantom test nodule of a level (non-calcified) has its own outline inserted with that "
               "texture requested; its mean HU against the same nodule's in the phantom (random outlines would "
               "compare other sizes: LIDC's ground-glass nodules are the larger ones, and a small nodule reads darker). "
-              f"Core: deeper than {RIM_MM:g} mm inside the nodule (nodules with one in both images); rim: its outer "
-              f"{RIM_MM:g} mm. They tell whether an inserted nodule is too dark inside or at its edge.",
+              "The phantom's nodule is imaged at the spacing it was inserted at (the edit path's resampling: a larger "
+              "pixel integrates what it covers, so at 2.7 mm a nodule reads darker than on its own slice; in brackets "
+              f"its figure on its own slice). Core: deeper than {RIM_MM:g} mm inside the nodule (nodules with one in "
+              f"both images); rim: its outer {RIM_MM:g} mm. They tell whether an inserted nodule is too dark inside or "
+              "at its edge.",
               "", "| where | texture | inserted mean HU | phantom mean HU, same nodules | inserted core / rim | "
               "phantom core / rim | inserted |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for where, entry in [("test slices", report["texture"]), *[(f"{k} mm", v) for k, v in report["other_spacings"].items()]]:
         for level, v in entry["levels"].items():
             parts = [" / ".join(_fmt(v.get(f"{who}_{part}_hu"), ".0f") for part in ("core", "rim"))
                      for who in ("inserted", "phantom")]
-            lines.append(f"| {where} | {level} | {_fmt(v['inserted_mean_hu'], '.0f')} | {_fmt(v['phantom_mean_hu'], '.0f')} "
+            native = v.get("phantom_native_mean_hu")  # absent from a section of an earlier version
+            phantom = _fmt(v["phantom_mean_hu"], ".0f") + (f" ({native:.0f})" if native is not None else "")
+            lines.append(f"| {where} | {level} | {_fmt(v['inserted_mean_hu'], '.0f')} | {phantom} "
                          f"| {parts[0]} | {parts[1]} | {v['inserted']} |")
     if report.get("edge_profile"):  # absent from a report of an earlier version
         lines += ["", *edge_profile_markdown(report["edge_profile"], "##")]

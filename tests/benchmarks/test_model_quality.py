@@ -215,6 +215,42 @@ def test_core_and_rim_are_measured_in_millimetres_and_cores_compared_in_pairs():
     assert _paired_means(None, np.empty((0, 3)))["inserted_mean_hu"] is None
 
 
+def test_the_phantom_nodule_is_compared_as_imaged_at_the_spacing_it_was_inserted_at(smoke_models, phantom_dataset):
+    from lsdm_aug.benchmarks import model_quality
+    from lsdm_aug.config import rating_level
+    from lsdm_aug.data.prepared import PreparedDataset, unit_to_hu
+    from lsdm_aug.pipeline import LSDMPipeline
+
+    pipe = LSDMPipeline.from_pretrained(str(smoke_models), device="cpu")
+    test = PreparedDataset(phantom_dataset, split="test")
+    row = next(r for r in test.features.itertuples() if rating_level(r.calcification, 6) == 6)
+    case = test[row.case_id]
+    own = float(case["spacing_mm"])
+    backgrounds = model_quality.phantom_backgrounds(own / 2, 128, 2, 0)  # pixels half the phantom slice's side
+    result = model_quality.texture_fidelity(pipe, backgrounds, test, count=2, steps=2, seed=0, crop_spacing_mm=own)
+    entry = result["levels"][str(rating_level(row.texture))]
+    mask = case["nodule_mask"] == row.nodule_index
+    hu, imaged = model_quality.imaged_at(unit_to_hu(case["image"]), mask, own, own / 2)
+    assert imaged.sum() > mask.sum()  # the same nodule on the finer grid
+    assert entry["phantom_mean_hu"] == pytest.approx(float(hu[imaged].mean()), abs=1e-3)
+    assert entry["phantom_native_mean_hu"] == pytest.approx(float(unit_to_hu(case["image"])[mask].mean()), abs=1e-3)
+    assert result["phantom_imaged_at_insertion_spacing"]
+
+
+def test_a_coarser_scanner_integrates_what_its_pixels_cover():
+    from lsdm_aug.benchmarks.model_quality import imaged_at
+
+    hu = np.full((128, 128), -800.0)
+    mask = np.hypot(*(np.mgrid[:128, :128] - 63.5)) <= 6  # 12 px across at 0.7 mm: 8.4 mm
+    hu[mask] = 0.0
+    same, kept = imaged_at(hu, mask, 0.7, 0.71)
+    assert same is hu and kept is mask  # within 2 %: the slice itself
+    coarse, coarse_mask = imaged_at(hu, mask, 0.7, 2.8)
+    assert coarse.shape == (32, 32) and coarse_mask.sum() * 2.8**2 == pytest.approx(mask.sum() * 0.7**2, rel=0.35)
+    assert -800.0 < coarse[coarse_mask].mean() < -100.0  # its 3 px all partly lung
+    assert coarse.mean() == pytest.approx(hu.mean(), abs=5.0)  # integrating keeps the HU of the whole
+
+
 def test_the_model_card_says_which_window_local_edits_run_on(tmp_path, smoke_models):
     from lsdm_aug.benchmarks.model_card import model_card
 
