@@ -26,7 +26,7 @@ from lsdm_aug.data.semantic import SemanticLabel
 from lsdm_aug.editing import NOT_CALCIFIED
 from lsdm_aug.pipeline import LSDMPipeline
 
-__all__ = ["edge_profile", "depth_ring_means", "DEPTH_EDGES_MM", "edge_profile_markdown"]
+__all__ = ["edge_profile", "depth_ring_means", "DEPTH_EDGES_MM", "edge_profile_markdown", "ring_names"]
 
 DEPTH_EDGES_MM = (0.0, 1.0, 2.0, 3.0, np.inf)  # rings below the outline: 0-1, 1-2, 2-3, over 3 mm deep
 MIN_PIXELS = 30  # nodules smaller than this have no ring below 1 mm worth reading
@@ -93,8 +93,19 @@ def edge_profile(pipe: LSDMPipeline, test: PreparedDataset, count: int, steps: i
             rows[name].append(depth_ring_means(unit_to_hu(image), where, spacing))
         textures.append(texture)
     means = {name: _column_means(values) if values else [] for name, values in rows.items()}
-    return {"nodules": len(textures), "depth_edges_mm": [float(e) for e in DEPTH_EDGES_MM], "rows": means,
+    return {"nodules": len(textures), "rings": ring_names(), "rows": means,
             "textures": {str(level): textures.count(float(level)) for level in range(1, 6)}}
+
+
+def ring_names(edges_mm: tuple[float, ...] = DEPTH_EDGES_MM) -> list[str]:
+    """The rings' names, e.g. '0-1 mm' and 'over 3 mm' (plain strings: the report stays strict JSON).
+
+    Example:
+        >>> ring_names()
+        ['0-1 mm', '1-2 mm', '2-3 mm', 'over 3 mm']
+    """
+    return [f"{low:g}-{high:g} mm" if np.isfinite(high) else f"over {low:g} mm"
+            for low, high in zip(edges_mm[:-1], edges_mm[1:])]
 
 
 def _column_means(rows: list[list[float]]) -> list[float]:
@@ -107,8 +118,7 @@ def _column_means(rows: list[list[float]]) -> list[float]:
 
 def edge_profile_markdown(profile: dict[str, Any], heading: str = "##") -> list[str]:
     """The section's table: one row per source, one column per ring."""
-    edges = profile["depth_edges_mm"]
-    names = [f"{low:g}-{high:g} mm" if np.isfinite(high) else f"over {low:g} mm" for low, high in zip(edges[:-1], edges[1:])]
+    names = profile["rings"]
     textures = ", ".join(f"{n} of texture {level}" for level, n in profile["textures"].items() if n)
     lines = [f"{heading} Nodule edge (in place, default guidance)", "",
              f"{profile['nodules']} non-calcified test nodules ({textures}), each taken out of its slice and inserted "

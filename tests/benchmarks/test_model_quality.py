@@ -54,7 +54,8 @@ def test_model_quality_writes_every_gate(tmp_path, smoke_models, phantom_dataset
     assert all(v >= 0 for t in sensitivity["relative_change"].values() for v in t.values())
     markdown = (tmp_path / "q" / "model_quality.md").read_text()
     assert "| gate | measured | met |" in markdown and "lsdm-aug benchmark model-quality" in markdown
-    assert report["edge_profile"]["depth_edges_mm"][:4] == [0.0, 1.0, 2.0, 3.0]  # where an insertion loses its HU
+    assert report["edge_profile"]["rings"] == ["0-1 mm", "1-2 mm", "2-3 mm", "over 3 mm"]  # where it loses its HU
+    assert "Infinity" not in (tmp_path / "q" / "model_quality.json").read_text()  # strict JSON
     assert "## Nodule edge (in place, default guidance)" in markdown
     assert "in brackets the 95 % bootstrap interval over them" in markdown
     speed = report["speed"]  # where insertion's time goes, beside the ratio
