@@ -94,10 +94,7 @@ class DiffusionConfig:
     only by the encoded map concatenated to the noisy latent. ``feature_conditioning`` adds the nodule
     feature vector (see :class:`lsdm_aug.models.unet.FeatureEmbedding`), for classifier-free guidance;
     ``conditioned_features`` names its features, in the order of the embedding's tables (a U-Net saved before the
-    key existed is conditioned on the four guided ones). ``inpainting_input`` also gives the U-Net the in-painting
-    task itself: the known latent (zero where it is to be generated) and its mask as ``latent_channels + 1`` more
-    input channels (see :func:`lsdm_aug.models.unet.inpainting_context`), as in-painting diffusion models are
-    trained; generation passes nothing known (zeros).
+    key existed is conditioned on the four guided ones).
     """
 
     channels: tuple[int, ...] = (32, 64, 64)
@@ -113,7 +110,6 @@ class DiffusionConfig:
     spade: bool = True
     feature_conditioning: bool = False
     conditioned_features: tuple[str, ...] = FEATURES
-    inpainting_input: bool = False
 
     @property
     def downsampling(self) -> int:
@@ -204,10 +200,7 @@ class DiffusionTraining:
     (it starts at zero and, at the U-Net's rate, hardly moves in a few thousand CPU steps).
     ``nodule_loss_weight`` weighs the noise error on the nodules' latent footprint (dilated by one latent pixel)
     that many times the rest (1: the thesis's plain MSE): a nodule covers about 1 % of a 32 x 32 window, so with
-    plain MSE the U-Net learns the nodule and its feature vector from a sliver of the gradient. ``inpainting_share`` (a U-Net with
-    ``diffusion.inpainting_input``) is the share of windows given a known region, as the edit path gives one: all
-    but the shown nodule's footprint (dilated by 0..4 image px; a random disc where no nodule is shown); the
-    other windows are given nothing known (generation). ``init_from`` starts
+    plain MSE the U-Net learns the nodule and its feature vector from a sliver of the gradient. ``init_from`` starts
     from another model folder's U-Net (keys that the other
     net lacks, such as the feature embedding, keep their initial values). ``max_train_slices`` (0: all) encodes
     only the first slices of the train split: at 512 px the frozen encoder costs about a second per slice on
@@ -227,7 +220,6 @@ class DiffusionTraining:
     nodule_loss_weight: float = 1.0
     init_from: str | None = None
     max_train_slices: int = 0
-    inpainting_share: float = 0.0
 
     def validate(self, downsampling: int) -> None:
         if self.max_train_slices < 0:
@@ -240,7 +232,7 @@ class DiffusionTraining:
         if not self.nodule_loss_weight >= 1:
             raise RecipeError(f"train_diffusion.nodule_loss_weight must be >= 1 (1: plain MSE), "
                               f"got {self.nodule_loss_weight}")
-        for name in ("nodule_share", "feature_dropout_all", "feature_dropout", "inpainting_share"):
+        for name in ("nodule_share", "feature_dropout_all", "feature_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise RecipeError(f"train_diffusion.{name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -308,9 +300,6 @@ class Recipe:
         for part in (self.autoencoder, self.diffusion, self.classifiers, self.train_classifiers):
             part.validate()
         self.train_diffusion.validate(self.autoencoder.downsampling)
-        if self.train_diffusion.inpainting_share and not self.diffusion.inpainting_input:
-            raise RecipeError(f"train_diffusion.inpainting_share {self.train_diffusion.inpainting_share} needs "
-                              "diffusion.inpainting_input: true")
         return self
 
     def to_dict(self) -> dict[str, Any]:

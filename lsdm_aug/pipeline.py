@@ -33,8 +33,7 @@ from lsdm_aug.models.autoencoder import build_autoencoder, encode_mean
 from lsdm_aug.models.checkpoint import CheckpointError, load_weights, read_config, resolve_model_dir, weights_digest
 from lsdm_aug.models.classifiers import build_classifier, classifier_file
 from lsdm_aug.models.unet import (SemanticCondition, build_unet, conditioned_features, feature_levels,
-                                  inpainting_context, is_feature_conditioned, semantic_onehot, semantic_to_unit,
-                                  takes_inpainting_context)
+                                  is_feature_conditioned, semantic_onehot, semantic_to_unit)
 from lsdm_aug.sampling.guidance import ClassifierGuidance, LatentBox, TargetCalibration, latent_nodule_mask
 from lsdm_aug.sampling.sampler import KnownRegion, random_normal, sample_latents
 from lsdm_aug.sampling.schedulers import build_scheduler
@@ -428,10 +427,7 @@ class LSDMPipeline:
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
         noise = random_normal(latent.shape, generators)
         told = features if conditioning is None else [{**c, **f} for f, c in zip(features, conditioning)]
-        condition = self.condition(maps, told)
-        if takes_inpainting_context(self.unet):
-            condition.known = inpainting_context(latent, known.mask)
-        result = sample_latents(self.unet, scheduler, condition, generator=generators,
+        result = sample_latents(self.unet, scheduler, self.condition(maps, told), generator=generators,
                                 initial_noise=noise, guidance=self._guidance(maps, features, guidance_scale), known=known,
                                 cfg_scale=cfg_scale)
         with torch.no_grad():

@@ -134,10 +134,8 @@ def load_weights(path: str | Path, module: torch.nn.Module) -> dict[str, Any]:
 def load_matching_weights(path: str | Path, module: torch.nn.Module) -> list[str]:
     """Warm start: load every tensor of ``path`` whose key and shape ``module`` has; a table that has gained rows
     (the same key and trailing shape, more rows: a feature embedding with a feature appended) gets the source's
-    rows first, the new ones keeping their initial values; a layer that has gained input channels (the same key,
-    output and kernel shape, more columns: a U-Net given another input) gets the source's weights on the first ones
-    and zeros on the new ones, so that it starts computing what the source did. Returns the keys of ``module``
-    left wholly at their initial values (e.g. a feature embedding the source net lacks)."""
+    rows first, the new ones keeping their initial values. Returns the keys of ``module`` left wholly at their
+    initial values (e.g. a feature embedding the source net lacks)."""
     path = Path(path)
     tensors = _read_tensors(path)
     target = _unwrap(module)
@@ -145,13 +143,9 @@ def load_matching_weights(path: str | Path, module: torch.nn.Module) -> list[str
     usable = {k: v for k, v in tensors.items() if k in expected and v.shape == expected[k].shape}
     for key, value in tensors.items():
         grown = expected.get(key)
-        if key in usable or grown is None or value.ndim != grown.ndim or value.ndim < 1:
-            continue
-        if value.shape[1:] == grown.shape[1:] and value.shape[0] < grown.shape[0]:
+        if (key not in usable and grown is not None and value.ndim == grown.ndim >= 1
+                and value.shape[1:] == grown.shape[1:] and value.shape[0] < grown.shape[0]):
             usable[key] = torch.cat([value.to(grown.dtype), grown[value.shape[0]:]])
-        elif (value.ndim >= 2 and value.shape[0] == grown.shape[0] and value.shape[2:] == grown.shape[2:]
-              and value.shape[1] < grown.shape[1]):
-            usable[key] = torch.cat([value.to(grown.dtype), torch.zeros_like(grown[:, value.shape[1]:])], dim=1)
     if not usable:
         raise CheckpointError(f"checkpoint {str(path)!r} shares no weights with {type(target).__name__}")
     target.load_state_dict(usable, strict=False)

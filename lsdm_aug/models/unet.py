@@ -6,12 +6,6 @@
   nearest neighbour, which drops a nodule smaller than the pooling window; max-pooling keeps it, as
   the thesis prescribes). :class:`MaxPoolSPADE` is swapped in for MONAI's ``SPADE`` after the net is
   built; it adds no parameters, so checkpoints stay MONAI-compatible.
-* optionally (``inpainting_input``) the in-painting task itself: the known latent, zero where it is to be
-  generated, and the known mask, as ``latent_channels + 1`` more input channels (:func:`inpainting_context`).
-  Replacing the known region at every step (RePaint) tells a U-Net trained on whole windows what surrounds the
-  nodule only through the noisy latent; one that sees the clean known latent can match it from the first step.
-  Generation passes nothing known (all zeros), which a U-Net warm-started with zero weights on these channels
-  computes exactly as before.
 * optionally (``feature_conditioning``, for classifier-free guidance, thesis section 8.2) the nodule's
   feature vector (``conditioned_features``: malignancy, lobulation, spiculation, texture, each 1..5, and
   calcification 1..6 in the native default; 0 = "not given"), through
@@ -47,7 +41,7 @@ from lsdm_aug.data.semantic import NUM_LABELS
 
 __all__ = ["MaxPoolSPADE", "FeatureEmbedding", "build_unet", "semantic_onehot", "semantic_to_unit",
            "SemanticCondition", "predict_noise", "is_feature_conditioned", "feature_levels", "conditioned_features",
-           "NULL_LEVEL", "CONDITIONING_FEATURES", "inpainting_context", "takes_inpainting_context"]
+           "NULL_LEVEL", "CONDITIONING_FEATURES"]
 
 NULL_LEVEL = 0  # "not given": the learned null token of each feature
 
@@ -177,23 +171,15 @@ def build_unet(config: DiffusionConfig, latent_channels: int) -> SPADEDiffusionM
     """The SPADE diffusion U-Net of LSDM (noisy latent + encoded map in, noise out); with ``config.spade``
     false, the LDM baseline's plain U-Net (the map only concatenated)."""
     config.validate()
-    in_channels = 2 * latent_channels + (latent_channels + 1 if config.inpainting_input else 0)
-    unet = _build_network(config, latent_channels, in_channels)
-    unet.inpainting_input = bool(config.inpainting_input)
-    return unet
-
-
-def _build_network(config: DiffusionConfig, latent_channels: int, in_channels: int
-                   ) -> SPADEDiffusionModelUNet | DiffusionModelUNet:
     levels = len(config.channels)
     if not config.spade:
         return DiffusionModelUNet(
-            spatial_dims=2, in_channels=in_channels, out_channels=latent_channels,
+            spatial_dims=2, in_channels=2 * latent_channels, out_channels=latent_channels,
             channels=tuple(config.channels), attention_levels=tuple(config.attention_levels),
             num_res_blocks=(config.num_res_blocks,) * levels, norm_num_groups=config.norm_num_groups,
             num_head_channels=config.num_head_channels)
     unet = SPADEDiffusionModelUNet(
-        spatial_dims=2, in_channels=in_channels, out_channels=latent_channels, label_nc=NUM_LABELS,
+        spatial_dims=2, in_channels=2 * latent_channels, out_channels=latent_channels, label_nc=NUM_LABELS,
         channels=tuple(config.channels), attention_levels=tuple(config.attention_levels),
         num_res_blocks=(config.num_res_blocks,) * levels, norm_num_groups=config.norm_num_groups,
         num_head_channels=config.num_head_channels, spade_intermediate_channels=config.spade_intermediate_channels,
@@ -228,38 +214,26 @@ def semantic_to_unit(semantic_map: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SemanticCondition:
-    """What the U-Net is conditioned on: the encoded map (concatenated), the one-hot map (SPADE), for a
-    feature-conditioned U-Net the (B, 4) feature levels (0 = not given; ``None``: none given) and, for a U-Net
-    that takes it, the in-painting context (:func:`inpainting_context`; ``None``: nothing known)."""
+    """What the U-Net is conditioned on: the encoded map (concatenated), the one-hot map (SPADE) and, for a
+    feature-conditioned U-Net, the (B, 4) feature levels (0 = not given; ``None``: none given)."""
 
     latent: torch.Tensor
     onehot: torch.Tensor
     features: torch.Tensor | None = None
-    known: torch.Tensor | None = None
 
     def crop(self, rows: slice, cols: slice, factor: int) -> SemanticCondition:
         """The condition of a latent window (``rows``, ``cols`` in latent pixels; ``factor`` = downsampling)."""
         image_rows = slice(rows.start * factor, rows.stop * factor)
         image_cols = slice(cols.start * factor, cols.stop * factor)
-        known = None if self.known is None else self.known[..., rows, cols]
-        return SemanticCondition(self.latent[..., rows, cols], self.onehot[..., image_rows, image_cols], self.features,
-                                 known)
+        return SemanticCondition(self.latent[..., rows, cols], self.onehot[..., image_rows, image_cols], self.features)
 
     def repeat(self, times: int) -> SemanticCondition:
         features = None if self.features is None else self.features.repeat(times, 1)
-        known = None if self.known is None else self.known.repeat(times, 1, 1, 1)
-        return SemanticCondition(self.latent.repeat(times, 1, 1, 1), self.onehot.repeat(times, 1, 1, 1), features,
-                                 known)
+        return SemanticCondition(self.latent.repeat(times, 1, 1, 1), self.onehot.repeat(times, 1, 1, 1), features)
 
     def with_features(self, features: torch.Tensor | None) -> SemanticCondition:
-        """The same maps and known region with other feature levels (``None``: not given)."""
-        return SemanticCondition(self.latent, self.onehot, features, self.known)
-
-    def context(self) -> torch.Tensor:
-        """(B, C + 1, h, w) in-painting context of the U-Net's input; all zeros (nothing known) when none given."""
-        if self.known is not None:
-            return self.known.to(self.latent)
-        return self.latent.new_zeros((len(self.latent), self.latent.shape[1] + 1, *self.latent.shape[2:]))
+        """The same maps with other feature levels (``None``: not given)."""
+        return SemanticCondition(self.latent, self.onehot, features)
 
     def levels(self, width: int | None = None) -> torch.Tensor:
         """(B, F) feature levels; zeros (not given) of ``width`` features where there are none."""
@@ -276,21 +250,16 @@ class SemanticCondition:
         if len(widths) > 1:
             raise ValueError(f"conditions with feature vectors of different widths {sorted(widths)}")
         features = None if not widths else torch.cat([c.levels(next(iter(widths))) for c in conditions])
-        known = None if all(c.known is None for c in conditions) else torch.cat([c.context() for c in conditions])
         return SemanticCondition(torch.cat([c.latent for c in conditions]), torch.cat([c.onehot for c in conditions]),
-                                 features, known)
+                                 features)
 
 
 def predict_noise(unet: torch.nn.Module, noisy_latent: torch.Tensor, timesteps: torch.Tensor,
                   condition: SemanticCondition) -> torch.Tensor:
     """epsilon_theta(Concat(z_t, E(m)), t) with SPADE fed the one-hot map (the LDM baseline: no SPADE), and the
-    feature levels when the U-Net is feature-conditioned (none given: the null tokens), and the in-painting
-    context when it takes one (none given: nothing known)."""
+    feature levels when the U-Net is feature-conditioned (none given: the null tokens)."""
+    inputs = torch.cat([noisy_latent, condition.latent], dim=1)
     network = getattr(unet, "module", unet)
-    parts = [noisy_latent, condition.latent]
-    if takes_inpainting_context(network):
-        parts.append(condition.context())
-    inputs = torch.cat(parts, dim=1)
     if isinstance(network, DiffusionModelUNet):
         return unet(inputs, timesteps)
     if is_feature_conditioned(network):
@@ -302,25 +271,3 @@ def predict_noise(unet: torch.nn.Module, noisy_latent: torch.Tensor, timesteps: 
 def is_feature_conditioned(unet: torch.nn.Module) -> bool:
     """Whether ``unet`` takes the nodule feature vector (classifier-free guidance is possible)."""
     return isinstance(getattr(getattr(unet, "module", unet), "class_embedding", None), FeatureEmbedding)
-
-
-def takes_inpainting_context(unet: torch.nn.Module) -> bool:
-    """Whether ``unet`` was built with ``inpainting_input`` (see :func:`inpainting_context`)."""
-    return bool(getattr(getattr(unet, "module", unet), "inpainting_input", False))
-
-
-def inpainting_context(latent: torch.Tensor, known_mask: torch.Tensor) -> torch.Tensor:
-    """The in-painting input of a U-Net built with ``inpainting_input``: the clean latent where it is known
-    (zero elsewhere) and the mask, 1 where known; (B, C, h, w) and (B, 1, h, w) -> (B, C + 1, h, w).
-
-    Example:
-        >>> mask = torch.ones(1, 1, 4, 4); mask[..., 1:3, 1:3] = 0
-        >>> context = inpainting_context(torch.full((1, 3, 4, 4), 2.0), mask)
-        >>> tuple(context.shape), float(context[0, 0, 1, 1]), float(context[0, 0, 0, 0]), float(context[0, 3].sum())
-        ((1, 4, 4, 4), 0.0, 2.0, 12.0)
-    """
-    if known_mask.shape[0] != latent.shape[0] or known_mask.shape[1] != 1 or known_mask.shape[2:] != latent.shape[2:]:
-        raise ValueError(f"known_mask must be (B, 1, h, w) of the latent {tuple(latent.shape)}, "
-                         f"got {tuple(known_mask.shape)}")
-    mask = known_mask.to(latent)
-    return torch.cat([latent * mask, mask], dim=1)

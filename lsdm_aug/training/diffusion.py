@@ -13,8 +13,7 @@ largest inside; none: "not given"), dropped for classifier-free guidance: all fo
 probability ``feature_dropout_all``, otherwise each alone with probability ``feature_dropout``, so
 that any subset of features can be asked and the null condition is learned on nodules too. The noise
 error on the nodules' footprint can weigh more than the rest (``nodule_loss_weight``,
-:func:`nodule_weighted_mse`). A U-Net that takes the in-painting context (``diffusion.inpainting_input``) is given,
-on a share of windows (``inpainting_share``), the clean latent around the shown nodule, as the edit path gives it.
+:func:`nodule_weighted_mse`).
 
 Example:
     >>> train_diffusion(load_recipe("phantom-smoke"), "prepared/phantom-64", "models/smoke")  # doctest: +SKIP
@@ -37,7 +36,7 @@ from lsdm_aug.models.checkpoint import (CheckpointError, config_path, load_tenso
                                        read_config, save_tensors, save_training_state, save_weights)
 from lsdm_aug.data.prepared import PreparedDataset
 from lsdm_aug.data.semantic import SemanticLabel
-from lsdm_aug.models.unet import (SemanticCondition, build_unet, feature_levels, inpainting_context,
+from lsdm_aug.models.unet import (SemanticCondition, build_unet, feature_levels,
                                   is_feature_conditioned, predict_noise, semantic_onehot, semantic_to_unit)
 from lsdm_aug.progress import make_progress
 from lsdm_aug.sampling.schedulers import training_scheduler
@@ -157,25 +156,19 @@ class LatentCrops:
             left = int(torch.randint(width - self.size + 1, (), generator=generator))
         return min(max(top, 0), height - self.size), min(max(left, 0), width - self.size)
 
-    def _shown_nodule(self, index: int, rows: slice, cols: slice) -> int:
-        """The number (1..n) of the nodule with the most pixels in the window (0: none there)."""
+    def _shown_levels(self, index: int, rows: slice, cols: slice) -> torch.Tensor:
+        """The levels of the nodule with the most pixels in the window (zeros: none there)."""
         window = self.masks[index, rows, cols].long().flatten()
         counts = torch.bincount(window, minlength=len(self.levels[index]) + 1)[1:]
         if not len(counts) or counts.max() == 0:
-            return 0
-        return int(counts.argmax()) + 1
+            return torch.zeros(self.width, dtype=torch.long)
+        return self.levels[index][int(counts.argmax())]
 
-    def _levels_of(self, index: int, nodule: int) -> torch.Tensor:
-        """The feature levels of nodule ``nodule`` (1..n) of slice ``index`` (zeros: 0, no nodule)."""
-        return self.levels[index][nodule - 1] if nodule else torch.zeros(self.width, dtype=torch.long)
-
-    def draw(self, count: int, generator: torch.Generator, device: torch.device | None = None,
-             inpainting_share: float = 0.0) -> tuple[torch.Tensor, SemanticCondition]:
-        """``count`` windows (latent, condition with feature levels), drawn with ``generator``; with
-        ``inpainting_share``, that share of them also carries a known region (:meth:`known_mask`) as the
-        condition's in-painting context, the others nothing known."""
+    def draw(self, count: int, generator: torch.Generator, device: torch.device | None = None
+             ) -> tuple[torch.Tensor, SemanticCondition]:
+        """``count`` windows (latent, condition with feature levels), drawn with ``generator``."""
         device = device or self.data.latents.device
-        latents, semantic_latents, maps, levels, known = [], [], [], [], []
+        latents, semantic_latents, maps, levels = [], [], [], []
         for index in torch.randint(len(self.data), (count,), generator=generator).tolist():
             top, left = self._window(index, generator)
             rows, cols = slice(top, top + self.size), slice(left, left + self.size)
@@ -184,40 +177,10 @@ class LatentCrops:
             latents.append(self.data.latents[index, :, rows, cols])
             semantic_latents.append(self.data.semantic_latents[index, :, rows, cols])
             maps.append(self.data.semantic_maps[index, :, image_rows, image_cols])
-            nodule = self._shown_nodule(index, image_rows, image_cols)
-            levels.append(self._levels_of(index, nodule))
-            if inpainting_share:
-                region = self.masks[index, image_rows, image_cols] == nodule if nodule else None
-                inpaint = bool(torch.rand((), generator=generator) < inpainting_share)
-                known.append(self.known_mask(region, generator) if inpaint
-                             else torch.zeros(1, self.size, self.size))
+            levels.append(self._shown_levels(index, image_rows, image_cols))
         condition = SemanticCondition(torch.stack(semantic_latents).to(device),
                                       semantic_onehot(torch.stack(maps)).to(device), torch.stack(levels).to(device))
-        latent = torch.stack(latents).to(device)
-        if known:
-            condition.known = inpainting_context(latent, torch.stack(known).to(device))
-        return latent, condition
-
-    def known_mask(self, region: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
-        """(1, size, size) latent mask, 1 where known, as the edit path makes one: everything but ``region``
-        ((H, W) bool, image pixels of the window) dilated by 0..4 image px and max-pooled to the latent; without
-        a region, a random disc of radius 2..16 image px in its place.
-
-        Example:
-            >>> crops.known_mask(None, torch.Generator().manual_seed(0)).shape  # doctest: +SKIP
-            torch.Size([1, 32, 32])
-        """
-        side = self.size * self.factor
-        if region is None:
-            centre = torch.rand(2, generator=generator) * side
-            radius = 2 + 14 * float(torch.rand((), generator=generator))
-            grid = torch.arange(side, dtype=torch.float32)
-            region = (grid[:, None] - centre[0]).square() + (grid[None, :] - centre[1]).square() <= radius ** 2
-        dilation = int(torch.randint(0, 5, (), generator=generator))
-        generated = region.float()[None, None]
-        if dilation:
-            generated = F.max_pool2d(generated, 2 * dilation + 1, stride=1, padding=dilation)
-        return 1.0 - F.max_pool2d(generated, self.factor)[0]
+        return torch.stack(latents).to(device), condition
 
 
 def drop_features(levels: torch.Tensor, drop_all: float, drop_each: float, generator: torch.Generator) -> torch.Tensor:
@@ -327,13 +290,13 @@ def _encoded(arrays: dict, autoencoder: torch.nn.Module, scale: float, split: st
 
 @torch.no_grad()
 def _validation_loss(unet: torch.nn.Module, crops: LatentCrops, scheduler, device: torch.device,
-                     windows: int = 128, inpainting_share: float = 0.0) -> float:
+                     windows: int = 128) -> float:
     """Noise-prediction MSE on held-out windows at fixed places, timesteps and noise (comparable across
-    checkpoints), with every feature given (and, with ``inpainting_share``, that share given a known region)."""
+    checkpoints), with every feature given."""
     generator = torch.Generator().manual_seed(1234)
     losses, elements = [], 0
     for start in range(0, windows, 32):
-        latent, condition = crops.draw(min(32, windows - start), generator, device, inpainting_share)
+        latent, condition = crops.draw(min(32, windows - start), generator, device)
         noise = torch.randn(latent.shape, generator=generator).to(device)
         timesteps = torch.randint(0, scheduler.num_train_timesteps, (len(latent),), generator=generator).to(device)
         prediction = predict_noise(unet, scheduler.add_noise(latent, noise, timesteps), timesteps, condition)
@@ -400,7 +363,7 @@ def train_diffusion(recipe: Recipe, data_dir: str | Path, model_dir: str | Path,
     with make_progress() as bar:
         task = bar.add_task("diffusion", total=settings.steps, completed=start, rate="", visible=progress and context.is_main)
         for step in range(start, settings.steps):
-            latent, condition = train.draw(settings.batch_size, generator, context.device, settings.inpainting_share)
+            latent, condition = train.draw(settings.batch_size, generator, context.device)
             if conditioned:
                 condition.features = drop_features(condition.features, settings.feature_dropout_all,
                                                    settings.feature_dropout, generator)
@@ -418,9 +381,6 @@ def train_diffusion(recipe: Recipe, data_dir: str | Path, model_dir: str | Path,
                 if context.is_main:
                     history.append({"step": done, "seconds": round(time.perf_counter() - started, 1),
                                     "validation_mse": _validation_loss(ema.model, validation, scheduler, context.device)})
-                    if settings.inpainting_share:
-                        history[-1]["validation_inpainting_mse"] = _validation_loss(
-                            ema.model, validation, scheduler, context.device, inpainting_share=1.0)
                     bar.console.print(f"step {done}: validation noise MSE {history[-1]['validation_mse']:.4f}")
                     config = {"component": "unet", "recipe": recipe.name, "image_size": recipe.image_size,
                               "latent_channels": recipe.autoencoder.latent_channels,
