@@ -46,13 +46,13 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from lsdm_aug.benchmarks.edge_profile import edge_profile, edge_profile_markdown
 from lsdm_aug.config import FEATURES, rating_level
 from lsdm_aug.data.phantom import ChestPhantom, PhantomConfig, free_site
 from lsdm_aug.data.prepared import (PreparedDataset, atomic_write_figure, atomic_write_npz, atomic_write_text,
                                     hu_to_unit, unit_to_hu)
 from lsdm_aug.data.semantic import SemanticLabel, semantic_map_from_hu
 from lsdm_aug.editing import DEFAULT_MAX_REDRAWS, NOT_CALCIFIED, SATURATED_HU, ModelGrid, checked_max_redraws
-from lsdm_aug.benchmarks.edge_profile import edge_profile, edge_profile_markdown
 from lsdm_aug.lifetime import exit_with_parent
 from lsdm_aug.metrics.auc import auc_interval, roc_auc
 from lsdm_aug.metrics.evaluator import NoduleEvaluator, nodule_crops
@@ -519,8 +519,7 @@ def imaged_at(hu: np.ndarray, mask: np.ndarray, spacing_mm: float, target_mm: fl
     """A square slice (HU) and a nodule's mask as a scanner with ``target_mm`` pixels would image them: the edit
     path's own resampling (:class:`~lsdm_aug.editing.ModelGrid`, linear, each larger pixel integrating the ones it
     covers), the mask the pixels whose centre lies in the nodule, as an outline is drawn at that spacing (its most
-    covered pixel when none does). Within
-    2 % of the slice's own spacing, the slice itself.
+    covered pixel when none does). Within 2 % of the slice's own spacing, the slice itself.
 
     Example:
         >>> hu = np.full((64, 64), -800.0); mask = np.zeros((64, 64), bool); mask[28:32, 28:32] = True; hu[mask] = 0.0
