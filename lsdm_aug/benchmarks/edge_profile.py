@@ -58,9 +58,22 @@ def _taken_out(image: np.ndarray, semantic_map: np.ndarray, mask: np.ndarray, lu
     return image, semantic_map
 
 
+def _round_trip(pipe: LSDMPipeline, image: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """The slice through what an edit does to it but the diffusion: resampled to the model's spacing, encoded,
+    decoded and resampled back."""
+    grid = pipe._whole_slice_grid(image.shape, spacing_mm)
+    with torch.no_grad():
+        decoded = pipe.autoencoder.reconstruct(pipe._tensor(grid.to_model(image, order=1))).clamp(-1, 1)
+    (rows, cols), values = grid.to_image(decoded[0, 0].cpu().numpy(), image.shape)
+    out = np.array(image, np.float32, copy=True)
+    out[rows, cols] = values
+    return out
+
+
 def edge_profile(pipe: LSDMPipeline, test: PreparedDataset, count: int, steps: int, seed: int) -> dict[str, Any]:
     """The rings' mean HU (see the module) over up to ``count`` non-calcified test nodules of at least
-    ``MIN_PIXELS`` pixels, for the phantom, its autoencoder round trip and the nodule inserted in place."""
+    ``MIN_PIXELS`` pixels, for the phantom, its autoencoder round trip (through the edit path's resampling) and the
+    nodule inserted in place. A ring no nodule has is None (nan in no report: strict JSON)."""
     rows: dict[str, list[list[float]]] = {"phantom": [], "autoencoder": [], "inserted": []}
     textures = []
     for row in test.features.itertuples():
@@ -84,11 +97,8 @@ def edge_profile(pipe: LSDMPipeline, test: PreparedDataset, count: int, steps: i
                              steps=steps, seed=seed * 7919 + len(textures),
                              conditioning={"calcification": float(NOT_CALCIFIED)})
         inserted = result.nodule_mask > 0
-        if not inserted.any():
-            continue
-        with torch.no_grad():
-            reconstructed = pipe.autoencoder.reconstruct(pipe._tensor(case["image"])).clamp(-1, 1)[0, 0].cpu().numpy()
-        for name, image, where in (("phantom", case["image"], mask), ("autoencoder", reconstructed, mask),
+        for name, image, where in (("phantom", case["image"], mask),
+                                   ("autoencoder", _round_trip(pipe, case["image"], spacing), mask),
                                    ("inserted", result.image, inserted)):
             rows[name].append(depth_ring_means(unit_to_hu(image), where, spacing))
         textures.append(texture)
@@ -108,16 +118,18 @@ def ring_names(edges_mm: tuple[float, ...] = DEPTH_EDGES_MM) -> list[str]:
             for low, high in zip(edges_mm[:-1], edges_mm[1:])]
 
 
-def _column_means(rows: list[list[float]]) -> list[float]:
-    """Each ring's mean over the nodules that have it (nan where none has)."""
+def _column_means(rows: list[list[float]]) -> list[float | None]:
+    """Each ring's mean over the nodules that have it (None where none has)."""
     table = np.array(rows, float)
     counts = np.isfinite(table).sum(0)
     sums = np.where(np.isfinite(table), table, 0.0).sum(0)
-    return [float(total / n) if n else float("nan") for total, n in zip(sums, counts)]
+    return [float(total / n) if n else None for total, n in zip(sums, counts)]
 
 
 def edge_profile_markdown(profile: dict[str, Any], heading: str = "##") -> list[str]:
-    """The section's table: one row per source, one column per ring."""
+    """The section's table: one row per source, one column per ring (nothing when no nodule was measured)."""
+    if not profile.get("nodules"):
+        return []
     names = profile["rings"]
     textures = ", ".join(f"{n} of texture {level}" for level, n in profile["textures"].items() if n)
     lines = [f"{heading} Nodule edge (in place, default guidance)", "",
@@ -125,6 +137,7 @@ def edge_profile_markdown(profile: dict[str, Any], heading: str = "##") -> list[
              "again in place with its own outline and texture: mean HU by depth below the outline, against the same "
              "nodules in the phantom and after the autoencoder alone.", "",
              "| source | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
-    lines += [f"| {name} | " + " | ".join(f"{v:.0f}" for v in values) + " |"
+    labels = {"autoencoder": "autoencoder alone (at the model's spacing and back)"}
+    lines += [f"| {labels.get(name, name)} | " + " | ".join("n/a" if v is None else f"{v:.0f}" for v in values) + " |"
               for name, values in profile["rows"].items() if values]
     return lines

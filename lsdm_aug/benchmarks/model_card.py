@@ -99,8 +99,9 @@ def model_card(model_dir: str | Path, data_command: str, train_commands: list[st
         lines += [f"| {name} | {figure} | {'n/a' if ok is None else 'yes' if ok else 'no'} |"
                   for name, figure, ok in gates(quality)]
         lines += ["", *control_markdown(quality, "##"), ""]
-        if quality.get("edge_profile"):
-            lines += [*edge_profile_markdown(quality["edge_profile"], "##"), ""]
+        edge = edge_profile_markdown(quality.get("edge_profile") or {}, "##")
+        if edge:
+            lines += [*edge, ""]
     else:
         lines += ["## Gates on held-out slices", "", "Not measured yet: run `lsdm-aug benchmark model-quality` and "
                   "rewrite this card with `lsdm-aug benchmark model-card --quality ...`.", ""]

@@ -22,7 +22,8 @@ and written to ``model_quality.md`` / ``model_quality.json``:
 6. ``guidance_grid.png``: one outline, one site, one seed; rows malignancy 1..5 requested, columns the
    guidance settings.
 
-Each finished section is kept under ``out/parts-<hash>/``: rerunning the command resumes.
+Each finished section is kept under ``out/parts-<hash>/``: rerunning the command resumes (the sections that insert
+or generate are keyed by :data:`INSERTION_VERSION` too, so that a changed edit path remakes them).
 
 Example:
     >>> report = run_model_quality(QualitySettings(data="prepared/phantom-512"))  # doctest: +SKIP
@@ -517,8 +518,8 @@ def _phantom_figures(test: PreparedDataset, case_id: str, index: int, spacing_mm
 def imaged_at(hu: np.ndarray, mask: np.ndarray, spacing_mm: float, target_mm: float
               ) -> tuple[np.ndarray, np.ndarray]:
     """A square slice (HU) and a nodule's mask as a scanner with ``target_mm`` pixels would image them: the edit
-    path's own resampling (:class:`~lsdm_aug.editing.ModelGrid`, linear, each larger pixel integrating the ones it
-    covers), the mask the pixels whose centre lies in the nodule, as an outline is drawn at that spacing (its most
+    path's own resampling (:class:`~lsdm_aug.editing.ModelGrid`: linear, Gaussian anti-aliasing when the pixels
+    grow, which weighs the pixels a larger one covers as a detector integrates them, somewhat more widely), the mask the pixels whose centre lies in the nodule, as an outline is drawn at that spacing (its most
     covered pixel when none does). Within 2 % of the slice's own spacing, the slice itself.
 
     Example:
@@ -527,13 +528,17 @@ def imaged_at(hu: np.ndarray, mask: np.ndarray, spacing_mm: float, target_mm: fl
         >>> coarse.shape, int(small.sum()), round(float(coarse[small].mean()))  # the lung around blurs in
         ((16, 16), 1, -422)
     """
+    if hu.shape[0] != hu.shape[1] or mask.shape != hu.shape:
+        raise ValueError(f"imaged_at needs a square slice and its mask, got {hu.shape} and {mask.shape}")
     scale = target_mm / spacing_mm
     if abs(scale - 1.0) <= 0.02:
         return hu, mask
-    grid = ModelGrid(0.0, 0.0, int(min(hu.shape) / scale), scale)
+    grid = ModelGrid(0.0, 0.0, int(hu.shape[0] / scale), scale)
     inside = grid.to_model(mask, order=0)  # the pixels whose centre lies in the nodule, as an outline is drawn
     if not inside.any():
         cover = grid.to_model(mask.astype(np.float32), order=1)
+        if not cover.max() > 0:
+            raise ValueError(f"the nodule lies outside the {grid.size_model_px} px grid of {target_mm} mm pixels")
         inside = cover == cover.max()
     return grid.to_model(hu, order=1), inside
 
@@ -611,6 +616,12 @@ def _insertion_parts(pipe: LSDMPipeline, repeats: int) -> dict[str, float]:
 
 # ---- the report --------------------------------------------------------------------------------------------------
 
+# Sections that insert nodules or generate are kept under a key with this version: raise it when the edit path or
+# what such a section measures changes, so that a rerun remakes them instead of mixing old sections with new ones
+# (2: edit windows returned anti-aliased; texture compared with the phantom imaged at the insertion's spacing).
+INSERTION_VERSION = 2
+
+
 def _key(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -638,13 +649,14 @@ class Parts:
 
     def __init__(self, out: Path, settings: QualitySettings, model_id: str, autoencoder_id: str | None = None,
                  weights_id: str | None = None) -> None:
-        self.folder = out / f"parts-{_key([asdict(settings), model_id])}"
+        self.folder = out / f"parts-{_key([asdict(settings), model_id, INSERTION_VERSION])}"
         model_free = {k: v for k, v in asdict(settings).items()
                       if k not in ("model", "settings", "max_redraws")}  # nor guidance, nor the pipeline's redraws
         self.evaluator_folder = out / f"evaluators-{_key(model_free)}"
         self.autoencoder_folder = (out / f"autoencoder-{_key([model_free, autoencoder_id])}" if autoencoder_id
                                    else self.folder)
-        self.explicit_folder = out / f"explicit-{_key([asdict(settings), weights_id])}" if weights_id else self.folder
+        self.explicit_folder = (out / f"explicit-{_key([asdict(settings), weights_id, INSERTION_VERSION])}" if weights_id
+                                else self.folder)
         for folder in (self.folder, self.evaluator_folder, self.autoencoder_folder, self.explicit_folder):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -971,7 +983,7 @@ def quality_markdown(report: dict[str, Any]) -> str:
             phantom = _fmt(v["phantom_mean_hu"], ".0f") + (f" ({native:.0f})" if native is not None else "")
             lines.append(f"| {where} | {level} | {_fmt(v['inserted_mean_hu'], '.0f')} | {phantom} "
                          f"| {parts[0]} | {parts[1]} | {v['inserted']} |")
-    if report.get("edge_profile"):  # absent from a report of an earlier version
+    if edge_profile_markdown(report.get("edge_profile") or {}):  # absent from a report of an earlier version
         lines += ["", *edge_profile_markdown(report["edge_profile"], "##")]
     sp = report["speed"]
     lines += ["", f"## Speed ({sp.get('torch_threads', '?')} torch threads, median of {sp.get('repeats', 1)} timings "

@@ -7,9 +7,8 @@ the model's grid (``scale = model spacing / s`` image pixels per model pixel), t
 onto it (linear, anti-aliased when shrinking), the semantic map by nearest neighbour and the region
 by thresholded linear interpolation (so a coarse outline comes out smooth). The model regenerates
 the window there; the decoded window is resampled back onto the image's own pixels (anti-aliased when they
-are larger) and blended with
-a feathered mask computed at the image's resolution, so pixels outside the footprint stay
-bit-identical. Within 2 % of the model's spacing nothing is resampled at all.
+are larger) and blended with a feathered mask computed at the image's resolution, so pixels outside the footprint
+stay bit-identical. Within 2 % of the model's spacing nothing is resampled at all.
 
 Example:
     >>> import numpy as np
@@ -106,9 +105,9 @@ class ModelGrid:
 
     def to_image(self, window: np.ndarray, shape: tuple[int, int]) -> tuple[tuple[slice, slice], np.ndarray]:
         """A model-grid ``window`` resampled (linear, anti-aliased when the image's pixels are larger) onto the
-        image pixels it covers: (their slices, values). A coarse image pixel takes the mean of the model pixels it
-        covers, as a CT detector integrates over its pixel, not the value at its centre (which keeps a nodule's
-        bright core at full strength in a pixel it only partly fills)."""
+        image pixels it covers: (their slices, values). A coarse image pixel takes about the mean of the model pixels
+        around it (Gaussian prefilter, as :meth:`to_model` has), as a CT detector integrates over its pixel, not the
+        value at its centre (which keeps a nodule's bright core at full strength in a pixel it only partly fills)."""
         rows, cols = self.image_slices(shape)
         if self.identity:
             return (rows, cols), window

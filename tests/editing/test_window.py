@@ -66,7 +66,7 @@ def test_resampling_there_and_back_keeps_a_smooth_image():
     assert np.abs(back[inner] - image[r, c][inner]).max() < 0.05
 
 
-@pytest.mark.parametrize("offset", [0, 1, 2])
+@pytest.mark.parametrize("offset", [-1, 0, 1, 2])
 def test_coarse_image_pixels_take_the_mean_of_the_model_pixels_they_cover(offset):
     """A bright dot of 2 x 2 model pixels fills a quarter of one 4 x 4 image pixel: the image keeps its mass
     (as a CT pixel integrates), wherever it sits, rather than its full value at one pixel centre."""
