@@ -563,7 +563,7 @@ def _paired_means(result: Inserted | None, pairs: np.ndarray) -> dict[str, Any]:
     return {**{name: float(v.mean()) if len(v) else None for name, v in zip(parts, values)}, "cored": int(cored.sum())}
 
 
-def insertion_speed(pipe: LSDMPipeline, background: Background, steps: int, repeats: int = 3) -> dict[str, float]:
+def insertion_speed(pipe: LSDMPipeline, background: Background, steps: int, repeats: int = 5) -> dict[str, float]:
     """Median seconds of an unguided local insertion and of generating the whole slice, at the same DDIM steps,
     one after the other in one run (after one warm-up each), and their ratio."""
     outline = _outline(choose_outline(usable_nodule_table(), {"malignancy": 4.0}, 8.0, np.random.RandomState(0))[0],
