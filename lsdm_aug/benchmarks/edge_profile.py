@@ -43,8 +43,8 @@ def depth_ring_means(hu: np.ndarray, mask: np.ndarray, spacing_mm: float,
         [-800.0, 0.0, 0.0]
     """
     depth = ndimage.distance_transform_edt(mask) * spacing_mm
-    return [float(hu[mask & (depth > low) & (depth <= high)].mean()) if (mask & (depth > low) & (depth <= high)).any()
-            else float("nan") for low, high in zip(edges_mm[:-1], edges_mm[1:])]
+    rings = [mask & (depth > low) & (depth <= high) for low, high in zip(edges_mm[:-1], edges_mm[1:])]
+    return [float(hu[ring].mean()) if ring.any() else float("nan") for ring in rings]
 
 
 def _taken_out(image: np.ndarray, semantic_map: np.ndarray, mask: np.ndarray, lung: np.ndarray

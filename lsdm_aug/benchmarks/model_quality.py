@@ -478,8 +478,9 @@ def texture_fidelity(pipe: LSDMPipeline, backgrounds: list[Background], test: Pr
         if (test[row.case_id]["nodule_mask"] == row.nodule_index).any():
             phantom.setdefault(rating_level(row.texture), []).append(
                 (str(row.nodule_id), str(row.case_id), int(row.nodule_index)))
+    native = functools.lru_cache(maxsize=None)(lambda case_id, index: _native_nodule(test, case_id, index))
     figures = functools.lru_cache(maxsize=None)(lambda case_id, index, spacing: _phantom_figures(
-        test, case_id, index, spacing))
+        *native(case_id, index), spacing))
     setting = GuidanceSetting("default", 1.0, pipe.default_cfg_scale)
     levels, saturated, first_draws = {}, [], []
     for level in range(1, 6):
@@ -505,11 +506,16 @@ def texture_fidelity(pipe: LSDMPipeline, backgrounds: list[Background], test: Pr
             "max_redraws": int(pipe.max_redraws), "paired": True, "phantom_imaged_at_insertion_spacing": True}
 
 
-def _phantom_figures(test: PreparedDataset, case_id: str, index: int, spacing_mm: float | None
-                     ) -> tuple[float, float, float]:
-    """Mean, core and rim HU of test nodule ``index`` of ``case_id``, imaged at ``spacing_mm`` (None: its own)."""
+def _native_nodule(test: PreparedDataset, case_id: str, index: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Test nodule ``index`` of ``case_id`` on its own slice: (HU, mask, spacing), read once per nodule."""
     case = test[case_id]
-    hu, mask, own = unit_to_hu(case["image"]), case["nodule_mask"] == index, float(case["spacing_mm"])
+    return unit_to_hu(case["image"]), case["nodule_mask"] == index, float(case["spacing_mm"])
+
+
+def _phantom_figures(hu: np.ndarray, mask: np.ndarray, own: float, spacing_mm: float | None
+                     ) -> tuple[float, float, float]:
+    """Mean, core and rim HU of a nodule (``mask`` on a slice of ``own`` mm pixels) imaged at ``spacing_mm``
+    (None: its own)."""
     if spacing_mm is not None:
         hu, mask = imaged_at(hu, mask, own, spacing_mm)
     return float(hu[mask].mean()), *core_and_rim_hu(hu, mask, own if spacing_mm is None else spacing_mm)
@@ -519,8 +525,9 @@ def imaged_at(hu: np.ndarray, mask: np.ndarray, spacing_mm: float, target_mm: fl
               ) -> tuple[np.ndarray, np.ndarray]:
     """A square slice (HU) and a nodule's mask as a scanner with ``target_mm`` pixels would image them: the edit
     path's own resampling (:class:`~lsdm_aug.editing.ModelGrid`: linear, Gaussian anti-aliasing when the pixels
-    grow, which weighs the pixels a larger one covers as a detector integrates them, somewhat more widely), the mask the pixels whose centre lies in the nodule, as an outline is drawn at that spacing (its most
-    covered pixel when none does). Within 2 % of the slice's own spacing, the slice itself.
+    grow, which weighs the pixels a larger one covers as a detector integrates them, somewhat more widely); the
+    mask the pixels whose centre lies in the nodule, as an outline is drawn at that spacing (its most covered pixel
+    when none does). Within 2 % of the slice's own spacing, the slice itself.
 
     Example:
         >>> hu = np.full((64, 64), -800.0); mask = np.zeros((64, 64), bool); mask[28:32, 28:32] = True; hu[mask] = 0.0
@@ -983,8 +990,9 @@ def quality_markdown(report: dict[str, Any]) -> str:
             phantom = _fmt(v["phantom_mean_hu"], ".0f") + (f" ({native:.0f})" if native is not None else "")
             lines.append(f"| {where} | {level} | {_fmt(v['inserted_mean_hu'], '.0f')} | {phantom} "
                          f"| {parts[0]} | {parts[1]} | {v['inserted']} |")
-    if edge_profile_markdown(report.get("edge_profile") or {}):  # absent from a report of an earlier version
-        lines += ["", *edge_profile_markdown(report["edge_profile"], "##")]
+    edge = edge_profile_markdown(report.get("edge_profile") or {}, "##")  # absent from a report of an earlier version
+    if edge:
+        lines += ["", *edge]
     sp = report["speed"]
     lines += ["", f"## Speed ({sp.get('torch_threads', '?')} torch threads, median of {sp.get('repeats', 1)} timings "
               "each, in the same run)", "",
